@@ -1,0 +1,90 @@
+//! Log entries: the commands of the session state machine as they are written to the
+//! log (and, later, replicated by Raft). Every field a replica needs to reach the same
+//! state is fixed here by the leader at proposal time (seq, timestamps, merged metadata),
+//! so applying an entry is deterministic on every replica.
+//!
+//! JSON values (payload, metadata, refs) are stored as the exact compact text the API
+//! serves, so reads from memory, disk and the archive return the same bytes.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// One record of a shard's write-ahead log: an entry of one Raft group.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub group: u16,
+    pub term: u64,
+    pub index: u64,
+    pub command: Command,
+}
+
+/// A 128-bit digest of an append's "content" (API.md: type, payload, actor, source,
+/// metadata, refs, producer_id, producer_seq as JSON values).
+pub type Digest = [u8; 16];
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Appended by a new leader to commit entries of earlier terms (Raft §5.4.2).
+    Noop,
+    CreateSession(CreateSession),
+    PatchSession(PatchSession),
+    SetArchived(SetArchived),
+    Append(AppendEntry),
+    ArchiveProgress(ArchiveProgress),
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CreateSession {
+    pub session_id: String,
+    pub title: Option<String>,
+    /// Compact JSON object text.
+    pub metadata: String,
+    pub at_us: i64,
+}
+
+/// The result of a PATCH as decided by the leader: the new title and merged metadata.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PatchSession {
+    pub session_id: String,
+    pub title: Option<String>,
+    /// Compact JSON object text after the shallow merge.
+    pub metadata: String,
+    /// The version after this patch (previous + 1).
+    pub version: u64,
+    pub at_us: i64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SetArchived {
+    pub session_id: String,
+    pub archived: bool,
+    /// The version after this change (previous + 1).
+    pub version: u64,
+    pub at_us: i64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveProgress {
+    pub session_id: String,
+    pub archived_seq: u64,
+}
+
+/// One event appended to a session, with its seq and `inserted_at` fixed by the leader.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AppendEntry {
+    pub session_id: String,
+    pub seq: u64,
+    pub inserted_at_us: i64,
+    pub event_type: String,
+    /// Compact JSON text of any value except null.
+    pub payload: String,
+    pub actor: Option<String>,
+    pub source: Option<String>,
+    /// Compact JSON object text (`{}` when absent).
+    pub metadata: String,
+    /// Compact JSON object text (`{}` when absent).
+    pub refs: String,
+    pub idempotency_key: Option<String>,
+    pub producer_id: Option<String>,
+    pub producer_seq: Option<u64>,
+    pub digest: Digest,
+}

@@ -1,0 +1,571 @@
+//! The HTTP API of API.md: routing, request checks in the documented order, and the one
+//! place where every `ApiError` becomes a status and an error code.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+use shards::validate::{self, FieldError};
+
+use crate::http::{Method, Outcome, Request, Response, RouteMatch, Service, Shutdown};
+use crate::node::Node;
+use crate::ops::{ApiError, ArchivedFilter, Op, Reply};
+use crate::tail::{self, TailParams};
+
+/// Largest `/events` response body.
+const EVENTS_RESPONSE_BYTES_MAX: usize = 4 << 20;
+const LIMIT_MAX: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Live,
+    Ready,
+    Metrics,
+    CreateSession,
+    ListSessions,
+    GetSession(String),
+    PatchSession(String),
+    SetArchived(String, bool),
+    Append(String),
+    Events(String),
+    Tail(String),
+}
+
+impl Route {
+    /// The label used in metrics.
+    fn name(&self) -> &'static str {
+        match self {
+            Route::Live => "health_live",
+            Route::Ready => "health_ready",
+            Route::Metrics => "metrics",
+            Route::CreateSession => "create_session",
+            Route::ListSessions => "list_sessions",
+            Route::GetSession(_) => "get_session",
+            Route::PatchSession(_) => "patch_session",
+            Route::SetArchived(..) => "set_archived",
+            Route::Append(_) => "append",
+            Route::Events(_) => "events",
+            Route::Tail(_) => "tail",
+        }
+    }
+}
+
+pub struct Api {
+    pub node: Rc<Node>,
+    pub shutdown: Rc<Shutdown>,
+    pub tail_buffer_bytes: usize,
+}
+
+/// Matches a path and method to a route (API.md: unknown path 404, then 405).
+pub fn route(method: &Method, path: &str) -> RouteMatch<Route> {
+    let get = matches!(method, Method::Get);
+    let post = matches!(method, Method::Post);
+    let only = |ok: bool, route: Route, allow: &'static str| {
+        if ok {
+            RouteMatch::Found(route)
+        } else {
+            RouteMatch::MethodNotAllowed { allow }
+        }
+    };
+    match path {
+        "/health/live" => return only(get, Route::Live, "GET"),
+        "/health/ready" => return only(get, Route::Ready, "GET"),
+        "/metrics" => return only(get, Route::Metrics, "GET"),
+        "/v1/sessions" => {
+            return match method {
+                Method::Get => RouteMatch::Found(Route::ListSessions),
+                Method::Post => RouteMatch::Found(Route::CreateSession),
+                _ => RouteMatch::MethodNotAllowed { allow: "GET, POST" },
+            }
+        }
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/v1/sessions/") else {
+        return RouteMatch::NotFound;
+    };
+    let mut parts = rest.split('/');
+    let (Some(raw_id), action, None) = (parts.next(), parts.next(), parts.next()) else {
+        return RouteMatch::NotFound;
+    };
+    if raw_id.is_empty() {
+        return RouteMatch::NotFound;
+    }
+    // An id that does not decode cannot name a session: 404 session_not_found later.
+    let id = percent_decode(raw_id).unwrap_or_default();
+    match action {
+        None => match method {
+            Method::Get => RouteMatch::Found(Route::GetSession(id)),
+            Method::Patch => RouteMatch::Found(Route::PatchSession(id)),
+            _ => RouteMatch::MethodNotAllowed { allow: "GET, PATCH" },
+        },
+        Some("archive") => only(post, Route::SetArchived(id, true), "POST"),
+        Some("unarchive") => only(post, Route::SetArchived(id, false), "POST"),
+        Some("append") => only(post, Route::Append(id), "POST"),
+        Some("events") => only(get, Route::Events(id), "GET"),
+        Some("tail") => only(get, Route::Tail(id), "GET"),
+        Some(_) => RouteMatch::NotFound,
+    }
+}
+
+impl Service for Api {
+    type Route = Route;
+
+    fn route(&self, method: &Method, path: &str) -> RouteMatch<Route> {
+        route(method, path)
+    }
+
+    async fn handle(&self, route: Route, req: Request) -> Outcome {
+        let started = Instant::now();
+        let name = route.name();
+        let outcome = self.dispatch(route, req).await;
+        let status = match &outcome {
+            Outcome::Respond(response) => response.status,
+            Outcome::Upgrade { response, .. } => response.status,
+        };
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        self.node
+            .core
+            .stats
+            .borrow_mut()
+            .record_request(name, status, elapsed_us);
+        outcome
+    }
+}
+
+impl Api {
+    async fn dispatch(&self, route: Route, req: Request) -> Outcome {
+        let result = match route {
+            Route::Live => Ok(Response::json(200, r#"{"status":"ok"}"#)),
+            Route::Ready => Ok(self.ready()),
+            Route::Metrics => Ok(self.metrics().await),
+            Route::CreateSession => self.create(&req.body).await,
+            Route::ListSessions => self.list(&req.query).await,
+            Route::GetSession(id) => self.session_op(&id, Op::Get { id: id.clone() }, 200).await,
+            Route::PatchSession(id) => self.patch(id, &req.body).await,
+            Route::SetArchived(id, archived) => {
+                let op = Op::SetArchived { id: id.clone(), archived };
+                self.session_op(&id, op, 200).await
+            }
+            Route::Append(id) => self.append(id, &req.body).await,
+            Route::Events(id) => self.events(id, &req.query).await,
+            Route::Tail(id) => return self.tail(id, &req).await,
+        };
+        Outcome::Respond(result.unwrap_or_else(|e| error_response(&e)))
+    }
+
+    fn ready(&self) -> Response {
+        let shards = self.node.shards();
+        if self.node.core.shutting_down.get() || self.shutdown.is_triggered() {
+            let body = json!({"status": "degraded", "reason": "shutting_down"});
+            return Response::json(503, body.to_string());
+        }
+        if !self.node.is_ready() {
+            let body = json!({"status": "starting", "reason": "shards are recovering their logs"});
+            return Response::json(503, body.to_string());
+        }
+        let body = json!({
+            "status": "ok",
+            "shards": shards,
+            "groups": shards::GROUPS,
+            "groups_without_leader": [],
+            "archive": {"enabled": false},
+        });
+        Response::json(200, body.to_string())
+    }
+
+    async fn metrics(&self) -> Response {
+        let replies = self.node.call_all(|| Op::Stats).await;
+        let stats: Vec<_> = replies
+            .into_iter()
+            .filter_map(|r| match r {
+                Reply::Stats(s) => Some(*s),
+                _ => None,
+            })
+            .collect();
+        let mut response = Response::json(200, crate::metrics::render(&stats));
+        set_content_type(&mut response, "text/plain; version=0.0.4");
+        response
+    }
+
+    async fn create(&self, body: &[u8]) -> Result<Response, ApiError> {
+        let new = validate::validate_create(body).map_err(ApiError::Invalid)?;
+        let id = new.id.clone().unwrap_or_else(|| {
+            validate::generate_session_id(rand::random::<[u8; 12]>())
+        });
+        let op = Op::Create {
+            id: id.clone(),
+            title: new.title,
+            metadata: new.metadata,
+        };
+        self.session_op(&id, op, 201).await
+    }
+
+    /// Runs a session op on the owner shard and answers with the session object.
+    async fn session_op(&self, id: &str, op: Op, status: u16) -> Result<Response, ApiError> {
+        if !validate::valid_session_id(id) {
+            return Err(ApiError::SessionNotFound);
+        }
+        match self.node.call(self.node.owner_of(id), op).await {
+            Reply::Session(text) => Ok(Response::json(status, text)),
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn patch(&self, id: String, body: &[u8]) -> Result<Response, ApiError> {
+        let patch = validate::validate_patch(body).map_err(ApiError::Invalid)?;
+        self.session_op(&id, Op::Patch { id: id.clone(), patch }, 200)
+            .await
+    }
+
+    async fn append(&self, id: String, body: &[u8]) -> Result<Response, ApiError> {
+        let event = validate::validate_append(body).map_err(ApiError::Invalid)?;
+        if !validate::valid_session_id(&id) {
+            return Err(ApiError::SessionNotFound);
+        }
+        let owner = self.node.owner_of(&id);
+        match self.node.call(owner, Op::Append { id, event }).await {
+            Reply::Appended {
+                seq,
+                last_seq,
+                deduped,
+                archived_seq,
+            } => {
+                let body = json!({
+                    "seq": seq,
+                    "last_seq": last_seq,
+                    "deduped": deduped,
+                    "cursor": seq,
+                    "archived_seq": archived_seq,
+                });
+                Ok(Response::json(201, body.to_string()))
+            }
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list(&self, query: &str) -> Result<Response, ApiError> {
+        let params = parse_query(query);
+        let limit = match first(&params, "limit") {
+            None => 100,
+            Some(text) => parse_limit(text).ok_or_else(|| {
+                invalid("invalid_limit", "limit", "limit must be an integer from 1 to 1000")
+            })?,
+        };
+        let after = match first(&params, "cursor") {
+            Some("") => {
+                return Err(invalid("invalid_cursor", "cursor", "cursor must not be empty"))
+            }
+            other => other.map(str::to_string),
+        };
+        let archived = match first(&params, "archived") {
+            None | Some("false") => ArchivedFilter::Active,
+            Some("true") => ArchivedFilter::Archived,
+            Some("all") => ArchivedFilter::All,
+            Some(_) => {
+                return Err(invalid(
+                    "invalid_archived",
+                    "archived",
+                    "archived must be false, true or all",
+                ))
+            }
+        };
+        let filters: Vec<(String, String)> = params
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("metadata.")?.to_string(), v.clone())))
+            .collect();
+        let replies = self
+            .node
+            .call_all(|| Op::List {
+                after: after.clone(),
+                limit,
+                archived,
+                filters: filters.clone(),
+            })
+            .await;
+        let mut all = Vec::new();
+        for reply in replies {
+            match reply {
+                Reply::Sessions(found) => all.extend(found),
+                Reply::Error(e) => return Err(e),
+                other => return Err(unexpected(other)),
+            }
+        }
+        all.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let more = all.len() > limit;
+        all.truncate(limit);
+        let next_cursor = match (more, all.last()) {
+            (true, Some((id, _))) => Value::String(id.clone()),
+            _ => Value::Null,
+        };
+        let mut body = String::from("{\"sessions\":[");
+        for (i, (_, text)) in all.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(text);
+        }
+        body.push_str("],\"next_cursor\":");
+        body.push_str(&next_cursor.to_string());
+        body.push('}');
+        Ok(Response::json(200, body))
+    }
+
+    async fn events(&self, id: String, query: &str) -> Result<Response, ApiError> {
+        let params = parse_query(query);
+        let cursor = parse_cursor(first(&params, "cursor"))?;
+        let limit = match first(&params, "limit") {
+            None => 100,
+            Some(text) => parse_limit(text).ok_or_else(|| {
+                invalid("invalid_limit", "limit", "limit must be an integer from 1 to 1000")
+            })?,
+        };
+        if !validate::valid_session_id(&id) {
+            return Err(ApiError::SessionNotFound);
+        }
+        let op = Op::Read {
+            id: id.clone(),
+            after: cursor,
+            max_events: limit,
+            max_bytes: EVENTS_RESPONSE_BYTES_MAX - 1024,
+            wait: None,
+        };
+        match self.node.call(self.node.owner_of(&id), op).await {
+            Reply::Events { events, last_seq } => {
+                let next_cursor = events.last().map_or(cursor, |e| e.0);
+                let mut body = String::from("{\"events\":[");
+                for (i, (_, text)) in events.iter().enumerate() {
+                    if i > 0 {
+                        body.push(',');
+                    }
+                    body.push_str(text);
+                }
+                body.push_str(&format!(
+                    "],\"next_cursor\":{next_cursor},\"last_seq\":{last_seq}}}"
+                ));
+                Ok(Response::json(200, body))
+            }
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn tail(&self, id: String, req: &Request) -> Outcome {
+        let params = parse_query(&req.query);
+        let checked = (|| {
+            let cursor = parse_cursor(first(&params, "cursor"))?;
+            let batch_size = match first(&params, "batch_size") {
+                None => 1,
+                Some(text) => parse_limit(text).ok_or_else(|| {
+                    invalid(
+                        "invalid_batch_size",
+                        "batch_size",
+                        "batch_size must be an integer from 1 to 1000",
+                    )
+                })?,
+            };
+            Ok((cursor, batch_size))
+        })();
+        let (cursor, batch_size) = match checked {
+            Ok(values) => values,
+            Err(e) => return Outcome::Respond(error_response(&e)),
+        };
+        let Some(key) = tail::upgrade_key(req) else {
+            return Outcome::Respond(Response::error(
+                400,
+                "websocket_upgrade_required",
+                "this endpoint is a WebSocket: send a GET with Upgrade: websocket",
+            ));
+        };
+        if let Err(e) = self.session_op(&id, Op::Get { id: id.clone() }, 200).await {
+            return Outcome::Respond(error_response(&e));
+        }
+        let params = TailParams {
+            id,
+            cursor,
+            batch_size,
+            buffer_bytes: self.tail_buffer_bytes,
+        };
+        tail::upgrade(self.node.clone(), self.shutdown.clone(), &key, params)
+    }
+}
+
+fn set_content_type(response: &mut Response, value: &str) {
+    for (name, v) in response.headers.iter_mut() {
+        if name.eq_ignore_ascii_case("content-type") {
+            *v = value.to_string();
+            return;
+        }
+    }
+    response
+        .headers
+        .push(("Content-Type".to_string(), value.to_string()));
+}
+
+fn invalid(code: &'static str, field: &str, message: &str) -> ApiError {
+    ApiError::Invalid(FieldError {
+        code,
+        field: Some(field.to_string()),
+        message: message.to_string(),
+    })
+}
+
+fn unexpected(reply: Reply) -> ApiError {
+    ApiError::Internal(format!("unexpected reply from shard: {reply:?}"))
+}
+
+fn parse_cursor(text: Option<&str>) -> Result<u64, ApiError> {
+    match text {
+        None => Ok(0),
+        Some(text) => parse_u64(text).ok_or_else(|| {
+            invalid(
+                "invalid_cursor",
+                "cursor",
+                "cursor must be a non-negative integer",
+            )
+        }),
+    }
+}
+
+fn parse_u64(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+fn parse_limit(text: &str) -> Option<usize> {
+    parse_u64(text)
+        .filter(|n| (1..=LIMIT_MAX as u64).contains(n))
+        .map(|n| n as usize)
+}
+
+/// The HTTP status and error body of every `ApiError` (API.md), in one place.
+pub fn error_response(error: &ApiError) -> Response {
+    let mut extra = Map::new();
+    let (status, code, message): (u16, &str, String) = match error {
+        ApiError::Invalid(field) => {
+            extra.insert(
+                "field".into(),
+                field.field.clone().map_or(Value::Null, Value::String),
+            );
+            (400, field.code, field.message.clone())
+        }
+        ApiError::SessionNotFound => (404, "session_not_found", "no such session".into()),
+        ApiError::SessionExists => (409, "session_exists", "a session with this id exists".into()),
+        ApiError::VersionConflict { current_version } => {
+            extra.insert("current_version".into(), json!(current_version));
+            let msg = format!("the session is at version {current_version}");
+            (409, "expected_version_conflict", msg)
+        }
+        ApiError::IdempotencyConflict { seq } => {
+            extra.insert("seq".into(), json!(seq));
+            let msg = format!("idempotency_key was used for seq {seq} with different content");
+            (409, "idempotency_conflict", msg)
+        }
+        ApiError::ProducerSeqConflict {
+            expected_producer_seq,
+        } => {
+            extra.insert("expected_producer_seq".into(), json!(expected_producer_seq));
+            let msg = format!("the producer's next producer_seq is {expected_producer_seq}");
+            (409, "producer_seq_conflict", msg)
+        }
+        ApiError::ExpectedSeqConflict {
+            expected_seq,
+            current_seq,
+        } => {
+            extra.insert("expected_seq".into(), json!(expected_seq));
+            extra.insert("current_seq".into(), json!(current_seq));
+            let msg = format!("expected_seq {expected_seq} but the session is at {current_seq}");
+            (409, "expected_seq_conflict", msg)
+        }
+        ApiError::Unavailable => (503, "unavailable", "not applied; try again".into()),
+        ApiError::Overloaded => (503, "overloaded", "a queue is full; not applied".into()),
+        ApiError::CommitUnknown => (
+            503,
+            "commit_unknown",
+            "the write may or may not have been applied; retry with the same idempotency_key"
+                .into(),
+        ),
+        ApiError::Internal(detail) => {
+            tracing::error!(%detail, "internal error");
+            (500, "internal", "internal error".into())
+        }
+    };
+    let response = Response::error_with(status, code, &message, extra);
+    if status == 503 {
+        response.with_header("Retry-After", "1")
+    } else {
+        response
+    }
+}
+
+/// Splits a query string into percent-decoded pairs (`+` is a space, as browsers send).
+pub fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|part| !part.is_empty())
+        .filter_map(|part| {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let k = percent_decode(&k.replace('+', " "))?;
+            let v = percent_decode(&v.replace('+', " "))?;
+            Some((k, v))
+        })
+        .collect()
+}
+
+fn first<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Decodes `%XX` escapes; None for bad escapes or bytes that are not UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_follow_api_md() {
+        assert_eq!(route(&Method::Post, "/v1/sessions"), RouteMatch::Found(Route::CreateSession));
+        assert_eq!(
+            route(&Method::Post, "/v1/sessions/a%3Ab/append"),
+            RouteMatch::Found(Route::Append("a:b".into()))
+        );
+        assert!(matches!(route(&Method::Get, "/v1/nope"), RouteMatch::NotFound));
+        assert!(matches!(
+            route(&Method::Delete, "/v1/sessions/x"),
+            RouteMatch::MethodNotAllowed { allow: "GET, PATCH" }
+        ));
+        assert!(matches!(route(&Method::Get, "/v1/sessions/x/append/y"), RouteMatch::NotFound));
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let params = parse_query("metadata.user=a%20b&limit=5&x=1+2");
+        assert_eq!(first(&params, "metadata.user"), Some("a b"));
+        assert_eq!(first(&params, "x"), Some("1 2"));
+        assert_eq!(parse_limit("1001"), None);
+        assert_eq!(parse_limit("0"), None);
+        assert_eq!(parse_u64("-1"), None);
+    }
+}

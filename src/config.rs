@@ -1,0 +1,142 @@
+//! Command line and environment configuration (`starcite serve --help`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "starcite", version, about = "Durable, ordered session event log for AI applications")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a Starcite node.
+    Serve(ServeConfig),
+}
+
+/// Settings of one node. Every flag has an environment variable twin.
+#[derive(Args, Debug, Clone)]
+pub struct ServeConfig {
+    /// Address every shard accepts HTTP on (SO_REUSEPORT).
+    #[arg(long, env = "STARCITE_HTTP_ADDR", default_value = "0.0.0.0:4000")]
+    pub http_addr: SocketAddr,
+
+    /// Directory holding the logs, snapshots and node identity.
+    #[arg(long, env = "STARCITE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Number of shards (glommio executors); default one per CPU.
+    #[arg(long, env = "STARCITE_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// Pin each shard's executor to one CPU.
+    #[arg(long, env = "STARCITE_PIN", default_value_t = false)]
+    pub pin: bool,
+
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "STARCITE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Longest a write waits for its commit before answering 503 (e.g. `5s`, `500ms`).
+    #[arg(long, env = "STARCITE_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Longest a graceful shutdown waits for in-flight writes.
+    #[arg(long, env = "STARCITE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Size of one pre-written log segment in bytes (a multiple of 4096).
+    #[arg(long, env = "STARCITE_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    pub segment_bytes: u64,
+
+    /// Bytes of recent events each shard keeps in memory; older events are read from the log.
+    #[arg(long, env = "STARCITE_HOT_BYTES_PER_SHARD", default_value_t = 64 << 20)]
+    pub hot_bytes_per_shard: usize,
+
+    /// Idempotency keys remembered per session (cluster-wide setting).
+    #[arg(long, env = "STARCITE_DEDUPE_KEYS_MAX", default_value_t = 10_000)]
+    pub dedupe_keys_max: usize,
+
+    /// Producers remembered per session (cluster-wide setting).
+    #[arg(long, env = "STARCITE_PRODUCERS_MAX", default_value_t = 10_000)]
+    pub producers_max: usize,
+
+    /// Write a state snapshot after this many log bytes since the last one.
+    #[arg(long, env = "STARCITE_SNAPSHOT_LOG_BYTES", default_value_t = 256 << 20)]
+    pub snapshot_log_bytes: u64,
+
+    /// Bytes of unsent frames buffered per tail subscriber before it falls back to catch-up reads.
+    #[arg(long, env = "STARCITE_TAIL_BUFFER_BYTES", default_value_t = 1 << 20)]
+    pub tail_buffer_bytes: usize,
+
+    /// Node id recorded in the data dir (clusters arrive with Raft replication).
+    #[arg(long, env = "STARCITE_NODE_ID", default_value_t = 1)]
+    pub node_id: u64,
+
+    /// Cluster id recorded in the data dir.
+    #[arg(long, env = "STARCITE_CLUSTER_ID", default_value = "starcite-local")]
+    pub cluster_id: String,
+}
+
+impl ServeConfig {
+    pub fn shard_count(&self) -> usize {
+        self.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let shards = self.shard_count();
+        if shards == 0 || shards > shards::GROUPS as usize {
+            return Err(format!("--shards must be 1..=256, got {shards}"));
+        }
+        if self.segment_bytes < (1 << 20) || self.segment_bytes % 4096 != 0 {
+            return Err("--segment-bytes must be a multiple of 4096 and at least 1 MiB".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return Err("--max-body-bytes must be at least 1024".into());
+        }
+        if self.dedupe_keys_max == 0 || self.producers_max == 0 {
+            return Err("dedupe bounds must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("bad duration {text:?}"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("bad duration unit in {text:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5 hours").is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The data directory: its identity file and the lock that keeps a second process out.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const IDENTITY_FILE: &str = "starcite.json";
+const LOCK_FILE: &str = "LOCK";
+/// Version of the on-disk layout; bumped when a data dir cannot be read by older code.
+pub const DATA_FORMAT_VERSION: u32 = 1;
+
+/// Who this data dir belongs to: written when the dir is created, checked at every start.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub format_version: u32,
+    pub cluster_id: String,
+    pub node_id: u64,
+    pub shards: usize,
+}
+
+/// An open, locked data directory. The lock lasts as long as this value.
+pub struct DataDir {
+    pub root: PathBuf,
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates or opens `root`, takes the exclusive lock and checks (or records) identity.
+    pub fn open(root: &Path, wanted: &Identity) -> Result<DataDir, String> {
+        fs::create_dir_all(root)
+            .map_err(|e| format!("cannot create data dir {}: {e}", root.display()))?;
+        let lock = lock_exclusive(&root.join(LOCK_FILE))?;
+        let path = root.join(IDENTITY_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let found: Identity = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
+                check_identity(&found, wanted, root)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_durably(&path, &serde_json::to_vec_pretty(wanted).expect("json"))?;
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn shard_dir(&self, shard: usize) -> PathBuf {
+        self.root.join(format!("shard-{shard:03}"))
+    }
+}
+
+fn check_identity(found: &Identity, wanted: &Identity, root: &Path) -> Result<(), String> {
+    let dir = root.display();
+    if found.format_version != wanted.format_version {
+        return Err(format!(
+            "data dir {dir} has format version {}, this binary writes {}",
+            found.format_version, wanted.format_version
+        ));
+    }
+    if found.shards != wanted.shards {
+        return Err(format!(
+            "data dir {dir} was created with {} shards; refusing to start with {} \
+             (start with --shards {} or use a new data dir)",
+            found.shards, wanted.shards, found.shards
+        ));
+    }
+    if found.node_id != wanted.node_id {
+        return Err(format!(
+            "data dir {dir} belongs to node {}, not node {}",
+            found.node_id, wanted.node_id
+        ));
+    }
+    if found.cluster_id != wanted.cluster_id {
+        return Err(format!(
+            "data dir {dir} belongs to cluster {:?}, not {:?}",
+            found.cluster_id, wanted.cluster_id
+        ));
+    }
+    Ok(())
+}
+
+fn lock_exclusive(path: &Path) -> Result<File, String> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
+    // SAFETY: flock on a valid, owned file descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "data dir {} is locked by another starcite process",
+            path.parent().unwrap_or(path).display()
+        ));
+    }
+    Ok(file)
+}
+
+/// Writes a small file so that it survives a crash: temp file, fsync, rename, fsync dir.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let result = (|| -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(parent) = path.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    result.map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

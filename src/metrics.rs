@@ -1,0 +1,178 @@
+//! Per-shard counters and histograms. Each shard owns its own (no sharing between
+//! cores); `/metrics` asks every shard for a copy and merges them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Upper bounds of the latency buckets, in microseconds.
+const BUCKET_BOUNDS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000,
+];
+
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    counts: [u64; BUCKET_BOUNDS_US.len() + 1],
+    sum_us: u64,
+}
+
+impl Histogram {
+    pub fn record(&mut self, value_us: u64) {
+        let bucket = BUCKET_BOUNDS_US
+            .iter()
+            .position(|&bound| value_us <= bound)
+            .unwrap_or(BUCKET_BOUNDS_US.len());
+        self.counts[bucket] += 1;
+        self.sum_us += value_us;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *mine += theirs;
+        }
+        self.sum_us += other.sum_us;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKET_BOUNDS_US.iter().enumerate() {
+            cumulative += self.counts[i];
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.counts[BUCKET_BOUNDS_US.len()];
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// Everything one shard counts. Plain data, so it can cross cores by message.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStats {
+    pub requests: BTreeMap<(&'static str, u16), u64>,
+    pub request_latency: BTreeMap<&'static str, Histogram>,
+    pub appends: u64,
+    pub dedupes: u64,
+    pub conflicts: u64,
+    pub dedupe_evictions: u64,
+    pub hot_evictions: u64,
+    pub fsyncs: u64,
+    pub fsync_latency: Histogram,
+    pub log_bytes_written: u64,
+    pub hot_bytes: u64,
+    pub sessions: u64,
+    pub tail_subscribers: u64,
+    pub commit_index_sum: u64,
+}
+
+impl ShardStats {
+    pub fn record_request(&mut self, route: &'static str, status: u16, latency_us: u64) {
+        *self.requests.entry((route, status)).or_default() += 1;
+        self.request_latency
+            .entry(route)
+            .or_default()
+            .record(latency_us);
+    }
+
+    pub fn merge(&mut self, other: &ShardStats) {
+        for (key, count) in &other.requests {
+            *self.requests.entry(*key).or_default() += count;
+        }
+        for (route, hist) in &other.request_latency {
+            self.request_latency.entry(route).or_default().merge(hist);
+        }
+        self.appends += other.appends;
+        self.dedupes += other.dedupes;
+        self.conflicts += other.conflicts;
+        self.dedupe_evictions += other.dedupe_evictions;
+        self.hot_evictions += other.hot_evictions;
+        self.fsyncs += other.fsyncs;
+        self.fsync_latency.merge(&other.fsync_latency);
+        self.log_bytes_written += other.log_bytes_written;
+        self.hot_bytes += other.hot_bytes;
+        self.sessions += other.sessions;
+        self.tail_subscribers += other.tail_subscribers;
+        self.commit_index_sum += other.commit_index_sum;
+    }
+}
+
+/// Renders the merged stats (and each shard's gauges) as Prometheus text.
+pub fn render(per_shard: &[ShardStats]) -> String {
+    let mut total = ShardStats::default();
+    for stats in per_shard {
+        total.merge(stats);
+    }
+    let mut out = String::new();
+    out.push_str("# TYPE starcite_http_requests_total counter\n");
+    for ((route, status), count) in &total.requests {
+        let _ = writeln!(
+            out,
+            "starcite_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
+        );
+    }
+    out.push_str("# TYPE starcite_http_request_duration_seconds histogram\n");
+    for (route, hist) in &total.request_latency {
+        hist.render(
+            &mut out,
+            "starcite_http_request_duration_seconds",
+            &format!("route=\"{route}\""),
+        );
+    }
+    let counters = [
+        ("starcite_appends_total", total.appends),
+        ("starcite_dedupes_total", total.dedupes),
+        ("starcite_conflicts_total", total.conflicts),
+        ("starcite_dedupe_evictions_total", total.dedupe_evictions),
+        ("starcite_hot_window_evictions_total", total.hot_evictions),
+        ("starcite_log_fsyncs_total", total.fsyncs),
+        ("starcite_log_bytes_written_total", total.log_bytes_written),
+    ];
+    for (name, value) in counters {
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
+    }
+    out.push_str("# TYPE starcite_log_fsync_duration_seconds histogram\n");
+    total
+        .fsync_latency
+        .render(&mut out, "starcite_log_fsync_duration_seconds", "");
+    let gauges: [(&str, fn(&ShardStats) -> u64); 4] = [
+        ("starcite_hot_window_bytes", |s| s.hot_bytes),
+        ("starcite_sessions", |s| s.sessions),
+        ("starcite_tail_subscribers", |s| s.tail_subscribers),
+        ("starcite_commit_index_sum", |s| s.commit_index_sum),
+    ];
+    for (name, get) in gauges {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (shard, stats) in per_shard.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", get(stats));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut stats = ShardStats::default();
+        stats.record_request("append", 201, 80);
+        stats.record_request("append", 201, 3_000);
+        stats.fsync_latency.record(120);
+        let text = render(&[stats.clone(), stats]);
+        assert!(text.contains("starcite_http_requests_total{route=\"append\",status=\"201\"} 4"));
+        assert!(text.contains(
+            "starcite_http_request_duration_seconds_bucket{route=\"append\",le=\"0.0001\"} 2"
+        ));
+        assert!(text.contains(
+            "starcite_http_request_duration_seconds_bucket{route=\"append\",le=\"+Inf\"} 4"
+        ));
+        assert!(text.contains("starcite_log_fsync_duration_seconds_count{} 2"));
+    }
+}

@@ -1,0 +1,97 @@
+//! The operations a shard performs for requests, and their replies. They cross cores
+//! as messages (hence everything here is `Send`), so they carry owned values only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shards::validate::{FieldError, NewEvent, PatchRequest};
+
+/// One request for the shard that owns a session's group.
+#[derive(Debug)]
+pub enum Op {
+    Create {
+        id: String,
+        title: Option<String>,
+        metadata: String,
+    },
+    Get {
+        id: String,
+    },
+    Patch {
+        id: String,
+        patch: PatchRequest,
+    },
+    SetArchived {
+        id: String,
+        archived: bool,
+    },
+    Append {
+        id: String,
+        event: NewEvent,
+    },
+    /// Committed events with `seq > after`, at most `max_events` and about `max_bytes`.
+    /// With `wait`, an empty result waits up to that long for the next commit.
+    Read {
+        id: String,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+        wait: Option<Duration>,
+    },
+    /// Sessions of this shard with id > `after`, in id order, at most `limit + 1`.
+    List {
+        after: Option<String>,
+        limit: usize,
+        archived: ArchivedFilter,
+        filters: Vec<(String, String)>,
+    },
+    Stats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchivedFilter {
+    Active,
+    Archived,
+    All,
+}
+
+#[derive(Debug)]
+pub enum Reply {
+    /// A rendered session object.
+    Session(String),
+    Appended {
+        seq: u64,
+        last_seq: u64,
+        deduped: bool,
+        archived_seq: u64,
+    },
+    Events {
+        events: Vec<(u64, Arc<str>)>,
+        last_seq: u64,
+    },
+    /// `(id, rendered session)` in id order.
+    Sessions(Vec<(String, String)>),
+    Stats(Box<crate::metrics::ShardStats>),
+    Error(ApiError),
+}
+
+/// Every way a request can fail, with the facts the client needs. The HTTP mapping
+/// lives in one place: `api::error_response`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    Invalid(FieldError),
+    SessionNotFound,
+    SessionExists,
+    VersionConflict { current_version: u64 },
+    IdempotencyConflict { seq: u64 },
+    ProducerSeqConflict { expected_producer_seq: u64 },
+    ExpectedSeqConflict { expected_seq: u64, current_seq: u64 },
+    /// Not applied and never will be (shutting down, no leader).
+    Unavailable,
+    /// A bounded queue is full; not applied.
+    Overloaded,
+    /// May or may not have been applied (timeout waiting for the commit).
+    CommitUnknown,
+    /// Reading stored events failed.
+    Internal(String),
+}

@@ -1,0 +1,266 @@
+//! Starting and stopping a node: the data dir, one glommio executor per shard, the
+//! channel mesh between them, the HTTP listeners, and graceful shutdown on SIGTERM/SIGINT.
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::channel::oneshot;
+use futures::future::{select, Either};
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use shards::session::Limits;
+
+use crate::api::Api;
+use crate::config::ServeConfig;
+use crate::datadir::{DataDir, Identity, DATA_FORMAT_VERSION};
+use crate::http::{HttpConfig, Shutdown};
+use crate::node::{serve_peer, MeshMsg, Node, MESH_CHANNEL_CAPACITY};
+use crate::shard::{ShardCore, ShardSettings};
+
+/// Connections one shard serves at once, at most; more are closed on accept.
+const CONNECTIONS_PER_SHARD_MAX: usize = 16_384;
+/// Test-only: delay every fdatasync by this many milliseconds (proves acks wait for fsync).
+const FSYNC_DELAY_ENV: &str = "STARCITE_TEST_FSYNC_DELAY_MS";
+
+/// Everything one shard's executor needs, moved into its thread.
+struct ShardBoot {
+    index: usize,
+    config: Arc<ServeConfig>,
+    data_dir: Arc<DataDir>,
+    senders: Vec<Option<SharedSender<MeshMsg>>>,
+    receivers: Vec<Option<SharedReceiver<MeshMsg>>>,
+    ready: Arc<AtomicUsize>,
+    stop: oneshot::Receiver<()>,
+}
+
+/// Runs a node until it is asked to stop. Returns an error message for a failed start.
+pub fn run(config: ServeConfig) -> Result<(), String> {
+    config.validate()?;
+    let shards = config.shard_count();
+    let identity = Identity {
+        format_version: DATA_FORMAT_VERSION,
+        cluster_id: config.cluster_id.clone(),
+        node_id: config.node_id,
+        shards,
+    };
+    let data_dir = Arc::new(DataDir::open(&config.data_dir, &identity)?);
+    let config = Arc::new(config);
+    let ready = Arc::new(AtomicUsize::new(0));
+    let (mut senders, mut receivers) = build_mesh(shards);
+    let mut stops = Vec::new();
+    let mut handles = Vec::new();
+    for index in 0..shards {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        stops.push(stop_tx);
+        let boot = ShardBoot {
+            index,
+            config: config.clone(),
+            data_dir: data_dir.clone(),
+            senders: std::mem::take(&mut senders[index]),
+            receivers: std::mem::take(&mut receivers[index]),
+            ready: ready.clone(),
+            stop: stop_rx,
+        };
+        let placement = if config.pin {
+            Placement::Fixed(index)
+        } else {
+            Placement::Unbound
+        };
+        let mut builder = LocalExecutorBuilder::new(placement).name(&format!("shard-{index}"));
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // Non-root users usually have 8 MiB of locked memory; stay well inside it.
+            builder = builder.io_memory(1 << 20).ring_depth(1024);
+        }
+        let handle = builder
+            .spawn(move || async move { shard_main(boot).await })
+            .map_err(|e| format!("cannot start shard {index}: {e}"))?;
+        handles.push(handle);
+    }
+    spawn_signal_thread(stops)?;
+    let mut failure = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => failure = Some(message),
+            Err(e) => failure = Some(format!("shard executor failed: {e}")),
+        }
+    }
+    match failure {
+        Some(message) => Err(message),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+type MeshEnds = (
+    Vec<Vec<Option<SharedSender<MeshMsg>>>>,
+    Vec<Vec<Option<SharedReceiver<MeshMsg>>>>,
+);
+
+/// One bounded channel for every ordered pair of shards.
+fn build_mesh(shards: usize) -> MeshEnds {
+    let mut senders: Vec<Vec<_>> = (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+    let mut receivers: Vec<Vec<_>> =
+        (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+    for from in 0..shards {
+        for to in 0..shards {
+            if from != to {
+                let (tx, rx) = shared_channel::new_bounded(MESH_CHANNEL_CAPACITY);
+                senders[from][to] = Some(tx);
+                receivers[to][from] = Some(rx);
+            }
+        }
+    }
+    (senders, receivers)
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown of every shard. Second: exit at once
+/// (everything acknowledged is already fsynced).
+fn spawn_signal_thread(stops: Vec<oneshot::Sender<()>>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut stops = Some(stops);
+            for signal in signals.forever() {
+                match stops.take() {
+                    Some(stops) => {
+                        tracing::info!(signal, "shutting down");
+                        for stop in stops {
+                            let _ = stop.send(());
+                        }
+                    }
+                    None => {
+                        tracing::warn!(signal, "second signal: exiting now");
+                        std::process::exit(0);
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start signal thread: {e}"))?;
+    Ok(())
+}
+
+async fn shard_main(boot: ShardBoot) -> Result<(), String> {
+    let config = boot.config.clone();
+    let index = boot.index;
+    let (peers, peer_receivers) = connect_mesh(boot.senders, boot.receivers).await;
+    let fsync_delay = std::env::var(FSYNC_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let settings = ShardSettings {
+        index,
+        shards: config.shard_count(),
+        limits: Limits {
+            dedupe_keys_max: config.dedupe_keys_max,
+            producers_max: config.producers_max,
+        },
+        request_timeout: config.request_timeout,
+        hot_bytes: config.hot_bytes_per_shard,
+    };
+    let started = Instant::now();
+    let log_dir = boot.data_dir.shard_dir(index).join("log");
+    let core = ShardCore::start(settings, &log_dir, config.segment_bytes, fsync_delay).await?;
+    tracing::info!(shard = index, elapsed_ms = started.elapsed().as_millis() as u64, "log recovered");
+    for rx in peer_receivers {
+        glommio::spawn_local(serve_peer(core.clone(), rx)).detach();
+    }
+    let node = Rc::new(Node::new(core.clone(), peers, boot.ready.clone()));
+    let listener = TcpListener::bind(config.http_addr)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.http_addr))?;
+    boot.ready.fetch_add(1, Ordering::AcqRel);
+    if index == 0 {
+        tracing::info!(addr = %config.http_addr, shards = config.shard_count(), "serving");
+    }
+    let http_shutdown = Rc::new(Shutdown::new());
+    let api = Rc::new(Api {
+        node: node.clone(),
+        shutdown: http_shutdown.clone(),
+        tail_buffer_bytes: config.tail_buffer_bytes,
+    });
+    let http_config = Rc::new(HttpConfig {
+        max_body_bytes: config.max_body_bytes,
+        ..HttpConfig::default()
+    });
+    let accept = glommio::spawn_local(accept_loop(listener, api, http_config, http_shutdown.clone()));
+    let _ = boot.stop.await;
+    drain(&core, &http_shutdown, config.shutdown_timeout).await;
+    drop(accept);
+    Ok(())
+}
+
+async fn connect_mesh(
+    senders: Vec<Option<SharedSender<MeshMsg>>>,
+    receivers: Vec<Option<SharedReceiver<MeshMsg>>>,
+) -> (
+    Vec<Option<glommio::channels::shared_channel::ConnectedSender<MeshMsg>>>,
+    Vec<glommio::channels::shared_channel::ConnectedReceiver<MeshMsg>>,
+) {
+    // Connecting waits for the other end, so connect every channel concurrently.
+    let senders = futures::future::join_all(senders.into_iter().map(|s| async move {
+        match s {
+            Some(s) => Some(s.connect().await),
+            None => None,
+        }
+    }));
+    let receivers = futures::future::join_all(receivers.into_iter().flatten().map(|r| r.connect()));
+    futures::future::join(senders, receivers).await
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    api: Rc<Api>,
+    config: Rc<HttpConfig>,
+    shutdown: Rc<Shutdown>,
+) {
+    let open = Rc::new(std::cell::Cell::new(0usize));
+    loop {
+        let accepted = match select(Box::pin(listener.accept()), Box::pin(shutdown.wait())).await {
+            Either::Left((accepted, _)) => accepted,
+            Either::Right(_) => return,
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if open.get() >= CONNECTIONS_PER_SHARD_MAX {
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        open.set(open.get() + 1);
+        let (api, config, shutdown, open) = (api.clone(), config.clone(), shutdown.clone(), open.clone());
+        glommio::spawn_local(async move {
+            crate::http::serve_connection(stream, api, config, shutdown).await;
+            open.set(open.get() - 1);
+        })
+        .detach();
+    }
+}
+
+/// Graceful shutdown of one shard: stop accepting, let in-flight writes finish for at
+/// most `limit`, refuse new writes, close tails (1001), and leave the log synced.
+async fn drain(core: &Rc<ShardCore>, http: &Rc<Shutdown>, limit: Duration) {
+    http.trigger();
+    let deadline = Instant::now() + limit;
+    while !core.idle() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    core.shutting_down.set(true);
+    core.wake_all_tails();
+    // Give tails and connections a moment to send their close frames.
+    glommio::timer::sleep(Duration::from_millis(100)).await;
+}

@@ -1,0 +1,490 @@
+//! One shard: the groups it owns, their session state machines, its write-ahead log and
+//! its event store. Everything here runs on one glommio executor; other shards reach
+//! it only by message (see `node`).
+//!
+//! The path of a write: decide against the state including in-flight entries
+//! (`GroupState::decide_*`), `apply` the entry to that state, queue its log record,
+//! wake the committer; the committer writes every queued record of every group in one
+//! batch with one fdatasync, then `commit`s each entry (visible to reads, tails woken)
+//! and releases the requests waiting on those indexes.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::channel::oneshot;
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use shards::entry::{Command, LogRecord};
+use shards::session::{
+    AppendDecision, AppendError, CreateError, GroupState, Limits, PatchError,
+};
+use shards::validate::{render_event, NewEvent, NewSession, PatchRequest};
+
+use crate::metrics::ShardStats;
+use crate::node::with_timeout;
+use crate::ops::{ApiError, ArchivedFilter, Op, Reply};
+use crate::store::EventStore;
+use crate::wal::{LogReader, RecordLocation, Wal};
+
+/// Log records queued for the next batch, at most; past it writes answer 503 overloaded.
+const PENDING_RECORDS_MAX: usize = 65_536;
+/// The single-node Raft term. Replication (issue 3) makes terms real.
+const TERM: u64 = 1;
+
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// One Raft group as a single voter: its state machine and log positions.
+struct Group {
+    state: GroupState,
+    last_index: u64,
+    commit_index: u64,
+    /// Requests waiting for `commit_index` to reach a log index.
+    waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
+impl Group {
+    fn new(limits: Limits) -> Group {
+        Group {
+            state: GroupState::new(limits),
+            last_index: 0,
+            commit_index: 0,
+            waiters: BTreeMap::new(),
+        }
+    }
+}
+
+pub struct ShardSettings {
+    pub index: usize,
+    pub shards: usize,
+    pub limits: Limits,
+    pub request_timeout: Duration,
+    pub hot_bytes: usize,
+}
+
+pub struct ShardCore {
+    pub index: usize,
+    pub shards: usize,
+    limits: Limits,
+    request_timeout: Duration,
+    groups: RefCell<HashMap<u16, Group>>,
+    pending: RefCell<Vec<LogRecord>>,
+    wake_committer: LocalSender<()>,
+    store: RefCell<EventStore>,
+    reader: LogReader,
+    pub stats: RefCell<ShardStats>,
+    /// Tails waiting for the next committed event of a session.
+    tail_waiters: RefCell<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    pub shutting_down: Cell<bool>,
+}
+
+impl ShardCore {
+    /// Recovers the shard from its log and starts its committer task.
+    pub async fn start(settings: ShardSettings, wal_dir: &std::path::Path, segment_bytes: u64,
+        fsync_delay: Option<Duration>) -> Result<Rc<ShardCore>, String> {
+        let mut groups: HashMap<u16, Group> = HashMap::new();
+        let mut store = EventStore::new(settings.hot_bytes);
+        let shard = settings.index;
+        let shards_n = settings.shards;
+        let limits = settings.limits.clone();
+        let wal = Wal::open(wal_dir, segment_bytes, fsync_delay, |loc, rec| {
+            assert_eq!(
+                shards::shard_of(rec.group, shards_n),
+                shard,
+                "log record of group {} in shard {shard}'s log",
+                rec.group
+            );
+            let group = groups
+                .entry(rec.group)
+                .or_insert_with(|| Group::new(limits.clone()));
+            assert_eq!(rec.index, group.last_index + 1, "log indexes of group {} are contiguous", rec.group);
+            group.state.apply(&rec.command);
+            group.state.commit(&rec.command);
+            group.last_index = rec.index;
+            group.commit_index = rec.index;
+            if let Command::Append(e) = &rec.command {
+                store.insert(&e.session_id, e.seq, loc, None);
+            }
+        })
+        .await?;
+        let (wake_committer, wake_rx) = local_channel::new_bounded(1);
+        let core = Rc::new(ShardCore {
+            index: settings.index,
+            shards: settings.shards,
+            limits: settings.limits,
+            request_timeout: settings.request_timeout,
+            groups: RefCell::new(groups),
+            pending: RefCell::new(Vec::new()),
+            wake_committer,
+            store: RefCell::new(store),
+            reader: wal.reader(),
+            stats: RefCell::new(ShardStats::default()),
+            tail_waiters: RefCell::new(HashMap::new()),
+            shutting_down: Cell::new(false),
+        });
+        glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
+        Ok(core)
+    }
+
+    /// Runs one operation for a session owned by this shard.
+    pub async fn execute(&self, op: Op) -> Reply {
+        match op {
+            Op::Create { id, title, metadata } => self.create(id, title, metadata).await,
+            Op::Get { id } => self.get(&id),
+            Op::Patch { id, patch } => self.patch(&id, &patch).await,
+            Op::SetArchived { id, archived } => self.set_archived(&id, archived).await,
+            Op::Append { id, event } => self.append(&id, &event).await,
+            Op::Read { id, after, max_events, max_bytes, wait } => {
+                self.read(&id, after, max_events, max_bytes, wait).await
+            }
+            Op::List { after, limit, archived, filters } => {
+                self.list(after.as_deref(), limit, archived, &filters)
+            }
+            Op::Stats => Reply::Stats(Box::new(self.stats_snapshot())),
+        }
+    }
+
+    fn with_group<T>(&self, group: u16, f: impl FnOnce(&mut Group) -> T) -> T {
+        let mut groups = self.groups.borrow_mut();
+        let limits = &self.limits;
+        let group = groups.entry(group).or_insert_with(|| Group::new(limits.clone()));
+        f(group)
+    }
+
+    /// Queues `command` as the next entry of `group` (already decided against the
+    /// state) and returns its log index.
+    fn propose(&self, group: u16, command: Command) -> Result<u64, ApiError> {
+        if self.shutting_down.get() {
+            return Err(ApiError::Unavailable);
+        }
+        if self.pending.borrow().len() >= PENDING_RECORDS_MAX {
+            return Err(ApiError::Overloaded);
+        }
+        let index = self.with_group(group, |g| {
+            g.state.apply(&command);
+            g.last_index += 1;
+            g.last_index
+        });
+        self.pending.borrow_mut().push(LogRecord { group, term: TERM, index, command });
+        let _ = self.wake_committer.try_send(());
+        Ok(index)
+    }
+
+    /// Waits until `index` of `group` is durable. A timeout leaves the outcome unknown.
+    async fn wait_commit(&self, group: u16, index: u64) -> Result<(), ApiError> {
+        let rx = self.with_group(group, |g| {
+            if g.commit_index >= index {
+                return None;
+            }
+            let (tx, rx) = oneshot::channel();
+            g.waiters.entry(index).or_default().push(tx);
+            Some(rx)
+        });
+        let Some(rx) = rx else { return Ok(()) };
+        match with_timeout(self.request_timeout, rx).await {
+            Some(Ok(())) => Ok(()),
+            // Dropped waiters (shutdown) and timeouts both leave the outcome unknown.
+            _ => Err(ApiError::CommitUnknown),
+        }
+    }
+
+    /// A reply decided against in-flight entries is sent only once they are durable, so
+    /// a client never sees a result that a crash could take back (API.md).
+    async fn settle(&self, group: u16) -> Result<(), ApiError> {
+        let last = self.with_group(group, |g| g.last_index);
+        self.wait_commit(group, last).await
+    }
+
+    fn render_view(&self, group: u16, id: &str) -> Reply {
+        self.with_group(group, |g| match g.state.view(id) {
+            Some(view) => Reply::Session(shards::session::render_session(view)),
+            None => Reply::Error(ApiError::SessionNotFound),
+        })
+    }
+
+    async fn create(&self, id: String, title: Option<String>, metadata: String) -> Reply {
+        let group = shards::group_of(&id);
+        let request = NewSession { id: Some(id.clone()), title, metadata };
+        let decided =
+            self.with_group(group, |g| g.state.decide_create(&request, id.clone(), now_us()));
+        let result = match decided {
+            Ok(command) => match self.propose(group, command) {
+                Ok(index) => self.wait_commit(group, index).await,
+                Err(e) => Err(e),
+            },
+            Err(CreateError::SessionExists) => {
+                self.settle(group).await.and(Err(ApiError::SessionExists))
+            }
+        };
+        match result {
+            Ok(()) => self.render_view(group, &id),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    fn get(&self, id: &str) -> Reply {
+        self.render_view(shards::group_of(id), id)
+    }
+
+    async fn patch(&self, id: &str, patch: &PatchRequest) -> Reply {
+        let group = shards::group_of(id);
+        let decided = self.with_group(group, |g| g.state.decide_patch(id, patch, now_us()));
+        let result = match decided {
+            Ok(command) => self.propose_and_wait(group, command).await,
+            Err(e) => {
+                let error = match e {
+                    PatchError::NotFound => ApiError::SessionNotFound,
+                    PatchError::VersionConflict { current } => {
+                        ApiError::VersionConflict { current_version: current }
+                    }
+                    PatchError::Invalid(field) => ApiError::Invalid(field),
+                };
+                self.settle(group).await.and(Err(error))
+            }
+        };
+        match result {
+            Ok(()) => self.render_view(group, id),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    async fn propose_and_wait(&self, group: u16, command: Command) -> Result<(), ApiError> {
+        let index = self.propose(group, command)?;
+        self.wait_commit(group, index).await
+    }
+
+    async fn set_archived(&self, id: &str, archived: bool) -> Reply {
+        let group = shards::group_of(id);
+        let decided =
+            self.with_group(group, |g| g.state.decide_set_archived(id, archived, now_us()));
+        let result = match decided {
+            Ok(Some(command)) => self.propose_and_wait(group, command).await,
+            Ok(None) => self.settle(group).await,
+            Err(_) => self.settle(group).await.and(Err(ApiError::SessionNotFound)),
+        };
+        match result {
+            Ok(()) => self.render_view(group, id),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    async fn append(&self, id: &str, event: &NewEvent) -> Reply {
+        let group = shards::group_of(id);
+        let decided = self.with_group(group, |g| g.state.decide_append(id, event, now_us()));
+        let (seq, deduped) = match decided {
+            Ok(AppendDecision::Append(command)) => {
+                let Command::Append(entry) = &command else {
+                    unreachable!("decide_append proposes appends")
+                };
+                let seq = entry.seq;
+                if let Err(e) = self.propose_and_wait(group, command).await {
+                    return Reply::Error(e);
+                }
+                self.stats.borrow_mut().appends += 1;
+                (seq, false)
+            }
+            Ok(AppendDecision::Deduped { seq }) => {
+                if let Err(e) = self.settle(group).await {
+                    return Reply::Error(e);
+                }
+                self.stats.borrow_mut().dedupes += 1;
+                (seq, true)
+            }
+            Err(e) => {
+                let settled = self.settle(group).await;
+                self.stats.borrow_mut().conflicts += 1;
+                return Reply::Error(settled.err().unwrap_or_else(|| append_error(e)));
+            }
+        };
+        self.with_group(group, |g| match g.state.view(id) {
+            Some(view) => Reply::Appended {
+                seq,
+                last_seq: view.last_seq,
+                deduped,
+                archived_seq: view.archived_seq,
+            },
+            None => Reply::Error(ApiError::SessionNotFound),
+        })
+    }
+
+    async fn read(&self, id: &str, after: u64, max_events: usize, max_bytes: usize,
+        wait: Option<Duration>) -> Reply {
+        let group = shards::group_of(id);
+        let mut waited = false;
+        loop {
+            let Some(last_seq) = self.with_group(group, |g| g.state.view(id).map(|v| v.last_seq))
+            else {
+                return Reply::Error(ApiError::SessionNotFound);
+            };
+            let plan = self.store.borrow().plan_read(id, after, max_events);
+            if plan.cold.is_empty() && plan.hot.is_empty() && !waited {
+                if let Some(wait) = wait {
+                    self.wait_for_event(id, wait).await;
+                    waited = true;
+                    continue;
+                }
+            }
+            return match self.materialize(id, plan, max_bytes).await {
+                Ok(events) => Reply::Events { events, last_seq },
+                Err(e) => Reply::Error(e),
+            };
+        }
+    }
+
+    async fn wait_for_event(&self, id: &str, wait: Duration) {
+        if self.shutting_down.get() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tail_waiters.borrow_mut().entry(id.to_string()).or_default().push(tx);
+        let _ = with_timeout(wait, rx).await;
+    }
+
+    /// Wakes every tail waiting on any session (shutdown).
+    pub fn wake_all_tails(&self) {
+        self.tail_waiters.borrow_mut().clear();
+    }
+
+    /// Turns a read plan into rendered events: cold ones are read back from the log.
+    async fn materialize(&self, id: &str, plan: crate::store::ReadPlan, max_bytes: usize)
+        -> Result<Vec<(u64, Arc<str>)>, ApiError> {
+        let mut events = Vec::with_capacity(plan.cold.len() + plan.hot.len());
+        let mut bytes = 0;
+        for (seq, loc) in plan.cold {
+            if bytes >= max_bytes && !events.is_empty() {
+                return Ok(events);
+            }
+            let text = self.read_cold(id, seq, loc).await?;
+            bytes += text.len();
+            events.push((seq, text));
+        }
+        for (seq, text) in plan.hot {
+            if bytes >= max_bytes && !events.is_empty() {
+                break;
+            }
+            bytes += text.len();
+            events.push((seq, text));
+        }
+        Ok(events)
+    }
+
+    async fn read_cold(&self, id: &str, seq: u64, loc: RecordLocation) -> Result<Arc<str>, ApiError> {
+        let record = self.reader.read(loc).await.map_err(|e| {
+            ApiError::Internal(format!("reading event {seq} of {id} at {loc:?}: {e}"))
+        })?;
+        match record.command {
+            Command::Append(e) if e.session_id == id && e.seq == seq => Ok(Arc::from(render_event(&e))),
+            _ => Err(ApiError::Internal(format!("log record at {loc:?} is not event {seq} of {id}"))),
+        }
+    }
+
+    fn list(&self, after: Option<&str>, limit: usize, archived: ArchivedFilter,
+        filters: &[(String, String)]) -> Reply {
+        let groups = self.groups.borrow();
+        let mut found: Vec<(String, String)> = Vec::new();
+        for group in groups.values() {
+            for view in group.state.views() {
+                if after.is_some_and(|a| view.id.as_str() <= a) {
+                    continue;
+                }
+                let wanted = match archived {
+                    ArchivedFilter::Active => !view.archived,
+                    ArchivedFilter::Archived => view.archived,
+                    ArchivedFilter::All => true,
+                };
+                if wanted && shards::session::metadata_matches(view, filters) {
+                    found.push((view.id.clone(), String::new()));
+                }
+            }
+        }
+        found.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        found.truncate(limit + 1);
+        for (id, rendered) in found.iter_mut() {
+            let group = &groups[&shards::group_of(id)];
+            *rendered = shards::session::render_session(group.state.view(id).expect("listed"));
+        }
+        Reply::Sessions(found)
+    }
+
+    fn stats_snapshot(&self) -> ShardStats {
+        let mut stats = self.stats.borrow().clone();
+        let store = self.store.borrow();
+        stats.hot_bytes = store.hot_bytes() as u64;
+        stats.hot_evictions = store.evicted_events;
+        let groups = self.groups.borrow();
+        stats.sessions = groups.values().map(|g| g.state.views().count() as u64).sum();
+        stats.dedupe_evictions = groups.values().map(|g| g.state.evictions()).sum();
+        stats.commit_index_sum = groups.values().map(|g| g.commit_index).sum();
+        stats
+    }
+
+    /// The committer: one batch write + one fdatasync for everything queued while the
+    /// previous batch was being synced (group commit), then commit and reply.
+    async fn run_committer(self: Rc<Self>, mut wal: Wal, wake: LocalReceiver<()>) {
+        while wake.recv().await.is_some() {
+            loop {
+                let records = std::mem::take(&mut *self.pending.borrow_mut());
+                if records.is_empty() {
+                    break;
+                }
+                let (locations, written) = wal.write(&records).await;
+                {
+                    let mut stats = self.stats.borrow_mut();
+                    stats.fsyncs += 1;
+                    stats.fsync_latency.record(written.fsync_us);
+                    stats.log_bytes_written += written.bytes as u64;
+                }
+                for (record, loc) in records.into_iter().zip(locations) {
+                    self.on_durable(record, loc);
+                }
+            }
+        }
+    }
+
+    fn on_durable(&self, record: LogRecord, loc: RecordLocation) {
+        let released = self.with_group(record.group, |g| {
+            assert_eq!(record.index, g.commit_index + 1, "commits are in log order");
+            g.state.commit(&record.command);
+            g.commit_index = record.index;
+            let later = g.waiters.split_off(&(record.index + 1));
+            std::mem::replace(&mut g.waiters, later)
+        });
+        for tx in released.into_values().flatten() {
+            let _ = tx.send(());
+        }
+        if let Command::Append(e) = &record.command {
+            let text: Arc<str> = Arc::from(render_event(e));
+            self.store.borrow_mut().insert(&e.session_id, e.seq, loc, Some(text));
+            if let Some(waiters) = self.tail_waiters.borrow_mut().remove(&e.session_id) {
+                for tx in waiters {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+
+    /// True when nothing is queued or being written.
+    pub fn idle(&self) -> bool {
+        self.pending.borrow().is_empty()
+            && self.groups.borrow().values().all(|g| g.commit_index == g.last_index)
+    }
+}
+
+fn append_error(e: AppendError) -> ApiError {
+    match e {
+        AppendError::SessionNotFound => ApiError::SessionNotFound,
+        AppendError::IdempotencyConflict { seq } => ApiError::IdempotencyConflict { seq },
+        AppendError::ProducerSeqConflict { expected_producer_seq } => {
+            ApiError::ProducerSeqConflict { expected_producer_seq }
+        }
+        AppendError::ExpectedSeqConflict { expected_seq, current_seq } => {
+            ApiError::ExpectedSeqConflict { expected_seq, current_seq }
+        }
+    }
+}

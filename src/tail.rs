@@ -1,0 +1,227 @@
+//! The WebSocket tail: replay from a cursor, then follow live, with no gap and no
+//! duplicate at the seam.
+//!
+//! The tail PULLS from the shard that owns the session: "events after my cursor, at most
+//! this many bytes, and if there are none, wait for the next commit". Replay, live
+//! following and catch-up after a slow reader are then the same loop, the seam is just
+//! the cursor, and a subscriber never holds more than one read (about the per-subscriber
+//! byte budget) plus what the socket has not yet taken: a slow reader stops pulling, it
+//! never makes the server buffer.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use async_tungstenite::tungstenite::Message;
+use async_tungstenite::WebSocketStream;
+use futures::future::{select, Either};
+use futures::{SinkExt, StreamExt};
+use glommio::net::TcpStream;
+
+use crate::http::{Outcome, Request, Response, Shutdown};
+use crate::node::{with_timeout, Node};
+use crate::ops::{Op, Reply};
+
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+/// How long one read waits for a commit before the loop checks pings and silence.
+const READ_WAIT: Duration = Duration::from_secs(5);
+/// Largest frame a client may send us (we expect only control frames).
+const CLIENT_MESSAGE_BYTES_MAX: usize = 64 << 10;
+/// Events one read asks for, at most.
+const READ_EVENTS_MAX: usize = 1000;
+/// A batch frame stays under this size unless one event alone is larger (API.md).
+const FRAME_BYTES_MAX: usize = 1 << 20;
+
+pub struct TailParams {
+    pub id: String,
+    pub cursor: u64,
+    pub batch_size: usize,
+    pub buffer_bytes: usize,
+}
+
+/// The `Sec-WebSocket-Key` of a valid upgrade request, or None.
+pub fn upgrade_key(req: &Request) -> Option<String> {
+    let header = |name: &str| {
+        req.header(name)
+            .map(|v| String::from_utf8_lossy(v).to_ascii_lowercase())
+    };
+    let upgrade = header("upgrade")?;
+    let connection = header("connection")?;
+    let version = header("sec-websocket-version")?;
+    let wants_ws = upgrade.split(',').any(|t| t.trim() == "websocket");
+    let wants_upgrade = connection.split(',').any(|t| t.trim() == "upgrade");
+    if !wants_ws || !wants_upgrade || version.trim() != "13" {
+        return None;
+    }
+    let key = req.header("sec-websocket-key")?;
+    let key = std::str::from_utf8(key).ok()?.trim().to_string();
+    (!key.is_empty()).then_some(key)
+}
+
+/// The 101 response and the task that runs the tail once the connection is upgraded.
+pub fn upgrade(node: Rc<Node>, shutdown: Rc<Shutdown>, key: &str, params: TailParams) -> Outcome {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let response = Response {
+        status: 101,
+        headers: vec![
+            ("Upgrade".into(), "websocket".into()),
+            ("Connection".into(), "Upgrade".into()),
+            ("Sec-WebSocket-Accept".into(), accept),
+        ],
+        body: Vec::new(),
+    };
+    Outcome::Upgrade {
+        response,
+        then: Box::new(move |stream, leftover| {
+            Box::pin(async move { run(node, shutdown, stream, leftover, params).await })
+        }),
+    }
+}
+
+async fn run(
+    node: Rc<Node>,
+    shutdown: Rc<Shutdown>,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    params: TailParams,
+) {
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(CLIENT_MESSAGE_BYTES_MAX);
+    config.max_frame_size = Some(CLIENT_MESSAGE_BYTES_MAX);
+    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
+    let (mut sink, mut incoming) = ws.split();
+    let last_heard = Rc::new(Cell::new(Instant::now()));
+    let client_gone = Rc::new(Shutdown::new());
+    {
+        let last_heard = last_heard.clone();
+        let client_gone = client_gone.clone();
+        glommio::spawn_local(async move {
+            // Reading also answers pings and completes the close handshake.
+            while let Some(Ok(_)) = incoming.next().await {
+                last_heard.set(Instant::now());
+            }
+            client_gone.trigger();
+        })
+        .detach();
+    }
+    node.core.stats.borrow_mut().tail_subscribers += 1;
+    let close = follow(&node, &shutdown, &client_gone, &mut sink, &last_heard, &params).await;
+    node.core.stats.borrow_mut().tail_subscribers -= 1;
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = with_timeout(Duration::from_secs(1), sink.close(Some(frame))).await;
+    }
+    let _ = with_timeout(Duration::from_secs(1), SinkExt::close(&mut sink)).await;
+}
+
+type Sink = async_tungstenite::WebSocketSender<TcpStream>;
+
+/// The tail loop. Returns the close frame to send, or None when the client left.
+async fn follow(
+    node: &Node,
+    shutdown: &Shutdown,
+    client_gone: &Shutdown,
+    sink: &mut Sink,
+    last_heard: &Cell<Instant>,
+    params: &TailParams,
+) -> Option<(CloseCode, &'static str)> {
+    let owner = node.owner_of(&params.id);
+    let mut cursor = params.cursor;
+    let mut last_ping = Instant::now();
+    let mut first = true;
+    loop {
+        if shutdown.is_triggered() {
+            return Some((CloseCode::Away, "server shutting down"));
+        }
+        if client_gone.is_triggered() {
+            return None;
+        }
+        if last_heard.get().elapsed() > SILENCE_LIMIT {
+            return Some((CloseCode::Away, "idle"));
+        }
+        if last_ping.elapsed() >= PING_INTERVAL {
+            last_ping = Instant::now();
+            if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                return None;
+            }
+        }
+        let op = Op::Read {
+            id: params.id.clone(),
+            after: cursor,
+            max_events: READ_EVENTS_MAX,
+            max_bytes: params.buffer_bytes,
+            wait: (!first).then_some(READ_WAIT),
+        };
+        let read = node.call(owner, op);
+        let stop = select(Box::pin(shutdown.wait()), Box::pin(client_gone.wait()));
+        let reply = match select(Box::pin(read), stop).await {
+            Either::Left((reply, _)) => reply,
+            Either::Right(_) => continue,
+        };
+        let (events, last_seq) = match reply {
+            Reply::Events { events, last_seq } => (events, last_seq),
+            Reply::Error(crate::ops::ApiError::SessionNotFound) => {
+                return Some((CloseCode::Error, "session not found"))
+            }
+            _ => return Some((CloseCode::Error, "internal error")),
+        };
+        if first && cursor > last_seq {
+            let gap = format!(
+                r#"{{"type":"gap","reason":"resume_invalidated","from_cursor":{cursor},"next_cursor":{last_seq}}}"#
+            );
+            if sink.send(Message::Text(gap.into())).await.is_err() {
+                return None;
+            }
+            cursor = last_seq;
+        }
+        first = false;
+        if let Some(last) = events.last() {
+            cursor = last.0;
+        }
+        if send_events(sink, &events, params.batch_size).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// Sends events as single-event frames (batch_size 1) or JSON arrays of up to
+/// `batch_size` events and about `FRAME_BYTES_MAX` bytes.
+async fn send_events(
+    sink: &mut Sink,
+    events: &[(u64, Arc<str>)],
+    batch_size: usize,
+) -> Result<(), async_tungstenite::tungstenite::Error> {
+    if batch_size == 1 {
+        for (_, text) in events {
+            sink.feed(Message::Text(text.as_ref().into())).await?;
+        }
+        return sink.flush().await;
+    }
+    let mut start = 0;
+    while start < events.len() {
+        let mut frame = String::from("[");
+        let mut count = 0;
+        while start + count < events.len() && count < batch_size {
+            let text = &events[start + count].1;
+            if count > 0 && frame.len() + text.len() + 2 > FRAME_BYTES_MAX {
+                break;
+            }
+            if count > 0 {
+                frame.push(',');
+            }
+            frame.push_str(text);
+            count += 1;
+        }
+        frame.push(']');
+        sink.feed(Message::Text(frame.into())).await?;
+        start += count;
+    }
+    sink.flush().await
+}

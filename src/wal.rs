@@ -1,0 +1,402 @@
+//! One segmented write-ahead log per shard, shared by all of that shard's Raft groups.
+//!
+//! Segments are fixed-size files pre-written with zeros and fsynced before use, because
+//! overwriting pre-written space makes each later `fdatasync` cheaper (no extent or size
+//! metadata to commit). Batches are written with O_DIRECT at 4 KiB block boundaries and
+//! padded to whole blocks, so a block that holds acknowledged records is never written
+//! again. The format of records and batches, and the recovery rules, live in
+//! `shards::codec`; this module only moves bytes.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::io::{DmaFile, OpenOptions};
+use shards::codec::{self, ScanOutcome};
+use shards::entry::LogRecord;
+
+/// Bytes zeroed per write while pre-writing a segment.
+const PREWRITE_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes read per I/O while scanning a segment at recovery.
+const SCAN_CHUNK_BYTES: usize = 8 << 20;
+const SEGMENT_SUFFIX: &str = "seg";
+
+/// Where a record lives: segment epoch and byte offset inside that segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordLocation {
+    pub epoch: u32,
+    pub offset: u32,
+}
+
+pub struct Wal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    active: Rc<DmaFile>,
+    active_epoch: u64,
+    write_pos: u64,
+    /// The next segment, pre-written in the background while the active one fills.
+    next: Option<glommio::task::JoinHandle<io::Result<DmaFile>>>,
+    fsync_delay: Option<Duration>,
+}
+
+/// What one durable write did, for metrics.
+pub struct WriteStats {
+    pub bytes: usize,
+    pub fsync_us: u64,
+}
+
+impl Wal {
+    /// Opens the log in `dir`, replaying every valid record to `visit` in log order.
+    pub async fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        fsync_delay: Option<Duration>,
+        mut visit: impl FnMut(RecordLocation, LogRecord),
+    ) -> Result<Wal, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        remove_unfinished_segments(dir)?;
+        let epochs = list_segments(dir)?;
+        let mut outcomes = Vec::with_capacity(epochs.len());
+        let mut tail: Option<(u64, u64, Option<u64>)> = None;
+        for &epoch in &epochs {
+            let (end, outcome) = scan_file(dir, epoch, &mut visit).await?;
+            let torn_at = match &outcome {
+                ScanOutcome::TornTail { offset, .. } => Some(*offset),
+                _ => None,
+            };
+            outcomes.push(codec::SegmentSummary {
+                epoch,
+                end,
+                outcome,
+            });
+            tail = Some((epoch, end, torn_at));
+        }
+        codec::classify_log(&outcomes).map_err(|e| format!("log in {}: {e}", dir.display()))?;
+        let (active_epoch, write_pos, active) = match tail {
+            Some((epoch, end, torn_at)) => {
+                let file = open_segment(dir, epoch).await?;
+                if torn_at.is_some() {
+                    zero_from(&file, end, segment_bytes).await?;
+                }
+                (epoch, end, file)
+            }
+            None => {
+                let file = prewrite_segment(dir.to_path_buf(), 1, segment_bytes)
+                    .await
+                    .map_err(|e| format!("create first segment in {}: {e}", dir.display()))?;
+                (1, 0, file)
+            }
+        };
+        let mut wal = Wal {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            active: Rc::new(active),
+            active_epoch,
+            write_pos,
+            next: None,
+            fsync_delay,
+        };
+        wal.start_prewrite();
+        Ok(wal)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes written to the log since it was created (approximate: whole segments before).
+    pub fn position(&self) -> (u64, u64) {
+        (self.active_epoch, self.write_pos)
+    }
+
+    fn start_prewrite(&mut self) {
+        let dir = self.dir.clone();
+        let epoch = self.active_epoch + 1;
+        let bytes = self.segment_bytes;
+        let task = glommio::spawn_local(async move { prewrite_segment(dir, epoch, bytes).await });
+        self.next = Some(task.detach());
+    }
+
+    /// Writes `records` durably (write + fdatasync) and returns where each one landed.
+    /// Panics on I/O errors: after a failed fsync nothing about the file can be trusted,
+    /// and crashing (then recovering from what is really on disk) is the safe answer.
+    pub async fn write(&mut self, records: &[LogRecord]) -> (Vec<RecordLocation>, WriteStats) {
+        let mut locations = Vec::with_capacity(records.len());
+        let mut bytes = 0;
+        let mut start = 0;
+        while start < records.len() {
+            let (batch, offsets, taken) = self.build_batch(&records[start..]).await;
+            let pos = self.write_pos;
+            let mut buf = self.active.alloc_dma_buffer(batch.len());
+            buf.as_bytes_mut().copy_from_slice(&batch);
+            self.active
+                .write_at(buf, pos)
+                .await
+                .unwrap_or_else(|e| panic!("log write at {pos} in {}: {e}", self.dir.display()));
+            for offset in offsets {
+                let offset = u32::try_from(pos + offset).expect("segment offsets fit u32");
+                let epoch = u32::try_from(self.active_epoch).expect("epoch fits u32");
+                locations.push(RecordLocation { epoch, offset });
+            }
+            self.write_pos += batch.len() as u64;
+            bytes += batch.len();
+            start += taken;
+        }
+        let fsync_us = self.sync().await;
+        (locations, WriteStats { bytes, fsync_us })
+    }
+
+    async fn sync(&self) -> u64 {
+        let started = Instant::now();
+        if let Some(delay) = self.fsync_delay {
+            glommio::timer::sleep(delay).await;
+        }
+        self.active
+            .fdatasync()
+            .await
+            .unwrap_or_else(|e| panic!("log fdatasync in {}: {e}", self.dir.display()));
+        started.elapsed().as_micros() as u64
+    }
+
+    /// Encodes as many records as fit one batch in the active segment, rolling to the
+    /// next segment first when even one record does not fit.
+    async fn build_batch(&mut self, records: &[LogRecord]) -> (Vec<u8>, Vec<u64>, usize) {
+        loop {
+            let room = (self.segment_bytes - self.write_pos) as usize;
+            let (builder, offsets) = fill_batch(records, self.active_epoch, room);
+            if !offsets.is_empty() {
+                let taken = offsets.len();
+                return (builder.finish(), offsets, taken);
+            }
+            assert!(self.write_pos > 0, "a single record larger than a segment");
+            self.roll().await;
+        }
+    }
+
+    /// Switches to the pre-written next segment. Everything in the active segment is
+    /// already fsynced (each write is synced before the next starts), so a torn tail can
+    /// only ever be in the last segment.
+    async fn roll(&mut self) {
+        let next = self.next.take().expect("next segment is being prepared");
+        let file = next
+            .await
+            .expect("prewrite task finished")
+            .unwrap_or_else(|e| panic!("pre-writing a log segment in {}: {e}", self.dir.display()));
+        self.active = Rc::new(file);
+        self.active_epoch += 1;
+        self.write_pos = 0;
+        self.start_prewrite();
+    }
+
+    /// A handle that reads records back; it opens segments by name, so it works for
+    /// the active segment too.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            dir: self.dir.clone(),
+            files: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+/// Reads records back from the log segments (cold reads of older events).
+pub struct LogReader {
+    dir: PathBuf,
+    files: RefCell<HashMap<u64, Rc<DmaFile>>>,
+}
+
+/// Segment files a reader keeps open at most.
+const READER_FILES_MAX: usize = 64;
+
+impl LogReader {
+    /// Reads back the record at `loc` (validated by its crc and rkyv checks).
+    pub async fn read(&self, loc: RecordLocation) -> io::Result<LogRecord> {
+        let file = self.reader(loc.epoch as u64).await?;
+        let pos = loc.offset as u64;
+        let first = file.read_at(pos, 4096).await?;
+        let needed = codec::record_frame_bytes(&first).map_err(invalid)?;
+        let bytes = if needed <= first.len() {
+            first
+        } else {
+            file.read_at(pos, needed).await?
+        };
+        codec::read_record_at(&bytes).map(|(record, _)| record).map_err(invalid)
+    }
+
+    async fn reader(&self, epoch: u64) -> io::Result<Rc<DmaFile>> {
+        if let Some(file) = self.files.borrow().get(&epoch) {
+            return Ok(file.clone());
+        }
+        let file = Rc::new(DmaFile::open(segment_path(&self.dir, epoch)).await?);
+        let mut files = self.files.borrow_mut();
+        if files.len() >= READER_FILES_MAX {
+            files.clear();
+        }
+        files.insert(epoch, file.clone());
+        Ok(file)
+    }
+}
+
+/// Pushes a prefix of `records` that fits one batch of at most `room` padded bytes.
+/// Each record is encoded once; only the rare batch that overflows the segment's room
+/// is rebuilt without its last record.
+fn fill_batch(records: &[LogRecord], epoch: u64, room: usize) -> (codec::BatchBuilder, Vec<u64>) {
+    let mut builder = codec::BatchBuilder::new(epoch);
+    let mut offsets = Vec::with_capacity(records.len());
+    for record in records {
+        match builder.push(record) {
+            Ok(offset) if builder.padded_bytes_len() <= room => offsets.push(offset),
+            Ok(_) => {
+                let mut rebuilt = codec::BatchBuilder::new(epoch);
+                for r in &records[..offsets.len()] {
+                    rebuilt.push(r).expect("fitted before");
+                }
+                return (rebuilt, offsets);
+            }
+            Err(codec::PushError::BatchFull { .. }) => break,
+            Err(e @ codec::PushError::RecordTooLarge { .. }) => {
+                panic!("a record passed the request limits but not the log's: {e}")
+            }
+        }
+    }
+    (builder, offsets)
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+fn segment_path(dir: &Path, epoch: u64) -> PathBuf {
+    dir.join(format!("{epoch:020}.{SEGMENT_SUFFIX}"))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<u64>, String> {
+    let mut epochs = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("list {}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("list {}: {e}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(&format!(".{SEGMENT_SUFFIX}")) {
+            let epoch = stem
+                .parse::<u64>()
+                .map_err(|_| format!("unexpected file {name} in {}", dir.display()))?;
+            epochs.push(epoch);
+        }
+    }
+    epochs.sort_unstable();
+    for pair in epochs.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            return Err(format!(
+                "log segment {} is missing in {}",
+                pair[0] + 1,
+                dir.display()
+            ));
+        }
+    }
+    Ok(epochs)
+}
+
+/// A crash while pre-writing leaves a `.tmp` file that never held records.
+fn remove_unfinished_segments(dir: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("list {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+async fn open_segment(dir: &Path, epoch: u64) -> Result<DmaFile, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .dma_open(segment_path(dir, epoch))
+        .await
+        .map_err(|e| format!("open segment {epoch} in {}: {e}", dir.display()))
+}
+
+/// Reads one whole segment and feeds its valid records to `visit`.
+async fn scan_file(
+    dir: &Path,
+    epoch: u64,
+    visit: &mut impl FnMut(RecordLocation, LogRecord),
+) -> Result<(u64, ScanOutcome), String> {
+    let path = segment_path(dir, epoch);
+    let file = DmaFile::open(&path)
+        .await
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let size = file
+        .file_size()
+        .await
+        .map_err(|e| format!("stat {}: {e}", path.display()))?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    let mut pos = 0;
+    while pos < size {
+        let chunk = file
+            .read_at(pos, SCAN_CHUNK_BYTES.min((size - pos) as usize))
+            .await
+            .map_err(|e| format!("read {}: {e}", path.display()))?;
+        if chunk.is_empty() {
+            break;
+        }
+        bytes.extend_from_slice(&chunk);
+        pos += chunk.len() as u64;
+    }
+    let _ = file.close().await;
+    let scan = codec::scan_segment(&bytes, epoch);
+    drop(bytes);
+    let epoch32 = u32::try_from(epoch).map_err(|_| "segment epoch too large".to_string())?;
+    for rec in scan.records {
+        let offset = u32::try_from(rec.offset).expect("segment offsets fit u32");
+        visit(RecordLocation { epoch: epoch32, offset }, rec.record);
+    }
+    Ok((scan.end, scan.outcome))
+}
+
+/// Overwrites a torn tail with zeros so no stale half-batch can ever follow new batches.
+async fn zero_from(file: &DmaFile, from: u64, segment_bytes: u64) -> Result<(), String> {
+    let mut pos = from;
+    while pos < segment_bytes {
+        let len = PREWRITE_CHUNK_BYTES.min((segment_bytes - pos) as usize);
+        let mut buf = file.alloc_dma_buffer(len);
+        buf.as_bytes_mut().fill(0);
+        file.write_at(buf, pos)
+            .await
+            .map_err(|e| format!("zero torn tail: {e}"))?;
+        pos += len as u64;
+    }
+    file.fdatasync()
+        .await
+        .map_err(|e| format!("sync after zeroing torn tail: {e}"))
+}
+
+/// Creates segment `epoch` full of zeros, fsynced, then renamed into place (and the
+/// directory fsynced) so a crash never leaves a half-prepared segment under its name.
+async fn prewrite_segment(dir: PathBuf, epoch: u64, segment_bytes: u64) -> io::Result<DmaFile> {
+    let final_path = segment_path(&dir, epoch);
+    let tmp_path = final_path.with_extension("seg.tmp");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(&tmp_path)
+        .await?;
+    let mut pos = 0;
+    while pos < segment_bytes {
+        let len = PREWRITE_CHUNK_BYTES.min((segment_bytes - pos) as usize);
+        let mut buf = file.alloc_dma_buffer(len);
+        buf.as_bytes_mut().fill(0);
+        file.write_at(buf, pos).await?;
+        pos += len as u64;
+    }
+    file.fdatasync().await?;
+    file.rename(&final_path).await?;
+    let directory = glommio::io::Directory::open(&dir).await?;
+    directory.sync().await?;
+    let _ = directory.close().await;
+    Ok(file)
+}
