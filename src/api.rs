@@ -96,7 +96,9 @@ pub fn route(method: &Method, path: &str) -> RouteMatch<Route> {
         None => match method {
             Method::Get => RouteMatch::Found(Route::GetSession(id)),
             Method::Patch => RouteMatch::Found(Route::PatchSession(id)),
-            _ => RouteMatch::MethodNotAllowed { allow: "GET, PATCH" },
+            _ => RouteMatch::MethodNotAllowed {
+                allow: "GET, PATCH",
+            },
         },
         Some("archive") => only(post, Route::SetArchived(id, true), "POST"),
         Some("unarchive") => only(post, Route::SetArchived(id, false), "POST"),
@@ -143,7 +145,10 @@ impl Api {
             Route::GetSession(id) => self.session_op(&id, Op::Get { id: id.clone() }, 200).await,
             Route::PatchSession(id) => self.patch(id, &req.body).await,
             Route::SetArchived(id, archived) => {
-                let op = Op::SetArchived { id: id.clone(), archived };
+                let op = Op::SetArchived {
+                    id: id.clone(),
+                    archived,
+                };
                 self.session_op(&id, op, 200).await
             }
             Route::Append(id) => self.append(id, &req.body).await,
@@ -189,9 +194,10 @@ impl Api {
 
     async fn create(&self, body: &[u8]) -> Result<Response, ApiError> {
         let new = validate::validate_create(body).map_err(ApiError::Invalid)?;
-        let id = new.id.clone().unwrap_or_else(|| {
-            validate::generate_session_id(rand::random::<[u8; 12]>())
-        });
+        let id = new
+            .id
+            .clone()
+            .unwrap_or_else(|| validate::generate_session_id(rand::random::<[u8; 12]>()));
         let op = Op::Create {
             id: id.clone(),
             title: new.title,
@@ -214,8 +220,15 @@ impl Api {
 
     async fn patch(&self, id: String, body: &[u8]) -> Result<Response, ApiError> {
         let patch = validate::validate_patch(body).map_err(ApiError::Invalid)?;
-        self.session_op(&id, Op::Patch { id: id.clone(), patch }, 200)
-            .await
+        self.session_op(
+            &id,
+            Op::Patch {
+                id: id.clone(),
+                patch,
+            },
+            200,
+        )
+        .await
     }
 
     async fn append(&self, id: String, body: &[u8]) -> Result<Response, ApiError> {
@@ -250,12 +263,20 @@ impl Api {
         let limit = match first(&params, "limit") {
             None => 100,
             Some(text) => parse_limit(text).ok_or_else(|| {
-                invalid("invalid_limit", "limit", "limit must be an integer from 1 to 1000")
+                invalid(
+                    "invalid_limit",
+                    "limit",
+                    "limit must be an integer from 1 to 1000",
+                )
             })?,
         };
         let after = match first(&params, "cursor") {
             Some("") => {
-                return Err(invalid("invalid_cursor", "cursor", "cursor must not be empty"))
+                return Err(invalid(
+                    "invalid_cursor",
+                    "cursor",
+                    "cursor must not be empty",
+                ))
             }
             other => other.map(str::to_string),
         };
@@ -318,7 +339,11 @@ impl Api {
         let limit = match first(&params, "limit") {
             None => 100,
             Some(text) => parse_limit(text).ok_or_else(|| {
-                invalid("invalid_limit", "limit", "limit must be an integer from 1 to 1000")
+                invalid(
+                    "invalid_limit",
+                    "limit",
+                    "limit must be an integer from 1 to 1000",
+                )
             })?,
         };
         if !validate::valid_session_id(&id) {
@@ -453,7 +478,11 @@ pub fn error_response(error: &ApiError) -> Response {
             (400, field.code, field.message.clone())
         }
         ApiError::SessionNotFound => (404, "session_not_found", "no such session".into()),
-        ApiError::SessionExists => (409, "session_exists", "a session with this id exists".into()),
+        ApiError::SessionExists => (
+            409,
+            "session_exists",
+            "a session with this id exists".into(),
+        ),
         ApiError::VersionConflict { current_version } => {
             extra.insert("current_version".into(), json!(current_version));
             let msg = format!("the session is at version {current_version}");
@@ -546,17 +575,28 @@ mod tests {
 
     #[test]
     fn routes_follow_api_md() {
-        assert_eq!(route(&Method::Post, "/v1/sessions"), RouteMatch::Found(Route::CreateSession));
+        assert_eq!(
+            route(&Method::Post, "/v1/sessions"),
+            RouteMatch::Found(Route::CreateSession)
+        );
         assert_eq!(
             route(&Method::Post, "/v1/sessions/a%3Ab/append"),
             RouteMatch::Found(Route::Append("a:b".into()))
         );
-        assert!(matches!(route(&Method::Get, "/v1/nope"), RouteMatch::NotFound));
+        assert!(matches!(
+            route(&Method::Get, "/v1/nope"),
+            RouteMatch::NotFound
+        ));
         assert!(matches!(
             route(&Method::Delete, "/v1/sessions/x"),
-            RouteMatch::MethodNotAllowed { allow: "GET, PATCH" }
+            RouteMatch::MethodNotAllowed {
+                allow: "GET, PATCH"
+            }
         ));
-        assert!(matches!(route(&Method::Get, "/v1/sessions/x/append/y"), RouteMatch::NotFound));
+        assert!(matches!(
+            route(&Method::Get, "/v1/sessions/x/append/y"),
+            RouteMatch::NotFound
+        ));
     }
 
     #[test]

@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "starcite", version, about = "Durable, ordered session event log for AI applications")]
+#[command(
+    name = "starcite",
+    version,
+    about = "Durable, ordered session event log for AI applications"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -117,7 +121,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         Some(at) => text.split_at(at),
         None => (text, "s"),
     };
-    let value: f64 = number.parse().map_err(|_| format!("bad duration {text:?}"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("bad duration {text:?}"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,

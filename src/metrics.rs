@@ -43,10 +43,16 @@ impl Histogram {
         for (i, bound) in BUCKET_BOUNDS_US.iter().enumerate() {
             cumulative += self.counts[i];
             let le = *bound as f64 / 1e6;
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
         }
         cumulative += self.counts[BUCKET_BOUNDS_US.len()];
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
         let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us as f64 / 1e6);
         let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
     }

@@ -62,8 +62,7 @@ impl Node {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready_shards.load(Ordering::Acquire) == self.shards()
-            && !self.core.shutting_down.get()
+        self.ready_shards.load(Ordering::Acquire) == self.shards() && !self.core.shutting_down.get()
     }
 
     /// The shard owning session `id`.
@@ -76,7 +75,9 @@ impl Node {
         if shard == self.core.index {
             return self.core.execute(op).await;
         }
-        let sender = self.peers[shard].as_ref().expect("a sender for every other shard");
+        let sender = self.peers[shard]
+            .as_ref()
+            .expect("a sender for every other shard");
         let (tx, rx) = oneshot::channel();
         if sender.send(MeshMsg { op, reply: tx }).await.is_err() {
             return Reply::Error(ApiError::Unavailable);

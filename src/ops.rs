@@ -82,10 +82,19 @@ pub enum ApiError {
     Invalid(FieldError),
     SessionNotFound,
     SessionExists,
-    VersionConflict { current_version: u64 },
-    IdempotencyConflict { seq: u64 },
-    ProducerSeqConflict { expected_producer_seq: u64 },
-    ExpectedSeqConflict { expected_seq: u64, current_seq: u64 },
+    VersionConflict {
+        current_version: u64,
+    },
+    IdempotencyConflict {
+        seq: u64,
+    },
+    ProducerSeqConflict {
+        expected_producer_seq: u64,
+    },
+    ExpectedSeqConflict {
+        expected_seq: u64,
+        current_seq: u64,
+    },
     /// Not applied and never will be (shutting down, no leader).
     Unavailable,
     /// A bounded queue is full; not applied.

@@ -105,9 +105,12 @@ type MeshEnds = (
 
 /// One bounded channel for every ordered pair of shards.
 fn build_mesh(shards: usize) -> MeshEnds {
-    let mut senders: Vec<Vec<_>> = (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
-    let mut receivers: Vec<Vec<_>> =
-        (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+    let mut senders: Vec<Vec<_>> = (0..shards)
+        .map(|_| (0..shards).map(|_| None).collect())
+        .collect();
+    let mut receivers: Vec<Vec<_>> = (0..shards)
+        .map(|_| (0..shards).map(|_| None).collect())
+        .collect();
     for from in 0..shards {
         for to in 0..shards {
             if from != to {
@@ -168,9 +171,20 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         hot_bytes: config.hot_bytes_per_shard,
     };
     let started = Instant::now();
-    let log_dir = boot.data_dir.shard_dir(index).join("log");
-    let core = ShardCore::start(settings, &log_dir, config.segment_bytes, fsync_delay).await?;
-    tracing::info!(shard = index, elapsed_ms = started.elapsed().as_millis() as u64, "log recovered");
+    let dir = boot.data_dir.shard_dir(index);
+    let core = ShardCore::start(
+        settings,
+        &dir,
+        config.segment_bytes,
+        fsync_delay,
+        config.snapshot_log_bytes,
+    )
+    .await?;
+    tracing::info!(
+        shard = index,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "log recovered"
+    );
     for rx in peer_receivers {
         glommio::spawn_local(serve_peer(core.clone(), rx)).detach();
     }
@@ -191,7 +205,12 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         max_body_bytes: config.max_body_bytes,
         ..HttpConfig::default()
     });
-    let accept = glommio::spawn_local(accept_loop(listener, api, http_config, http_shutdown.clone()));
+    let accept = glommio::spawn_local(accept_loop(
+        listener,
+        api,
+        http_config,
+        http_shutdown.clone(),
+    ));
     let _ = boot.stop.await;
     drain(&core, &http_shutdown, config.shutdown_timeout).await;
     drop(accept);
@@ -242,7 +261,8 @@ async fn accept_loop(
         }
         let _ = stream.set_nodelay(true);
         open.set(open.get() + 1);
-        let (api, config, shutdown, open) = (api.clone(), config.clone(), shutdown.clone(), open.clone());
+        let (api, config, shutdown, open) =
+            (api.clone(), config.clone(), shutdown.clone(), open.clone());
         glommio::spawn_local(async move {
             crate::http::serve_connection(stream, api, config, shutdown).await;
             open.set(open.get() - 1);

@@ -10,23 +10,24 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::channel::oneshot;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use shards::codec;
 use shards::entry::{Command, LogRecord};
-use shards::session::{
-    AppendDecision, AppendError, CreateError, GroupState, Limits, PatchError,
-};
+use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits, PatchError};
+use shards::snapshot::{replay_rule, ReplayRule, ShardSnapshot};
 use shards::validate::{render_event, NewEvent, NewSession, PatchRequest};
 
 use crate::metrics::ShardStats;
 use crate::node::with_timeout;
 use crate::ops::{ApiError, ArchivedFilter, Op, Reply};
-use crate::store::EventStore;
-use crate::wal::{LogReader, RecordLocation, Wal};
+use crate::store::{Cold, EventStore, ReadPlan};
+use crate::wal::{LogReader, RecordLocation, Replayed, Wal};
 
 /// Log records queued for the next batch, at most; past it writes answer 503 overloaded.
 const PENDING_RECORDS_MAX: usize = 65_536;
@@ -82,43 +83,51 @@ pub struct ShardCore {
     /// Tails waiting for the next committed event of a session.
     tail_waiters: RefCell<HashMap<String, Vec<oneshot::Sender<()>>>>,
     pub shutting_down: Cell<bool>,
+    dir: PathBuf,
+    /// Where the next batch will be written; every record not yet durable is after it.
+    durable_position: Cell<(u64, u64)>,
+    snapshot_log_bytes: u64,
+    snapshot_running: Cell<bool>,
 }
 
 impl ShardCore {
-    /// Recovers the shard from its log and starts its committer task.
-    pub async fn start(settings: ShardSettings, wal_dir: &std::path::Path, segment_bytes: u64,
-        fsync_delay: Option<Duration>) -> Result<Rc<ShardCore>, String> {
-        let mut groups: HashMap<u16, Group> = HashMap::new();
-        let mut store = EventStore::new(settings.hot_bytes);
-        let shard = settings.index;
-        let shards_n = settings.shards;
-        let limits = settings.limits.clone();
-        let wal = Wal::open(wal_dir, segment_bytes, fsync_delay, |loc, rec| {
-            assert_eq!(
-                shards::shard_of(rec.group, shards_n),
-                shard,
-                "log record of group {} in shard {shard}'s log",
-                rec.group
-            );
-            let group = groups
-                .entry(rec.group)
-                .or_insert_with(|| Group::new(limits.clone()));
-            assert_eq!(rec.index, group.last_index + 1, "log indexes of group {} are contiguous", rec.group);
-            group.state.apply(&rec.command);
-            group.state.commit(&rec.command);
-            group.last_index = rec.index;
-            group.commit_index = rec.index;
-            if let Command::Append(e) = &rec.command {
-                store.insert(&e.session_id, e.seq, loc, None);
-            }
+    /// Recovers the shard (snapshot, then the log after it) and starts its committer.
+    pub async fn start(
+        settings: ShardSettings,
+        dir: &Path,
+        segment_bytes: u64,
+        fsync_delay: Option<Duration>,
+        snapshot_log_bytes: u64,
+    ) -> Result<Rc<ShardCore>, String> {
+        let log_dir = dir.join("log");
+        std::fs::create_dir_all(&log_dir)
+            .map_err(|e| format!("create {}: {e}", log_dir.display()))?;
+        let snapshot = load_snapshot(dir, &settings.limits).await?;
+        let mut recovery = Recovery::new(&settings, snapshot)?;
+        let resume = recovery.resume;
+        let wal = Wal::open(&log_dir, segment_bytes, fsync_delay, resume, |item| {
+            recovery.replay(item)
         })
         .await?;
+        let Recovery {
+            groups,
+            store,
+            seals,
+            ..
+        } = recovery;
+        // Segments sealed during replay get their index files (again: an old one, if
+        // any, may be missing or may not match the runs replay just built).
+        for (epoch, offsets) in seals {
+            let bytes = shards::snapshot::encode_sidecar(epoch, &offsets, codec::BLOCK_BYTES);
+            wal.write_sidecar(epoch, &bytes).await;
+        }
         let (wake_committer, wake_rx) = local_channel::new_bounded(1);
         let core = Rc::new(ShardCore {
             index: settings.index,
             shards: settings.shards,
             limits: settings.limits,
             request_timeout: settings.request_timeout,
+            dir: dir.to_path_buf(),
             groups: RefCell::new(groups),
             pending: RefCell::new(Vec::new()),
             wake_committer,
@@ -127,6 +136,9 @@ impl ShardCore {
             stats: RefCell::new(ShardStats::default()),
             tail_waiters: RefCell::new(HashMap::new()),
             shutting_down: Cell::new(false),
+            durable_position: Cell::new(wal.durable_position()),
+            snapshot_log_bytes,
+            snapshot_running: Cell::new(false),
         });
         glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
         Ok(core)
@@ -135,17 +147,28 @@ impl ShardCore {
     /// Runs one operation for a session owned by this shard.
     pub async fn execute(&self, op: Op) -> Reply {
         match op {
-            Op::Create { id, title, metadata } => self.create(id, title, metadata).await,
+            Op::Create {
+                id,
+                title,
+                metadata,
+            } => self.create(id, title, metadata).await,
             Op::Get { id } => self.get(&id),
             Op::Patch { id, patch } => self.patch(&id, &patch).await,
             Op::SetArchived { id, archived } => self.set_archived(&id, archived).await,
             Op::Append { id, event } => self.append(&id, &event).await,
-            Op::Read { id, after, max_events, max_bytes, wait } => {
-                self.read(&id, after, max_events, max_bytes, wait).await
-            }
-            Op::List { after, limit, archived, filters } => {
-                self.list(after.as_deref(), limit, archived, &filters)
-            }
+            Op::Read {
+                id,
+                after,
+                max_events,
+                max_bytes,
+                wait,
+            } => self.read(&id, after, max_events, max_bytes, wait).await,
+            Op::List {
+                after,
+                limit,
+                archived,
+                filters,
+            } => self.list(after.as_deref(), limit, archived, &filters),
             Op::Stats => Reply::Stats(Box::new(self.stats_snapshot())),
         }
     }
@@ -153,7 +176,9 @@ impl ShardCore {
     fn with_group<T>(&self, group: u16, f: impl FnOnce(&mut Group) -> T) -> T {
         let mut groups = self.groups.borrow_mut();
         let limits = &self.limits;
-        let group = groups.entry(group).or_insert_with(|| Group::new(limits.clone()));
+        let group = groups
+            .entry(group)
+            .or_insert_with(|| Group::new(limits.clone()));
         f(group)
     }
 
@@ -171,7 +196,12 @@ impl ShardCore {
             g.last_index += 1;
             g.last_index
         });
-        self.pending.borrow_mut().push(LogRecord { group, term: TERM, index, command });
+        self.pending.borrow_mut().push(LogRecord {
+            group,
+            term: TERM,
+            index,
+            command,
+        });
         let _ = self.wake_committer.try_send(());
         Ok(index)
     }
@@ -210,9 +240,14 @@ impl ShardCore {
 
     async fn create(&self, id: String, title: Option<String>, metadata: String) -> Reply {
         let group = shards::group_of(&id);
-        let request = NewSession { id: Some(id.clone()), title, metadata };
-        let decided =
-            self.with_group(group, |g| g.state.decide_create(&request, id.clone(), now_us()));
+        let request = NewSession {
+            id: Some(id.clone()),
+            title,
+            metadata,
+        };
+        let decided = self.with_group(group, |g| {
+            g.state.decide_create(&request, id.clone(), now_us())
+        });
         let result = match decided {
             Ok(command) => match self.propose(group, command) {
                 Ok(index) => self.wait_commit(group, index).await,
@@ -240,9 +275,9 @@ impl ShardCore {
             Err(e) => {
                 let error = match e {
                     PatchError::NotFound => ApiError::SessionNotFound,
-                    PatchError::VersionConflict { current } => {
-                        ApiError::VersionConflict { current_version: current }
-                    }
+                    PatchError::VersionConflict { current } => ApiError::VersionConflict {
+                        current_version: current,
+                    },
                     PatchError::Invalid(field) => ApiError::Invalid(field),
                 };
                 self.settle(group).await.and(Err(error))
@@ -261,8 +296,9 @@ impl ShardCore {
 
     async fn set_archived(&self, id: &str, archived: bool) -> Reply {
         let group = shards::group_of(id);
-        let decided =
-            self.with_group(group, |g| g.state.decide_set_archived(id, archived, now_us()));
+        let decided = self.with_group(group, |g| {
+            g.state.decide_set_archived(id, archived, now_us())
+        });
         let result = match decided {
             Ok(Some(command)) => self.propose_and_wait(group, command).await,
             Ok(None) => self.settle(group).await,
@@ -313,8 +349,14 @@ impl ShardCore {
         })
     }
 
-    async fn read(&self, id: &str, after: u64, max_events: usize, max_bytes: usize,
-        wait: Option<Duration>) -> Reply {
+    async fn read(
+        &self,
+        id: &str,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+        wait: Option<Duration>,
+    ) -> Reply {
         let group = shards::group_of(id);
         let mut waited = false;
         loop {
@@ -342,8 +384,20 @@ impl ShardCore {
             return;
         }
         let (tx, rx) = oneshot::channel();
-        self.tail_waiters.borrow_mut().entry(id.to_string()).or_default().push(tx);
+        self.tail_waiters
+            .borrow_mut()
+            .entry(id.to_string())
+            .or_default()
+            .push(tx);
         let _ = with_timeout(wait, rx).await;
+        // A waiter that timed out is dropped here, so idle sessions collect no garbage.
+        let mut waiters = self.tail_waiters.borrow_mut();
+        if let Some(list) = waiters.get_mut(id) {
+            list.retain(|tx| !tx.is_canceled());
+            if list.is_empty() {
+                waiters.remove(id);
+            }
+        }
     }
 
     /// Wakes every tail waiting on any session (shutdown).
@@ -352,20 +406,35 @@ impl ShardCore {
     }
 
     /// Turns a read plan into rendered events: cold ones are read back from the log.
-    async fn materialize(&self, id: &str, plan: crate::store::ReadPlan, max_bytes: usize)
-        -> Result<Vec<(u64, Arc<str>)>, ApiError> {
+    /// Stops before `max_bytes` would be passed (but returns at least one event).
+    async fn materialize(
+        &self,
+        id: &str,
+        plan: ReadPlan,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Arc<str>)>, ApiError> {
         let mut events = Vec::with_capacity(plan.cold.len() + plan.hot.len());
         let mut bytes = 0;
-        for (seq, loc) in plan.cold {
-            if bytes >= max_bytes && !events.is_empty() {
-                return Ok(events);
+        let fits = |bytes: usize, len: usize, events: &Vec<_>| {
+            events.is_empty() || bytes + len <= max_bytes
+        };
+        let mut i = 0;
+        while i < plan.cold.len() {
+            // Consecutive events of one sealed run share one read of the index file.
+            let run = sealed_run(&plan.cold[i..]);
+            let locations = self.resolve(&plan.cold[i..i + run]).await?;
+            for (seq, loc) in locations {
+                let text = self.read_cold(id, seq, loc).await?;
+                if !fits(bytes, text.len(), &events) {
+                    return Ok(events);
+                }
+                bytes += text.len();
+                events.push((seq, text));
             }
-            let text = self.read_cold(id, seq, loc).await?;
-            bytes += text.len();
-            events.push((seq, text));
+            i += run;
         }
         for (seq, text) in plan.hot {
-            if bytes >= max_bytes && !events.is_empty() {
+            if !fits(bytes, text.len(), &events) {
                 break;
             }
             bytes += text.len();
@@ -374,18 +443,56 @@ impl ShardCore {
         Ok(events)
     }
 
-    async fn read_cold(&self, id: &str, seq: u64, loc: RecordLocation) -> Result<Arc<str>, ApiError> {
+    /// Log locations of cold events (all Active, or one sealed run).
+    async fn resolve(&self, cold: &[(u64, Cold)]) -> Result<Vec<(u64, RecordLocation)>, ApiError> {
+        match cold[0].1 {
+            Cold::Active { .. } => Ok(cold
+                .iter()
+                .map(|&(seq, c)| match c {
+                    Cold::Active { epoch, offset } => (seq, RecordLocation { epoch, offset }),
+                    Cold::Sealed { .. } => unreachable!("sealed_run keeps runs apart"),
+                })
+                .collect()),
+            Cold::Sealed { epoch, index } => {
+                let offsets = self
+                    .reader
+                    .read_offsets(epoch, index, cold.len() as u32)
+                    .map_err(|e| ApiError::Internal(format!("index of segment {epoch}: {e}")))?;
+                Ok(cold
+                    .iter()
+                    .zip(offsets)
+                    .map(|(&(seq, _), offset)| (seq, RecordLocation { epoch, offset }))
+                    .collect())
+            }
+        }
+    }
+
+    async fn read_cold(
+        &self,
+        id: &str,
+        seq: u64,
+        loc: RecordLocation,
+    ) -> Result<Arc<str>, ApiError> {
         let record = self.reader.read(loc).await.map_err(|e| {
             ApiError::Internal(format!("reading event {seq} of {id} at {loc:?}: {e}"))
         })?;
         match record.command {
-            Command::Append(e) if e.session_id == id && e.seq == seq => Ok(Arc::from(render_event(&e))),
-            _ => Err(ApiError::Internal(format!("log record at {loc:?} is not event {seq} of {id}"))),
+            Command::Append(e) if e.session_id == id && e.seq == seq => {
+                Ok(Arc::from(render_event(&e)))
+            }
+            _ => Err(ApiError::Internal(format!(
+                "log record at {loc:?} is not event {seq} of {id}"
+            ))),
         }
     }
 
-    fn list(&self, after: Option<&str>, limit: usize, archived: ArchivedFilter,
-        filters: &[(String, String)]) -> Reply {
+    fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        archived: ArchivedFilter,
+        filters: &[(String, String)],
+    ) -> Reply {
         let groups = self.groups.borrow();
         let mut found: Vec<(String, String)> = Vec::new();
         for group in groups.values() {
@@ -418,7 +525,10 @@ impl ShardCore {
         stats.hot_bytes = store.hot_bytes() as u64;
         stats.hot_evictions = store.evicted_events;
         let groups = self.groups.borrow();
-        stats.sessions = groups.values().map(|g| g.state.views().count() as u64).sum();
+        stats.sessions = groups
+            .values()
+            .map(|g| g.state.views().count() as u64)
+            .sum();
         stats.dedupe_evictions = groups.values().map(|g| g.state.evictions()).sum();
         stats.commit_index_sum = groups.values().map(|g| g.commit_index).sum();
         stats
@@ -427,24 +537,93 @@ impl ShardCore {
     /// The committer: one batch write + one fdatasync for everything queued while the
     /// previous batch was being synced (group commit), then commit and reply.
     async fn run_committer(self: Rc<Self>, mut wal: Wal, wake: LocalReceiver<()>) {
+        let mut bytes_since_snapshot = 0u64;
         while wake.recv().await.is_some() {
             loop {
-                let records = std::mem::take(&mut *self.pending.borrow_mut());
+                let mut records = std::mem::take(&mut *self.pending.borrow_mut());
                 if records.is_empty() {
                     break;
                 }
-                let (locations, written) = wal.write(&records).await;
-                {
-                    let mut stats = self.stats.borrow_mut();
-                    stats.fsyncs += 1;
-                    stats.fsync_latency.record(written.fsync_us);
-                    stats.log_bytes_written += written.bytes as u64;
+                while !records.is_empty() {
+                    let written = wal.write(&records).await;
+                    if let Some(epoch) = written.sealed {
+                        self.seal(&wal, epoch).await;
+                    }
+                    self.durable_position.set(wal.durable_position());
+                    self.record_write(&written);
+                    bytes_since_snapshot += written.bytes as u64;
+                    let rest = records.split_off(written.taken);
+                    for (record, loc) in records.into_iter().zip(written.locations) {
+                        self.on_durable(record, loc);
+                    }
+                    records = rest;
                 }
-                for (record, loc) in records.into_iter().zip(locations) {
-                    self.on_durable(record, loc);
+                if bytes_since_snapshot >= self.snapshot_log_bytes && !self.snapshot_running.get() {
+                    bytes_since_snapshot = 0;
+                    self.snapshot_running.set(true);
+                    glommio::spawn_local(self.clone().write_snapshot()).detach();
                 }
             }
         }
+    }
+
+    fn record_write(&self, written: &crate::wal::Written) {
+        let mut stats = self.stats.borrow_mut();
+        stats.fsyncs += 1;
+        stats.fsync_latency.record(written.fsync_us);
+        stats.log_bytes_written += written.bytes as u64;
+    }
+
+    /// Writes the index file of a sealed segment, then turns the store's per-event
+    /// offsets for it into runs.
+    async fn seal(&self, wal: &Wal, epoch: u64) {
+        let plan = self.store.borrow().plan_seal(epoch as u32);
+        let bytes = shards::snapshot::encode_sidecar(epoch, &plan.offsets, codec::BLOCK_BYTES);
+        wal.write_sidecar(epoch, &bytes).await;
+        self.store.borrow_mut().apply_seal(plan);
+    }
+
+    /// Writes a shard snapshot: the event index and the resume position at one moment,
+    /// then each group's committed state, one group per step so the shard keeps serving.
+    async fn write_snapshot(self: Rc<Self>) {
+        let started = std::time::Instant::now();
+        let (resume_epoch, resume_offset) = self.durable_position.get();
+        let sessions = self.store.borrow().capture();
+        let mut ids: Vec<u16> = self.groups.borrow().keys().copied().collect();
+        ids.sort_unstable();
+        let mut groups = Vec::with_capacity(ids.len());
+        for group in ids {
+            let snap = self.with_group(group, |g| shards::snapshot::GroupSnapshot {
+                group,
+                committed_index: g.commit_index,
+                state: g.state.encode_snapshot(),
+            });
+            groups.push(snap);
+            futures_lite::future::yield_now().await;
+        }
+        let snapshot = shards::snapshot::ShardSnapshot {
+            resume_epoch,
+            resume_offset,
+            groups,
+            sessions,
+        };
+        let mut bytes = snapshot.encode();
+        let len = bytes.len() as u64;
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.resize(bytes.len().next_multiple_of(4096), 0);
+        // The length trailer sits at the end of the padded file: see `load_snapshot`.
+        let total = bytes.len();
+        bytes[total - 8..].copy_from_slice(&len.to_le_bytes());
+        match crate::wal::write_file_durably(&self.dir, SNAPSHOT_FILE, &bytes).await {
+            Ok(()) => tracing::info!(
+                shard = self.index,
+                bytes = total,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "snapshot written"
+            ),
+            Err(e) => tracing::error!(shard = self.index, error = %e, "snapshot failed"),
+        }
+        self.snapshot_running.set(false);
     }
 
     fn on_durable(&self, record: LogRecord, loc: RecordLocation) {
@@ -460,7 +639,9 @@ impl ShardCore {
         }
         if let Command::Append(e) = &record.command {
             let text: Arc<str> = Arc::from(render_event(e));
-            self.store.borrow_mut().insert(&e.session_id, e.seq, loc, Some(text));
+            self.store
+                .borrow_mut()
+                .insert(&e.session_id, e.seq, loc.epoch, loc.offset, Some(text));
             if let Some(waiters) = self.tail_waiters.borrow_mut().remove(&e.session_id) {
                 for tx in waiters {
                     let _ = tx.send(());
@@ -472,7 +653,140 @@ impl ShardCore {
     /// True when nothing is queued or being written.
     pub fn idle(&self) -> bool {
         self.pending.borrow().is_empty()
-            && self.groups.borrow().values().all(|g| g.commit_index == g.last_index)
+            && self
+                .groups
+                .borrow()
+                .values()
+                .all(|g| g.commit_index == g.last_index)
+    }
+}
+
+/// How many leading cold events can be resolved together: a run of Active ones, or of
+/// consecutive entries of one sealed segment's index.
+fn sealed_run(cold: &[(u64, Cold)]) -> usize {
+    let mut n = 1;
+    while n < cold.len() {
+        let same = match (cold[n - 1].1, cold[n].1) {
+            (Cold::Active { .. }, Cold::Active { .. }) => true,
+            (Cold::Sealed { epoch: a, index: i }, Cold::Sealed { epoch: b, index: j }) => {
+                a == b && j == i + 1
+            }
+            _ => false,
+        };
+        if !same {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+const SNAPSHOT_FILE: &str = "snapshot";
+
+/// Reads the shard's snapshot, if there is one. A snapshot that does not decode is an
+/// error: starting from the log alone could miss sealed segments' runs.
+async fn load_snapshot(dir: &Path, limits: &Limits) -> Result<Option<ShardSnapshot>, String> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let Some(bytes) = crate::wal::read_file(&path)
+        .await
+        .map_err(|e| format!("read {}: {e}", path.display()))?
+    else {
+        return Ok(None);
+    };
+    let _ = limits;
+    let trailer = bytes
+        .len()
+        .checked_sub(8)
+        .ok_or_else(|| format!("{} is truncated", path.display()))?;
+    let len = u64::from_le_bytes(bytes[trailer..].try_into().expect("8 bytes")) as usize;
+    let body = bytes
+        .get(..len)
+        .ok_or_else(|| format!("{} is truncated", path.display()))?;
+    ShardSnapshot::decode(body)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Rebuilds a shard's state: snapshot first, then every log record after it.
+struct Recovery {
+    shard: usize,
+    shards: usize,
+    limits: Limits,
+    resume: (u64, u64),
+    groups: HashMap<u16, Group>,
+    store: EventStore,
+    /// Segments whose end replay passed, with their index file bodies (written after
+    /// replay, before the shard serves).
+    seals: Vec<(u64, Vec<u32>)>,
+}
+
+impl Recovery {
+    fn new(settings: &ShardSettings, snapshot: Option<ShardSnapshot>) -> Result<Recovery, String> {
+        let mut recovery = Recovery {
+            shard: settings.index,
+            shards: settings.shards,
+            limits: settings.limits.clone(),
+            resume: (1, 0),
+            groups: HashMap::new(),
+            store: EventStore::new(settings.hot_bytes),
+            seals: Vec::new(),
+        };
+        if let Some(snapshot) = snapshot {
+            recovery.resume = (snapshot.resume_epoch, snapshot.resume_offset);
+            for g in snapshot.groups {
+                let state = GroupState::decode_snapshot(&g.state, settings.limits.clone())
+                    .map_err(|e| format!("snapshot of group {}: {e}", g.group))?;
+                let mut group = Group::new(settings.limits.clone());
+                group.state = state;
+                group.last_index = g.committed_index;
+                group.commit_index = g.committed_index;
+                recovery.groups.insert(g.group, group);
+            }
+            recovery.store.restore(snapshot.sessions);
+        }
+        Ok(recovery)
+    }
+
+    fn replay(&mut self, item: Replayed) {
+        let (loc, rec) = match item {
+            Replayed::Record(loc, rec) => (loc, rec),
+            Replayed::SegmentEnd(epoch) => {
+                let plan = self.store.plan_seal(epoch as u32);
+                self.seals.push((epoch, plan.offsets.clone()));
+                self.store.apply_seal(plan);
+                return;
+            }
+        };
+        assert_eq!(
+            shards::shard_of(rec.group, self.shards),
+            self.shard,
+            "log record of group {} in shard {}'s log",
+            rec.group,
+            self.shard
+        );
+        let limits = &self.limits;
+        let group = self
+            .groups
+            .entry(rec.group)
+            .or_insert_with(|| Group::new(limits.clone()));
+        if replay_rule(group.commit_index, rec.index) == ReplayRule::Apply {
+            assert_eq!(
+                rec.index,
+                group.last_index + 1,
+                "log indexes of group {} are contiguous",
+                rec.group
+            );
+            group.state.apply(&rec.command);
+            group.state.commit(&rec.command);
+            group.last_index = rec.index;
+            group.commit_index = rec.index;
+        }
+        if let Command::Append(e) = &rec.command {
+            if e.seq > self.store.last_seq(&e.session_id) {
+                self.store
+                    .insert(&e.session_id, e.seq, loc.epoch, loc.offset, None);
+            }
+        }
     }
 }
 
@@ -480,11 +794,17 @@ fn append_error(e: AppendError) -> ApiError {
     match e {
         AppendError::SessionNotFound => ApiError::SessionNotFound,
         AppendError::IdempotencyConflict { seq } => ApiError::IdempotencyConflict { seq },
-        AppendError::ProducerSeqConflict { expected_producer_seq } => {
-            ApiError::ProducerSeqConflict { expected_producer_seq }
-        }
-        AppendError::ExpectedSeqConflict { expected_seq, current_seq } => {
-            ApiError::ExpectedSeqConflict { expected_seq, current_seq }
-        }
+        AppendError::ProducerSeqConflict {
+            expected_producer_seq,
+        } => ApiError::ProducerSeqConflict {
+            expected_producer_seq,
+        },
+        AppendError::ExpectedSeqConflict {
+            expected_seq,
+            current_seq,
+        } => ApiError::ExpectedSeqConflict {
+            expected_seq,
+            current_seq,
+        },
     }
 }

@@ -1,33 +1,85 @@
-//! A shard's event store index: where every committed event of its sessions lives in
-//! the log, plus a hot window of recently committed events (already rendered as the
-//! JSON the API serves) bounded by a byte budget per shard. Older events are read back
-//! from the log segments.
+//! A shard's event index: where every committed event of its sessions lives in the log,
+//! plus a hot window of recently committed events (already rendered as the JSON the API
+//! serves) bounded by a byte budget per shard.
+//!
+//! Memory does not grow with the number of events: events of sealed segments are found
+//! through runs (`shards::snapshot::Run`: one per session and segment) and the sealed
+//! segment's index file; only the active segment's offsets are held per event, and that
+//! is bounded by the segment size.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::wal::RecordLocation;
+use shards::snapshot::{Run, SessionIndex};
 
-/// Where to find one session's events.
+/// Where to read an event that is not in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cold {
+    /// In the active segment at this byte offset.
+    Active { epoch: u32, offset: u32 },
+    /// In a sealed segment: its offset is entry `index` of the segment's index file.
+    Sealed { epoch: u32, index: u32 },
+}
+
 #[derive(Default)]
 struct SessionEvents {
-    /// `locations[seq - 1]` is where event `seq` lives in the log.
-    locations: Vec<RecordLocation>,
+    runs: Vec<Run>,
+    active_epoch: u32,
+    active_first_seq: u64,
+    active: Vec<u32>,
     /// Seq of `hot[0]`.
     hot_first_seq: u64,
     hot: VecDeque<Arc<str>>,
 }
 
-/// What a read needs: events served from memory, and the log locations to read for
-/// the others (in seq order, before the in-memory ones).
+impl SessionEvents {
+    fn last_seq(&self) -> u64 {
+        if !self.active.is_empty() {
+            return self.active_first_seq + self.active.len() as u64 - 1;
+        }
+        self.runs
+            .last()
+            .map_or(0, |r| r.first_seq + r.count as u64 - 1)
+    }
+
+    fn locate(&self, seq: u64) -> Cold {
+        if !self.active.is_empty() && seq >= self.active_first_seq {
+            let offset = self.active[(seq - self.active_first_seq) as usize];
+            return Cold::Active {
+                epoch: self.active_epoch,
+                offset,
+            };
+        }
+        let at = self
+            .runs
+            .partition_point(|r| r.first_seq + r.count as u64 <= seq);
+        let run = self.runs[at];
+        assert!(run.first_seq <= seq, "seq {seq} is indexed");
+        Cold::Sealed {
+            epoch: run.epoch,
+            index: run.start + (seq - run.first_seq) as u32,
+        }
+    }
+}
+
+/// What a read needs: log locations of older events and in-memory newer ones, both in
+/// seq order (all cold ones come first).
 pub struct ReadPlan {
-    pub cold: Vec<(u64, RecordLocation)>,
+    pub cold: Vec<(u64, Cold)>,
     pub hot: Vec<(u64, Arc<str>)>,
+}
+
+/// The result of sealing a segment: its index file body and the runs it creates.
+pub struct SealPlan {
+    pub offsets: Vec<u32>,
+    runs: Vec<(u32, Run)>,
 }
 
 pub struct EventStore {
     ids: HashMap<String, u32>,
     sessions: Vec<SessionEvents>,
+    /// Sessions with events in the active segment (slots), for sealing.
+    active_slots: Vec<u32>,
     /// Hot events in commit order: (session slot, bytes), for eviction oldest-first.
     fifo: VecDeque<(u32, u32)>,
     hot_bytes: usize,
@@ -40,6 +92,7 @@ impl EventStore {
         EventStore {
             ids: HashMap::new(),
             sessions: Vec::new(),
+            active_slots: Vec::new(),
             fifo: VecDeque::new(),
             hot_bytes: 0,
             hot_bytes_max,
@@ -53,30 +106,38 @@ impl EventStore {
         }
         let slot = u32::try_from(self.sessions.len()).expect("fewer than 2^32 sessions");
         self.ids.insert(session_id.to_string(), slot);
-        self.sessions.push(SessionEvents {
-            hot_first_seq: 1,
-            ..SessionEvents::default()
-        });
+        self.sessions.push(SessionEvents::default());
         slot
     }
 
-    /// Records committed event `seq`; `rendered` is kept in the hot window when given
-    /// (recovery passes `None`: replayed history is served from the log).
+    /// Records committed event `seq` at `offset` of segment `epoch`. `rendered` goes to
+    /// the hot window (recovery passes None: replayed history is read from the log).
     pub fn insert(
         &mut self,
         session_id: &str,
         seq: u64,
-        loc: RecordLocation,
+        epoch: u32,
+        offset: u32,
         rendered: Option<Arc<str>>,
     ) {
         let slot = self.slot(session_id);
         let events = &mut self.sessions[slot as usize];
         assert_eq!(
-            events.locations.len() as u64 + 1,
+            events.last_seq() + 1,
             seq,
-            "events of {session_id} must be indexed in seq order"
+            "events of {session_id} indexed in seq order"
         );
-        events.locations.push(loc);
+        if events.active.is_empty() {
+            events.active_epoch = epoch;
+            events.active_first_seq = seq;
+            self.active_slots.push(slot);
+        }
+        assert_eq!(
+            events.active_epoch, epoch,
+            "segment {} of {session_id} was sealed",
+            events.active_epoch
+        );
+        events.active.push(offset);
         match rendered {
             Some(text) => {
                 if events.hot.is_empty() {
@@ -89,11 +150,10 @@ impl EventStore {
                 self.hot_bytes += bytes;
                 self.evict();
             }
-            None => {
-                // Replayed history is served from the log; the window starts after it.
-                assert!(events.hot.is_empty(), "recovery inserts come before live ones");
-                events.hot_first_seq = seq + 1;
-            }
+            None => assert!(
+                events.hot.is_empty(),
+                "recovery inserts come before live ones"
+            ),
         }
     }
 
@@ -111,14 +171,47 @@ impl EventStore {
         }
     }
 
+    /// The index file body for sealing segment `epoch`, and the runs it will create.
+    /// Nothing changes until [`EventStore::apply_seal`], called once the file is durable.
+    pub fn plan_seal(&self, epoch: u32) -> SealPlan {
+        let mut plan = SealPlan {
+            offsets: Vec::new(),
+            runs: Vec::with_capacity(self.active_slots.len()),
+        };
+        for &slot in &self.active_slots {
+            let events = &self.sessions[slot as usize];
+            assert_eq!(
+                events.active_epoch, epoch,
+                "only the active segment is sealed"
+            );
+            let run = Run {
+                epoch,
+                first_seq: events.active_first_seq,
+                count: events.active.len() as u32,
+                start: plan.offsets.len() as u32,
+            };
+            plan.offsets.extend_from_slice(&events.active);
+            plan.runs.push((slot, run));
+        }
+        plan
+    }
+
+    pub fn apply_seal(&mut self, plan: SealPlan) {
+        for (slot, run) in plan.runs {
+            let events = &mut self.sessions[slot as usize];
+            events.runs.push(run);
+            events.active = Vec::new();
+        }
+        self.active_slots.clear();
+    }
+
     pub fn last_seq(&self, session_id: &str) -> u64 {
         self.ids
             .get(session_id)
-            .map_or(0, |&slot| self.sessions[slot as usize].locations.len() as u64)
+            .map_or(0, |&slot| self.sessions[slot as usize].last_seq())
     }
 
-    /// Plans reading events `after+1 ..` : at most `max_events`, stopping once the
-    /// in-memory part passes `max_bytes` (cold events are sized after reading).
+    /// Plans reading events `after+1 ..`, at most `max_events`.
     pub fn plan_read(&self, session_id: &str, after: u64, max_events: usize) -> ReadPlan {
         let mut plan = ReadPlan {
             cold: Vec::new(),
@@ -128,28 +221,56 @@ impl EventStore {
             return plan;
         };
         let events = &self.sessions[slot as usize];
-        let last = events.locations.len() as u64;
-        let first = after.saturating_add(1);
-        let end = last.min(after.saturating_add(max_events as u64));
-        let mut seq = first;
-        while seq <= end {
-            if seq >= events.hot_first_seq {
+        let end = events
+            .last_seq()
+            .min(after.saturating_add(max_events as u64));
+        for seq in after.saturating_add(1)..=end {
+            if !events.hot.is_empty() && seq >= events.hot_first_seq {
                 let text = events.hot[(seq - events.hot_first_seq) as usize].clone();
                 plan.hot.push((seq, text));
             } else {
-                plan.cold.push((seq, events.locations[(seq - 1) as usize]));
+                plan.cold.push((seq, events.locate(seq)));
             }
-            seq += 1;
         }
         plan
     }
 
-    pub fn hot_bytes(&self) -> usize {
-        self.hot_bytes
+    /// The whole index, for a snapshot.
+    pub fn capture(&self) -> Vec<SessionIndex> {
+        let mut ids: Vec<(&String, &u32)> = self.ids.iter().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|(id, &slot)| {
+                let events = &self.sessions[slot as usize];
+                SessionIndex {
+                    session_id: id.clone(),
+                    runs: events.runs.clone(),
+                    active_epoch: events.active_epoch,
+                    active_first_seq: events.active_first_seq,
+                    active: events.active.clone(),
+                }
+            })
+            .collect()
     }
 
-    pub fn indexed_events(&self) -> u64 {
-        self.sessions.iter().map(|s| s.locations.len() as u64).sum()
+    /// Loads a captured index into an empty store.
+    pub fn restore(&mut self, sessions: Vec<SessionIndex>) {
+        assert!(self.sessions.is_empty(), "restore into an empty store");
+        for index in sessions {
+            let slot = self.slot(&index.session_id);
+            let events = &mut self.sessions[slot as usize];
+            events.runs = index.runs;
+            events.active_epoch = index.active_epoch;
+            events.active_first_seq = index.active_first_seq;
+            events.active = index.active;
+            if !events.active.is_empty() {
+                self.active_slots.push(slot);
+            }
+        }
+    }
+
+    pub fn hot_bytes(&self) -> usize {
+        self.hot_bytes
     }
 }
 
@@ -157,37 +278,71 @@ impl EventStore {
 mod tests {
     use super::*;
 
-    fn loc(n: u32) -> RecordLocation {
-        RecordLocation {
-            epoch: 1,
-            offset: n * 4096,
-        }
-    }
-
     #[test]
     fn hot_window_evicts_oldest_and_plans_cold_reads() {
         let mut store = EventStore::new(10);
         for seq in 1..=5u64 {
-            store.insert("a", seq, loc(seq as u32), Some(Arc::from("xxxx")));
+            store.insert("a", seq, 1, seq as u32 * 4096, Some(Arc::from("xxxx")));
         }
         // 5 events of 4 bytes with a 10 byte budget: only the last two stay hot.
         assert_eq!(store.hot_bytes(), 8);
         let plan = store.plan_read("a", 0, 100);
-        assert_eq!(plan.cold.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            plan.cold.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert_eq!(plan.hot.iter().map(|h| h.0).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(
+            plan.cold[0].1,
+            Cold::Active {
+                epoch: 1,
+                offset: 4096
+            }
+        );
         assert_eq!(store.evicted_events, 3);
     }
 
     #[test]
-    fn recovery_inserts_are_cold_and_live_ones_hot() {
-        let mut store = EventStore::new(1 << 20);
-        store.insert("a", 1, loc(1), None);
-        store.insert("a", 2, loc(2), Some(Arc::from("e2")));
+    fn sealing_turns_offsets_into_runs() {
+        let mut store = EventStore::new(0);
+        store.insert("a", 1, 1, 0, None);
+        store.insert("b", 1, 1, 100, None);
+        store.insert("a", 2, 1, 200, None);
+        let plan = store.plan_seal(1);
+        assert_eq!(plan.offsets.len(), 3);
+        store.apply_seal(plan);
+        store.insert("a", 3, 2, 0, None);
         let plan = store.plan_read("a", 0, 10);
-        assert_eq!(plan.cold.len(), 1);
-        assert_eq!(plan.hot.len(), 1);
-        assert_eq!(store.last_seq("a"), 2);
-        assert_eq!(store.plan_read("a", 2, 10).hot.len(), 0);
-        assert_eq!(store.last_seq("missing"), 0);
+        let spots: Vec<Cold> = plan.cold.iter().map(|c| c.1).collect();
+        // Session a was sealed first: its two offsets are entries 0 and 1.
+        assert_eq!(
+            spots,
+            vec![
+                Cold::Sealed { epoch: 1, index: 0 },
+                Cold::Sealed { epoch: 1, index: 1 },
+                Cold::Active {
+                    epoch: 2,
+                    offset: 0
+                },
+            ]
+        );
+        assert_eq!(
+            store.plan_read("b", 0, 10).cold[0].1,
+            Cold::Sealed { epoch: 1, index: 2 }
+        );
+    }
+
+    #[test]
+    fn capture_and_restore_keep_every_location() {
+        let mut store = EventStore::new(1 << 20);
+        store.insert("a", 1, 1, 0, None);
+        store.apply_seal(store.plan_seal(1));
+        store.insert("a", 2, 2, 4096, Some(Arc::from("e2")));
+        let mut restored = EventStore::new(1 << 20);
+        restored.restore(store.capture());
+        assert_eq!(restored.last_seq("a"), 2);
+        let plan = restored.plan_read("a", 0, 10);
+        assert_eq!(plan.cold.len(), 2);
+        assert_eq!(restored.last_seq("missing"), 0);
     }
 }

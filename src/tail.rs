@@ -92,7 +92,8 @@ async fn run(
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(CLIENT_MESSAGE_BYTES_MAX);
     config.max_frame_size = Some(CLIENT_MESSAGE_BYTES_MAX);
-    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
     let (mut sink, mut incoming) = ws.split();
     let last_heard = Rc::new(Cell::new(Instant::now()));
     let client_gone = Rc::new(Shutdown::new());
@@ -109,7 +110,15 @@ async fn run(
         .detach();
     }
     node.core.stats.borrow_mut().tail_subscribers += 1;
-    let close = follow(&node, &shutdown, &client_gone, &mut sink, &last_heard, &params).await;
+    let close = follow(
+        &node,
+        &shutdown,
+        &client_gone,
+        &mut sink,
+        &last_heard,
+        &params,
+    )
+    .await;
     node.core.stats.borrow_mut().tail_subscribers -= 1;
     if let Some((code, reason)) = close {
         let frame = CloseFrame {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use glommio::io::{DmaFile, OpenOptions};
 use shards::codec::{self, ScanOutcome};
 use shards::entry::LogRecord;
+use shards::snapshot::{self, SIDECAR_HEADER_BYTES};
 
 /// Bytes zeroed per write while pre-writing a segment.
 const PREWRITE_CHUNK_BYTES: usize = 1 << 20;
@@ -29,6 +30,24 @@ const SEGMENT_SUFFIX: &str = "seg";
 pub struct RecordLocation {
     pub epoch: u32,
     pub offset: u32,
+}
+
+/// What recovery reports, in log order.
+pub enum Replayed {
+    Record(RecordLocation, LogRecord),
+    /// Every record of this segment has been reported and a later segment follows.
+    SegmentEnd(u64),
+}
+
+/// What one call to [`Wal::write`] did.
+pub struct Written {
+    /// How many of the given records were written (a prefix, at least one).
+    pub taken: usize,
+    pub locations: Vec<RecordLocation>,
+    pub bytes: usize,
+    pub fsync_us: u64,
+    /// The segment that was sealed because this write rolled to a new one.
+    pub sealed: Option<u64>,
 }
 
 pub struct Wal {
@@ -49,20 +68,30 @@ pub struct WriteStats {
 }
 
 impl Wal {
-    /// Opens the log in `dir`, replaying every valid record to `visit` in log order.
+    /// Opens the log in `dir`, replaying every valid record from position `resume`
+    /// (segment epoch, offset) to `visit` in log order.
     pub async fn open(
         dir: &Path,
         segment_bytes: u64,
         fsync_delay: Option<Duration>,
-        mut visit: impl FnMut(RecordLocation, LogRecord),
+        resume: (u64, u64),
+        mut visit: impl FnMut(Replayed),
     ) -> Result<Wal, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        probe_device(dir).await?;
         remove_unfinished_segments(dir)?;
-        let epochs = list_segments(dir)?;
+        let epochs: Vec<u64> = list_segments(dir)?
+            .into_iter()
+            .filter(|&epoch| epoch >= resume.0)
+            .collect();
         let mut outcomes = Vec::with_capacity(epochs.len());
         let mut tail: Option<(u64, u64, Option<u64>)> = None;
-        for &epoch in &epochs {
-            let (end, outcome) = scan_file(dir, epoch, &mut visit).await?;
+        for (i, &epoch) in epochs.iter().enumerate() {
+            let from = if epoch == resume.0 { resume.1 } else { 0 };
+            let (end, outcome) = scan_file(dir, epoch, from, &mut visit).await?;
+            if i + 1 < epochs.len() {
+                visit(Replayed::SegmentEnd(epoch));
+            }
             let torn_at = match &outcome {
                 ScanOutcome::TornTail { offset, .. } => Some(*offset),
                 _ => None,
@@ -84,10 +113,11 @@ impl Wal {
                 (epoch, end, file)
             }
             None => {
-                let file = prewrite_segment(dir.to_path_buf(), 1, segment_bytes)
+                let epoch = resume.0.max(1);
+                let file = prewrite_segment(dir.to_path_buf(), epoch, segment_bytes)
                     .await
                     .map_err(|e| format!("create first segment in {}: {e}", dir.display()))?;
-                (1, 0, file)
+                (epoch, 0, file)
             }
         };
         let mut wal = Wal {
@@ -107,11 +137,6 @@ impl Wal {
         &self.dir
     }
 
-    /// Bytes written to the log since it was created (approximate: whole segments before).
-    pub fn position(&self) -> (u64, u64) {
-        (self.active_epoch, self.write_pos)
-    }
-
     fn start_prewrite(&mut self) {
         let dir = self.dir.clone();
         let epoch = self.active_epoch + 1;
@@ -120,33 +145,61 @@ impl Wal {
         self.next = Some(task.detach());
     }
 
-    /// Writes `records` durably (write + fdatasync) and returns where each one landed.
+    /// Writes a prefix of `records` (at least one) as ONE batch, durably (write +
+    /// fdatasync), and says where each landed. One batch per fsync keeps the recovery
+    /// rule of `shards::codec`: a later batch is never on disk without an earlier one.
     /// Panics on I/O errors: after a failed fsync nothing about the file can be trusted,
     /// and crashing (then recovering from what is really on disk) is the safe answer.
-    pub async fn write(&mut self, records: &[LogRecord]) -> (Vec<RecordLocation>, WriteStats) {
-        let mut locations = Vec::with_capacity(records.len());
-        let mut bytes = 0;
-        let mut start = 0;
-        while start < records.len() {
-            let (batch, offsets, taken) = self.build_batch(&records[start..]).await;
-            let pos = self.write_pos;
-            let mut buf = self.active.alloc_dma_buffer(batch.len());
-            buf.as_bytes_mut().copy_from_slice(&batch);
-            self.active
-                .write_at(buf, pos)
-                .await
-                .unwrap_or_else(|e| panic!("log write at {pos} in {}: {e}", self.dir.display()));
-            for offset in offsets {
-                let offset = u32::try_from(pos + offset).expect("segment offsets fit u32");
-                let epoch = u32::try_from(self.active_epoch).expect("epoch fits u32");
-                locations.push(RecordLocation { epoch, offset });
+    pub async fn write(&mut self, records: &[LogRecord]) -> Written {
+        assert!(!records.is_empty());
+        let mut sealed = None;
+        let (batch, offsets) = loop {
+            let room = (self.segment_bytes - self.write_pos) as usize;
+            let (builder, offsets) = fill_batch(records, self.active_epoch, room);
+            if !offsets.is_empty() {
+                break (builder.finish(), offsets);
             }
-            self.write_pos += batch.len() as u64;
-            bytes += batch.len();
-            start += taken;
-        }
+            assert!(self.write_pos > 0, "a single record larger than a segment");
+            sealed = Some(self.active_epoch);
+            self.roll().await;
+        };
+        let pos = self.write_pos;
+        let mut buf = self.active.alloc_dma_buffer(batch.len());
+        buf.as_bytes_mut().copy_from_slice(&batch);
+        self.active
+            .write_at(buf, pos)
+            .await
+            .unwrap_or_else(|e| panic!("log write at {pos} in {}: {e}", self.dir.display()));
+        let epoch = u32::try_from(self.active_epoch).expect("epoch fits u32");
+        let locations = offsets
+            .iter()
+            .map(|&offset| RecordLocation {
+                epoch,
+                offset: u32::try_from(pos + offset).expect("segment offsets fit u32"),
+            })
+            .collect();
+        self.write_pos += batch.len() as u64;
         let fsync_us = self.sync().await;
-        (locations, WriteStats { bytes, fsync_us })
+        Written {
+            taken: offsets.len(),
+            locations,
+            bytes: batch.len(),
+            fsync_us,
+            sealed,
+        }
+    }
+
+    /// The position after the last durable batch: every record written later is at or
+    /// after it.
+    pub fn durable_position(&self) -> (u64, u64) {
+        (self.active_epoch, self.write_pos)
+    }
+
+    /// Writes the index file of sealed segment `epoch` durably.
+    pub async fn write_sidecar(&self, epoch: u64, bytes: &[u8]) {
+        write_file_durably(&self.dir, &sidecar_name(epoch), bytes)
+            .await
+            .unwrap_or_else(|e| panic!("writing index of segment {epoch}: {e}"));
     }
 
     async fn sync(&self) -> u64 {
@@ -159,21 +212,6 @@ impl Wal {
             .await
             .unwrap_or_else(|e| panic!("log fdatasync in {}: {e}", self.dir.display()));
         started.elapsed().as_micros() as u64
-    }
-
-    /// Encodes as many records as fit one batch in the active segment, rolling to the
-    /// next segment first when even one record does not fit.
-    async fn build_batch(&mut self, records: &[LogRecord]) -> (Vec<u8>, Vec<u64>, usize) {
-        loop {
-            let room = (self.segment_bytes - self.write_pos) as usize;
-            let (builder, offsets) = fill_batch(records, self.active_epoch, room);
-            if !offsets.is_empty() {
-                let taken = offsets.len();
-                return (builder.finish(), offsets, taken);
-            }
-            assert!(self.write_pos > 0, "a single record larger than a segment");
-            self.roll().await;
-        }
     }
 
     /// Switches to the pre-written next segment. Everything in the active segment is
@@ -197,6 +235,7 @@ impl Wal {
         LogReader {
             dir: self.dir.clone(),
             files: RefCell::new(HashMap::new()),
+            indexes: RefCell::new(HashMap::new()),
         }
     }
 }
@@ -204,16 +243,40 @@ impl Wal {
 /// Reads records back from the log segments (cold reads of older events).
 pub struct LogReader {
     dir: PathBuf,
-    files: RefCell<HashMap<u64, Rc<DmaFile>>>,
+    files: RefCell<HashMap<String, Rc<DmaFile>>>,
+    indexes: RefCell<HashMap<String, Rc<std::fs::File>>>,
 }
 
 /// Segment files a reader keeps open at most.
 const READER_FILES_MAX: usize = 64;
 
 impl LogReader {
+    /// Offsets `start .. start + count` of sealed segment `epoch`'s index file.
+    ///
+    /// Index files are small and read through the page cache with a plain `pread`
+    /// (microseconds when cached): glommio's O_DIRECT reads of small files failed with
+    /// EOPNOTSUPP on this VM's virtio disk after its iopoll probe.
+    pub fn read_offsets(&self, epoch: u32, start: u32, count: u32) -> io::Result<Vec<u32>> {
+        use std::os::unix::fs::FileExt;
+        let name = sidecar_name(epoch as u64);
+        let file = match self.indexes.borrow().get(&name) {
+            Some(file) => file.clone(),
+            None => Rc::new(std::fs::File::open(self.dir.join(&name))?),
+        };
+        let mut bytes = vec![0u8; count as usize * 4];
+        let pos = (SIDECAR_HEADER_BYTES + start as usize * 4) as u64;
+        file.read_exact_at(&mut bytes, pos)?;
+        let mut indexes = self.indexes.borrow_mut();
+        if indexes.len() >= READER_FILES_MAX {
+            indexes.clear();
+        }
+        indexes.insert(name, file);
+        Ok(snapshot::decode_offsets(&bytes))
+    }
+
     /// Reads back the record at `loc` (validated by its crc and rkyv checks).
     pub async fn read(&self, loc: RecordLocation) -> io::Result<LogRecord> {
-        let file = self.reader(loc.epoch as u64).await?;
+        let file = self.file(&segment_name(loc.epoch as u64)).await?;
         let pos = loc.offset as u64;
         let first = file.read_at(pos, 4096).await?;
         let needed = codec::record_frame_bytes(&first).map_err(invalid)?;
@@ -222,19 +285,21 @@ impl LogReader {
         } else {
             file.read_at(pos, needed).await?
         };
-        codec::read_record_at(&bytes).map(|(record, _)| record).map_err(invalid)
+        codec::read_record_at(&bytes)
+            .map(|(record, _)| record)
+            .map_err(invalid)
     }
 
-    async fn reader(&self, epoch: u64) -> io::Result<Rc<DmaFile>> {
-        if let Some(file) = self.files.borrow().get(&epoch) {
+    async fn file(&self, name: &str) -> io::Result<Rc<DmaFile>> {
+        if let Some(file) = self.files.borrow().get(name) {
             return Ok(file.clone());
         }
-        let file = Rc::new(DmaFile::open(segment_path(&self.dir, epoch)).await?);
+        let file = Rc::new(DmaFile::open(self.dir.join(name)).await?);
         let mut files = self.files.borrow_mut();
         if files.len() >= READER_FILES_MAX {
             files.clear();
         }
-        files.insert(epoch, file.clone());
+        files.insert(name.to_string(), file.clone());
         Ok(file)
     }
 }
@@ -268,8 +333,16 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+fn segment_name(epoch: u64) -> String {
+    format!("{epoch:020}.{SEGMENT_SUFFIX}")
+}
+
 fn segment_path(dir: &Path, epoch: u64) -> PathBuf {
-    dir.join(format!("{epoch:020}.{SEGMENT_SUFFIX}"))
+    dir.join(segment_name(epoch))
+}
+
+fn sidecar_name(epoch: u64) -> String {
+    format!("{epoch:020}.idx")
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<u64>, String> {
@@ -298,6 +371,22 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, String> {
     Ok(epochs)
 }
 
+/// glommio decides once per block device whether its iopoll ring works, by reading the
+/// first block of the first file opened there. On an EMPTY file that read "succeeds"
+/// (0 bytes), glommio then sends every later read to the poll ring, and on a virtio
+/// disk each of them fails with EOPNOTSUPP. So the first file we open with O_DIRECT is
+/// this one block of zeros, which makes the probe give the right answer.
+async fn probe_device(dir: &Path) -> Result<(), String> {
+    let path = dir.join("iopoll-probe.tmp");
+    std::fs::write(&path, [0u8; 4096]).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let file = DmaFile::open(&path)
+        .await
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let _ = file.close().await;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
 /// A crash while pre-writing leaves a `.tmp` file that never held records.
 fn remove_unfinished_segments(dir: &Path) -> Result<(), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("list {}: {e}", dir.display()))?;
@@ -322,7 +411,8 @@ async fn open_segment(dir: &Path, epoch: u64) -> Result<DmaFile, String> {
 async fn scan_file(
     dir: &Path,
     epoch: u64,
-    visit: &mut impl FnMut(RecordLocation, LogRecord),
+    from: u64,
+    visit: &mut impl FnMut(Replayed),
 ) -> Result<(u64, ScanOutcome), String> {
     let path = segment_path(dir, epoch);
     let file = DmaFile::open(&path)
@@ -349,9 +439,15 @@ async fn scan_file(
     let scan = codec::scan_segment(&bytes, epoch);
     drop(bytes);
     let epoch32 = u32::try_from(epoch).map_err(|_| "segment epoch too large".to_string())?;
-    for rec in scan.records {
+    for rec in scan.records.into_iter().filter(|r| r.offset >= from) {
         let offset = u32::try_from(rec.offset).expect("segment offsets fit u32");
-        visit(RecordLocation { epoch: epoch32, offset }, rec.record);
+        visit(Replayed::Record(
+            RecordLocation {
+                epoch: epoch32,
+                offset,
+            },
+            rec.record,
+        ));
     }
     Ok((scan.end, scan.outcome))
 }
@@ -371,6 +467,56 @@ async fn zero_from(file: &DmaFile, from: u64, segment_bytes: u64) -> Result<(), 
     file.fdatasync()
         .await
         .map_err(|e| format!("sync after zeroing torn tail: {e}"))
+}
+
+/// Writes a whole small file durably: temp file, write, fdatasync, rename, directory
+/// fsync. `bytes` must be a multiple of the block size (O_DIRECT).
+pub async fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let final_path = dir.join(name);
+    let tmp_path = dir.join(format!("{name}.tmp"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(&tmp_path)
+        .await?;
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let len = PREWRITE_CHUNK_BYTES.min(bytes.len() - pos);
+        let mut buf = file.alloc_dma_buffer(len);
+        buf.as_bytes_mut().copy_from_slice(&bytes[pos..pos + len]);
+        file.write_at(buf, pos as u64).await?;
+        pos += len;
+    }
+    file.fdatasync().await?;
+    file.rename(&final_path).await?;
+    let _ = file.close().await;
+    let directory = glommio::io::Directory::open(dir).await?;
+    directory.sync().await?;
+    let _ = directory.close().await;
+    Ok(())
+}
+
+/// Reads a whole file, or None when it does not exist.
+pub async fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    if !path.try_exists()? {
+        return Ok(None);
+    }
+    let file = DmaFile::open(path).await?;
+    let size = file.file_size().await?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    while (bytes.len() as u64) < size {
+        let pos = bytes.len() as u64;
+        let chunk = file
+            .read_at(pos, SCAN_CHUNK_BYTES.min((size - pos) as usize))
+            .await?;
+        if chunk.is_empty() {
+            break;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let _ = file.close().await;
+    Ok(Some(bytes))
 }
 
 /// Creates segment `epoch` full of zeros, fsynced, then renamed into place (and the

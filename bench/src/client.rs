@@ -305,7 +305,11 @@ fn decode_chunked(data: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, Clien
             return Ok(None);
         };
         let line = &data[pos..pos + line_end];
-        let size_hex = line.split(|&b| b == b';').next().unwrap_or(line).trim_ascii();
+        let size_hex = line
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or(line)
+            .trim_ascii();
         let size_str = std::str::from_utf8(size_hex).map_err(|_| ClientError::Protocol)?;
         let size = usize::from_str_radix(size_str, 16).map_err(|_| ClientError::Protocol)?;
         pos += line_end + 2;
@@ -399,6 +403,9 @@ mod tests {
         let mut c = Client::new(addr, "test", Duration::from_millis(200));
         assert_eq!(c.post_json("/", b"{}").unwrap_err(), ClientError::Timeout);
         let err = c.post_json("/", b"{}").unwrap_err();
-        assert!(matches!(err, ClientError::Closed | ClientError::Io), "{err:?}");
+        assert!(
+            matches!(err, ClientError::Closed | ClientError::Io),
+            "{err:?}"
+        );
     }
 }

@@ -20,12 +20,18 @@ impl Target {
     pub fn parse(url: &str) -> Result<Target, String> {
         let rest = match url.find("://") {
             Some(pos) if url[..pos].eq_ignore_ascii_case("http") => &url[pos + 3..],
-            Some(_) => return Err(format!("unsupported scheme in {url:?}: only http:// is supported")),
+            Some(_) => {
+                return Err(format!(
+                    "unsupported scheme in {url:?}: only http:// is supported"
+                ))
+            }
             None => url,
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
-            return Err(format!("expected http://host:port without a path, got {url:?}"));
+            return Err(format!(
+                "expected http://host:port without a path, got {url:?}"
+            ));
         }
         let (host, port) = split_host_port(authority)?;
         let addr = (host, port)
@@ -46,7 +52,11 @@ fn split_host_port(authority: &str) -> Result<(&str, u16), String> {
         let (host, after) = v6.split_once(']').ok_or_else(bad)?;
         let port = match after {
             "" => 80,
-            p => p.strip_prefix(':').ok_or_else(bad)?.parse().map_err(|_| bad())?,
+            p => p
+                .strip_prefix(':')
+                .ok_or_else(bad)?
+                .parse()
+                .map_err(|_| bad())?,
         };
         return Ok((host, port));
     }

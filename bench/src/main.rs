@@ -148,7 +148,11 @@ fn bench(cli: &Cli) -> Result<(), String> {
         cfg.session_prefix,
         cfg.connections,
         cfg.payload_bytes,
-        if cfg.idempotency { ", idempotency keys" } else { "" }
+        if cfg.idempotency {
+            ", idempotency keys"
+        } else {
+            ""
+        }
     );
     let setup = setup_sessions(&cfg).map_err(|e| format!("setup failed: {e}"))?;
     println!(
@@ -199,7 +203,7 @@ fn run_find_max(cli: &Cli, cfg: &LoadConfig) -> Result<(), String> {
             }
         },
     );
-    let best = steps.iter().filter(|(_, pass)| *pass).last().map(|(s, _)| s);
+    let best = steps.iter().rfind(|(_, pass)| *pass).map(|(s, _)| s);
     match best {
         Some(s) => println!(
             "max sustainable rate: {:.1}/s (achieved {:.1}/s, p99 {:.3} ms)",

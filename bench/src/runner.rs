@@ -79,7 +79,7 @@ fn create_session(client: &mut Client, id: &str) -> Result<bool, String> {
     let mut last = String::new();
     for attempt in 0..SETUP_ATTEMPTS {
         if attempt > 0 {
-            thread::sleep(Duration::from_millis(200 << attempt.min(4)));
+            thread::sleep(Duration::from_millis(100 << (attempt - 1).min(4)));
         }
         match client.post_json("/v1/sessions", body.as_bytes()) {
             Ok(r) if r.status == 201 => return Ok(true),

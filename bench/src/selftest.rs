@@ -29,8 +29,7 @@ pub struct SelfTestOutcome {
 
 pub fn run() -> Result<SelfTestOutcome, String> {
     // Stall in the middle of the measured window.
-    let stall_after =
-        (RATE * (WARMUP.as_secs_f64() + DURATION.as_secs_f64() / 2.0)).round() as u64;
+    let stall_after = (RATE * (WARMUP.as_secs_f64() + DURATION.as_secs_f64() / 2.0)).round() as u64;
     let stub = StubServer::start(StubConfig {
         stall_after_appends: Some(stall_after),
         stall_for: STALL,
@@ -56,7 +55,10 @@ pub fn run() -> Result<SelfTestOutcome, String> {
         failures.push("the stub never stalled".to_string());
     }
     if summary.errors != 0 {
-        failures.push(format!("{} errors: {:?}", summary.errors, summary.errors_by_kind));
+        failures.push(format!(
+            "{} errors: {:?}",
+            summary.errors, summary.errors_by_kind
+        ));
     }
     if summary.ok < summary.scheduled * 95 / 100 {
         failures.push(format!(

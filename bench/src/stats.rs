@@ -185,8 +185,21 @@ impl Summary {
                 .collect();
             println!("errors by kind: {}", kinds.join(", "));
         }
-        println!("latency ms (corrected, from due time): {}", self.latency.line());
-        println!("service ms (uncorrected, send->resp):  {}", self.service.line());
+        if self.unsent > 0 {
+            println!(
+                "WARNING: {} due requests were still waiting for a connection when the run \
+                 ended (the server did not keep up); percentiles cover completed requests only",
+                self.unsent
+            );
+        }
+        println!(
+            "latency ms (corrected, from due time): {}",
+            self.latency.line()
+        );
+        println!(
+            "service ms (uncorrected, send->resp):  {}",
+            self.service.line()
+        );
     }
 
     pub fn to_json(&self) -> Value {

@@ -158,7 +158,12 @@ fn serve_conn(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 if shared.stop.load(Ordering::SeqCst) {
                     return Ok(());
                 }

@@ -61,16 +61,20 @@ fn refused_connections_are_errors_and_the_run_ends() {
 fn a_server_stalled_past_the_end_leaves_requests_unsent() {
     let stub = StubServer::start(StubConfig {
         stall_after_appends: Some(1),
-        stall_for: Duration::from_secs(3),
+        stall_for: Duration::from_millis(1500),
     })
     .unwrap();
-    let mut cfg = config(&format!("http://{}", stub.addr()), 500);
+    let mut cfg = config(&format!("http://{}", stub.addr()), 300);
     cfg.warmup = Duration::ZERO;
-    cfg.timeout = Duration::from_secs(1);
+    cfg.timeout = Duration::from_millis(500);
     let t = Instant::now();
     let s = run_load(&cfg, 100.0);
     // Stops at the end of the schedule; in-flight requests time out after 1 s.
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(s.ok, 0);
     assert_eq!(s.errors, s.errors_by_kind["timeout"]);
     assert!(s.unsent > 0, "{s:?}");

@@ -126,7 +126,10 @@ fn hash_canonical(hasher: &mut Sha256, value: &Value) {
             }
         }
         Value::Object(members) => {
-            hash_members(hasher, members.iter().map(|(k, v)| (k.as_str(), v)).collect());
+            hash_members(
+                hasher,
+                members.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+            );
         }
     }
 }
@@ -270,8 +273,10 @@ mod tests {
 
     #[test]
     fn compact_keeps_member_order_and_number_text() {
-        let value = parse(br#"{ "z": 1.50, "a": [ 1e2, -0, 100000000000000000000000001 ], "m": "\u00e9\n" }"#)
-            .unwrap();
+        let value = parse(
+            br#"{ "z": 1.50, "a": [ 1e2, -0, 100000000000000000000000001 ], "m": "\u00e9\n" }"#,
+        )
+        .unwrap();
         assert_eq!(
             to_compact(&value),
             r#"{"z":1.50,"a":[1e+2,-0,100000000000000000000000001],"m":"é\n"}"#
@@ -283,7 +288,13 @@ mod tests {
         for text in ["1", "1.0", "1e0", "10e-1", "0.1e1", "1.000e+0", "100e-2"] {
             assert_eq!(canonical_number_text(text), "1e0", "{text}");
         }
-        for text in ["0", "-0", "0.0", "-0.0e5", "0e-99999999999999999999999999999999999"] {
+        for text in [
+            "0",
+            "-0",
+            "0.0",
+            "-0.0e5",
+            "0e-99999999999999999999999999999999999",
+        ] {
             assert_eq!(canonical_number_text(text), "0e0", "{text}");
         }
         assert_eq!(canonical_number_text("-120"), "-12e1");
@@ -294,7 +305,10 @@ mod tests {
     #[test]
     fn huge_exponents_are_exact() {
         let big = format!("1{}", "0".repeat(40));
-        assert_eq!(canonical_number_text(&format!("1e{big}")), format!("1e{big}"));
+        assert_eq!(
+            canonical_number_text(&format!("1e{big}")),
+            format!("1e{big}")
+        );
         let big_plus_one = format!("1{}1", "0".repeat(39));
         assert_eq!(
             canonical_number_text(&format!("10e{big}")),
@@ -331,19 +345,42 @@ mod tests {
     #[test]
     fn object_digest_equals_digest_of_the_object() {
         let value = parse(br#"{"b":[1,2],"a":null,"c":{"x":"y"}}"#).unwrap();
-        let members: Vec<(&str, &Value)> =
-            value.as_object().unwrap().iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let members: Vec<(&str, &Value)> = value
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
         assert_eq!(object_digest(&members), content_digest(&value));
     }
 
     #[test]
     fn digest_distinguishes_values() {
         let values = [
-            "null", "true", "false", "0", "1", "-1", "0.1", "\"\"", "\"1\"", "[]", "{}", "[[]]",
-            "[null]", r#"{"a":null}"#, r#"{"a":1}"#, r#"{"b":1}"#, r#"["a","b"]"#, r#"["ab"]"#,
-            r#"["b","a"]"#, r#"{"a":"b"}"#, r#"{"ab":""}"#,
+            "null",
+            "true",
+            "false",
+            "0",
+            "1",
+            "-1",
+            "0.1",
+            "\"\"",
+            "\"1\"",
+            "[]",
+            "{}",
+            "[[]]",
+            "[null]",
+            r#"{"a":null}"#,
+            r#"{"a":1}"#,
+            r#"{"b":1}"#,
+            r#"["a","b"]"#,
+            r#"["ab"]"#,
+            r#"["b","a"]"#,
+            r#"{"a":"b"}"#,
+            r#"{"ab":""}"#,
         ];
-        let digests: std::collections::HashSet<Digest> = values.iter().map(|v| digest_of(v)).collect();
+        let digests: std::collections::HashSet<Digest> =
+            values.iter().map(|v| digest_of(v)).collect();
         assert_eq!(digests.len(), values.len());
     }
 
@@ -372,7 +409,11 @@ mod tests {
         match value {
             Value::Array(items) => Value::Array(items.iter().map(reversed).collect()),
             Value::Object(members) => Value::Object(
-                members.iter().rev().map(|(k, v)| (k.clone(), reversed(v))).collect(),
+                members
+                    .iter()
+                    .rev()
+                    .map(|(k, v)| (k.clone(), reversed(v)))
+                    .collect(),
             ),
             other => other.clone(),
         }
@@ -406,14 +447,27 @@ mod tests {
         match value {
             Value::Number(n) => canonical_number(n),
             Value::Array(items) => {
-                format!("[{}]", items.iter().map(canonical_text).collect::<Vec<_>>().join(","))
+                format!(
+                    "[{}]",
+                    items
+                        .iter()
+                        .map(canonical_text)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
             }
             Value::Object(members) => {
                 let mut sorted: Vec<_> = members.iter().collect();
                 sorted.sort_by(|a, b| a.0.cmp(b.0));
                 let parts: Vec<String> = sorted
                     .iter()
-                    .map(|(k, v)| format!("{}:{}", to_compact(&Value::String((*k).clone())), canonical_text(v)))
+                    .map(|(k, v)| {
+                        format!(
+                            "{}:{}",
+                            to_compact(&Value::String((*k).clone())),
+                            canonical_text(v)
+                        )
+                    })
                     .collect();
                 format!("{{{}}}", parts.join(","))
             }

@@ -16,6 +16,7 @@ pub mod codec;
 pub mod entry;
 pub mod json;
 pub mod session;
+pub mod snapshot;
 pub mod time;
 pub mod validate;
 

@@ -74,7 +74,9 @@ pub enum CreateError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PatchError {
     NotFound,
-    VersionConflict { current: u64 },
+    VersionConflict {
+        current: u64,
+    },
     /// The merged metadata breaks a limit (`invalid_session`, field `metadata`).
     Invalid(FieldError),
 }
@@ -82,6 +84,9 @@ pub enum PatchError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotFound;
 
+// Not boxed: a decision is moved once, straight into the proposal; a box would cost an
+// allocation per append.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppendDecision {
     /// Propose this `Command::Append`.
@@ -95,9 +100,16 @@ pub enum AppendDecision {
 pub enum AppendError {
     SessionNotFound,
     /// The idempotency key was used for different content by the entry `seq`.
-    IdempotencyConflict { seq: u64 },
-    ProducerSeqConflict { expected_producer_seq: u64 },
-    ExpectedSeqConflict { expected_seq: u64, current_seq: u64 },
+    IdempotencyConflict {
+        seq: u64,
+    },
+    ProducerSeqConflict {
+        expected_producer_seq: u64,
+    },
+    ExpectedSeqConflict {
+        expected_seq: u64,
+        current_seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,8 +153,13 @@ impl DedupeWindow {
         self.key_order.push_back(key.to_string());
         let mut evicted = 0;
         while self.keys.len() > keys_max {
-            let oldest = self.key_order.pop_front().expect("key_order lists every key");
-            self.keys.remove(&oldest).expect("key_order lists only remembered keys");
+            let oldest = self
+                .key_order
+                .pop_front()
+                .expect("key_order lists every key");
+            self.keys
+                .remove(&oldest)
+                .expect("key_order lists only remembered keys");
             evicted += 1;
         }
         evicted
@@ -155,7 +172,10 @@ impl DedupeWindow {
         self.producer_order.push_back((id.to_string(), record.seq));
         let mut evicted = 0;
         while self.producers.len() > producers_max {
-            let (oldest, seq) = self.producer_order.pop_front().expect("order lists every producer");
+            let (oldest, seq) = self
+                .producer_order
+                .pop_front()
+                .expect("order lists every producer");
             if self.producers.get(&oldest).is_some_and(|r| r.seq == seq) {
                 self.producers.remove(&oldest);
                 evicted += 1;
@@ -163,7 +183,8 @@ impl DedupeWindow {
         }
         if self.producer_order.len() > 2 * self.producers.len() + 16 {
             let producers = &self.producers;
-            self.producer_order.retain(|(id, seq)| producers.get(id).is_some_and(|r| r.seq == *seq));
+            self.producer_order
+                .retain(|(id, seq)| producers.get(id).is_some_and(|r| r.seq == *seq));
         }
         evicted
     }
@@ -297,7 +318,10 @@ impl GroupState {
         now_us: i64,
     ) -> Result<Command, PatchError> {
         let head = self.head(id).ok_or(PatchError::NotFound)?;
-        if patch.expected_version.is_some_and(|expected| expected != head.version) {
+        if patch
+            .expected_version
+            .is_some_and(|expected| expected != head.version)
+        {
             return Err(PatchError::VersionConflict {
                 current: head.version,
             });
@@ -305,9 +329,7 @@ impl GroupState {
         let (title, metadata) = self.texts(id).expect("a session with a head has texts");
         let metadata = match &patch.metadata {
             None => metadata.to_string(),
-            Some(changes) => {
-                merged_metadata(metadata, changes).map_err(PatchError::Invalid)?
-            }
+            Some(changes) => merged_metadata(metadata, changes).map_err(PatchError::Invalid)?,
         };
         let title = match &patch.title {
             None => title.clone(),
@@ -416,7 +438,10 @@ impl GroupState {
     }
 
     fn producer_record(&self, id: &str, producer_id: &str) -> Option<ProducerRecord> {
-        let in_flight = self.pending.get(id).and_then(|p| p.producers.get(producer_id));
+        let in_flight = self
+            .pending
+            .get(id)
+            .and_then(|p| p.producers.get(producer_id));
         let committed = || self.sessions.get(id)?.dedupe.producers.get(producer_id);
         in_flight.or_else(committed).copied()
     }
@@ -431,17 +456,34 @@ impl GroupState {
             Command::CreateSession(create) => self.apply_create(create),
             Command::PatchSession(patch) => {
                 let pending = self.pending_for(&patch.session_id, command);
-                assert_eq!(patch.version, pending.head.version + 1, "apply {command:?}: version must grow by 1");
-                assert!(patch.at_us > pending.head.updated_at_us, "apply {command:?}: updated_at must move forward");
+                assert_eq!(
+                    patch.version,
+                    pending.head.version + 1,
+                    "apply {command:?}: version must grow by 1"
+                );
+                assert!(
+                    patch.at_us > pending.head.updated_at_us,
+                    "apply {command:?}: updated_at must move forward"
+                );
                 pending.head.version = patch.version;
                 pending.head.updated_at_us = patch.at_us;
                 pending.texts = Some((patch.title.clone(), patch.metadata.clone()));
             }
             Command::SetArchived(set) => {
                 let pending = self.pending_for(&set.session_id, command);
-                assert_eq!(set.version, pending.head.version + 1, "apply {command:?}: version must grow by 1");
-                assert!(set.at_us > pending.head.updated_at_us, "apply {command:?}: updated_at must move forward");
-                assert_ne!(set.archived, pending.head.archived, "apply {command:?}: the flag must change");
+                assert_eq!(
+                    set.version,
+                    pending.head.version + 1,
+                    "apply {command:?}: version must grow by 1"
+                );
+                assert!(
+                    set.at_us > pending.head.updated_at_us,
+                    "apply {command:?}: updated_at must move forward"
+                );
+                assert_ne!(
+                    set.archived, pending.head.archived,
+                    "apply {command:?}: the flag must change"
+                );
                 pending.head.version = set.version;
                 pending.head.updated_at_us = set.at_us;
                 pending.head.archived = set.archived;
@@ -449,7 +491,11 @@ impl GroupState {
             Command::Append(append) => self.apply_append(append, command),
             Command::ArchiveProgress(progress) => {
                 let pending = self.pending_for(&progress.session_id, command);
-                assert!(progress.archived_seq <= pending.head.last_seq, "apply {command:?}: archived beyond last_seq {}", pending.head.last_seq);
+                assert!(
+                    progress.archived_seq <= pending.head.last_seq,
+                    "apply {command:?}: archived beyond last_seq {}",
+                    pending.head.last_seq
+                );
                 pending.head.archived_seq = pending.head.archived_seq.max(progress.archived_seq);
             }
         }
@@ -457,7 +503,10 @@ impl GroupState {
 
     fn apply_create(&mut self, create: &CreateSession) {
         let id = &create.session_id;
-        assert!(self.head(id).is_none(), "apply {create:?}: session {id:?} already exists");
+        assert!(
+            self.head(id).is_none(),
+            "apply {create:?}: session {id:?} already exists"
+        );
         let head = Head {
             version: 1,
             archived: false,
@@ -479,8 +528,15 @@ impl GroupState {
 
     fn apply_append(&mut self, append: &AppendEntry, command: &Command) {
         let pending = self.pending_for(&append.session_id, command);
-        assert_eq!(append.seq, pending.head.last_seq + 1, "apply {command:?}: seq must be last_seq + 1");
-        assert!(append.inserted_at_us >= pending.head.last_inserted_at_us, "apply {command:?}: inserted_at went backwards");
+        assert_eq!(
+            append.seq,
+            pending.head.last_seq + 1,
+            "apply {command:?}: seq must be last_seq + 1"
+        );
+        assert!(
+            append.inserted_at_us >= pending.head.last_inserted_at_us,
+            "apply {command:?}: inserted_at went backwards"
+        );
         pending.head.last_seq = append.seq;
         pending.head.last_inserted_at_us = append.inserted_at_us;
         let seq = append.seq;
@@ -488,8 +544,13 @@ impl GroupState {
         if let Some(key) = &append.idempotency_key {
             pending.keys.insert(key.clone(), KeyRecord { seq, digest });
         }
-        if let (Some(producer_id), Some(producer_seq)) = (&append.producer_id, append.producer_seq) {
-            let record = ProducerRecord { producer_seq, seq, digest };
+        if let (Some(producer_id), Some(producer_seq)) = (&append.producer_id, append.producer_seq)
+        {
+            let record = ProducerRecord {
+                producer_seq,
+                seq,
+                digest,
+            };
             pending.producers.insert(producer_id.clone(), record);
         }
     }
@@ -497,7 +558,10 @@ impl GroupState {
     /// The overlay of an existing session, counting one more in-flight entry.
     fn pending_for(&mut self, id: &str, command: &Command) -> &mut Pending {
         if !self.pending.contains_key(id) {
-            let session = self.sessions.get(id).unwrap_or_else(|| panic!("apply {command:?}: unknown session"));
+            let session = self
+                .sessions
+                .get(id)
+                .unwrap_or_else(|| panic!("apply {command:?}: unknown session"));
             let pending = Pending {
                 entries: 0,
                 head: Head::of(session),
@@ -533,7 +597,11 @@ impl GroupState {
             Command::CreateSession(create) => self.commit_create(create),
             Command::PatchSession(patch) => {
                 let view = &mut self.committed_mut(&patch.session_id, command).view;
-                assert_eq!(patch.version, view.version + 1, "commit {command:?}: version must grow by 1");
+                assert_eq!(
+                    patch.version,
+                    view.version + 1,
+                    "commit {command:?}: version must grow by 1"
+                );
                 view.title = patch.title.clone();
                 view.metadata = patch.metadata.clone();
                 view.version = patch.version;
@@ -541,7 +609,11 @@ impl GroupState {
             }
             Command::SetArchived(set) => {
                 let view = &mut self.committed_mut(&set.session_id, command).view;
-                assert_eq!(set.version, view.version + 1, "commit {command:?}: version must grow by 1");
+                assert_eq!(
+                    set.version,
+                    view.version + 1,
+                    "commit {command:?}: version must grow by 1"
+                );
                 view.archived = set.archived;
                 view.version = set.version;
                 view.updated_at_us = set.at_us;
@@ -549,7 +621,11 @@ impl GroupState {
             Command::Append(append) => self.commit_append(append, command),
             Command::ArchiveProgress(progress) => {
                 let view = &mut self.committed_mut(&progress.session_id, command).view;
-                assert!(progress.archived_seq <= view.last_seq, "commit {command:?}: archived beyond last_seq {}", view.last_seq);
+                assert!(
+                    progress.archived_seq <= view.last_seq,
+                    "commit {command:?}: archived beyond last_seq {}",
+                    view.last_seq
+                );
                 view.archived_seq = view.archived_seq.max(progress.archived_seq);
             }
         }
@@ -558,7 +634,10 @@ impl GroupState {
 
     fn commit_create(&mut self, create: &CreateSession) {
         let id = &create.session_id;
-        assert!(!self.sessions.contains_key(id), "commit {create:?}: session {id:?} already exists");
+        assert!(
+            !self.sessions.contains_key(id),
+            "commit {create:?}: session {id:?} already exists"
+        );
         let view = SessionView {
             id: id.clone(),
             title: create.title.clone(),
@@ -581,18 +660,31 @@ impl GroupState {
     fn commit_append(&mut self, append: &AppendEntry, command: &Command) {
         let limits = self.limits;
         let session = self.committed_mut(&append.session_id, command);
-        assert_eq!(append.seq, session.view.last_seq + 1, "commit {command:?}: seq must be last_seq + 1");
+        assert_eq!(
+            append.seq,
+            session.view.last_seq + 1,
+            "commit {command:?}: seq must be last_seq + 1"
+        );
         session.view.last_seq = append.seq;
         session.last_inserted_at_us = session.last_inserted_at_us.max(append.inserted_at_us);
         let (seq, digest) = (append.seq, append.digest);
         let mut evicted = 0;
         if let Some(key) = &append.idempotency_key {
             let record = KeyRecord { seq, digest };
-            evicted += session.dedupe.record_key(key, record, limits.dedupe_keys_max);
+            evicted += session
+                .dedupe
+                .record_key(key, record, limits.dedupe_keys_max);
         }
-        if let (Some(producer_id), Some(producer_seq)) = (&append.producer_id, append.producer_seq) {
-            let record = ProducerRecord { producer_seq, seq, digest };
-            evicted += session.dedupe.record_producer(producer_id, record, limits.producers_max);
+        if let (Some(producer_id), Some(producer_seq)) = (&append.producer_id, append.producer_seq)
+        {
+            let record = ProducerRecord {
+                producer_seq,
+                seq,
+                digest,
+            };
+            evicted += session
+                .dedupe
+                .record_producer(producer_id, record, limits.producers_max);
         }
         self.evictions += evicted;
     }
@@ -618,7 +710,11 @@ impl GroupState {
                 }
             }
             if let Some(producer_id) = &append.producer_id {
-                if pending.producers.get(producer_id).is_some_and(|r| r.seq == append.seq) {
+                if pending
+                    .producers
+                    .get(producer_id)
+                    .is_some_and(|r| r.seq == append.seq)
+                {
                     pending.producers.remove(producer_id);
                 }
             }
@@ -642,7 +738,10 @@ impl GroupState {
     }
 
     /// Committed sessions with ids after `cursor` (exclusive), in bytewise id order.
-    pub fn views_after<'a>(&'a self, cursor: Option<&str>) -> impl Iterator<Item = &'a SessionView> {
+    pub fn views_after<'a>(
+        &'a self,
+        cursor: Option<&str>,
+    ) -> impl Iterator<Item = &'a SessionView> {
         let start = match cursor {
             Some(cursor) => Bound::Excluded(cursor),
             None => Bound::Unbounded,
@@ -686,7 +785,8 @@ impl GroupState {
             evictions: self.evictions,
             sessions: self.sessions.values().map(SessionSnapshot::of).collect(),
         };
-        let body = rkyv::to_bytes::<rkyv::rancor::Error>(&snapshot).expect("serialising a snapshot into memory cannot fail");
+        let body = rkyv::to_bytes::<rkyv::rancor::Error>(&snapshot)
+            .expect("serialising a snapshot into memory cannot fail");
         let mut bytes = Vec::with_capacity(SNAPSHOT_MAGIC.len() + 4 + body.len());
         bytes.extend_from_slice(&SNAPSHOT_MAGIC);
         bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
@@ -702,7 +802,11 @@ impl GroupState {
         if bytes.len() < header || bytes[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
             return Err("not a session snapshot (bad magic)".to_string());
         }
-        let crc = u32::from_le_bytes(bytes[SNAPSHOT_MAGIC.len()..header].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(
+            bytes[SNAPSHOT_MAGIC.len()..header]
+                .try_into()
+                .expect("4 bytes"),
+        );
         let body = &bytes[header..];
         if crc32fast::hash(body) != crc {
             return Err("session snapshot checksum mismatch".to_string());
@@ -715,7 +819,11 @@ impl GroupState {
         state.evictions = snapshot.evictions;
         for session in snapshot.sessions {
             let id = session.id.clone();
-            if state.sessions.last_key_value().is_some_and(|(last, _)| *last >= id) {
+            if state
+                .sessions
+                .last_key_value()
+                .is_some_and(|(last, _)| *last >= id)
+            {
                 return Err(format!("session snapshot: session {id:?} out of order"));
             }
             let session = session
@@ -841,14 +949,20 @@ impl SessionSnapshot {
         let dedupe = &session.dedupe;
         let keys = dedupe.key_order.iter().map(|key| {
             let record = dedupe.keys[key];
-            KeySnapshot { key: key.clone(), seq: record.seq, digest: record.digest }
+            KeySnapshot {
+                key: key.clone(),
+                seq: record.seq,
+                digest: record.digest,
+            }
         });
-        let producers = dedupe.producers_in_order().map(|(id, record)| ProducerSnapshot {
-            producer_id: id.clone(),
-            producer_seq: record.producer_seq,
-            seq: record.seq,
-            digest: record.digest,
-        });
+        let producers = dedupe
+            .producers_in_order()
+            .map(|(id, record)| ProducerSnapshot {
+                producer_id: id.clone(),
+                producer_seq: record.producer_seq,
+                seq: record.seq,
+                digest: record.digest,
+            });
         SessionSnapshot {
             id: view.id.clone(),
             title: view.title.clone(),
@@ -870,7 +984,10 @@ impl SessionSnapshot {
         if !validate::valid_session_id(&self.id) {
             return Err("invalid id".to_string());
         }
-        if self.version == 0 || self.archived_seq > self.last_seq || self.created_at_us > self.updated_at_us {
+        if self.version == 0
+            || self.archived_seq > self.last_seq
+            || self.created_at_us > self.updated_at_us
+        {
             return Err("inconsistent counters".to_string());
         }
         if serde_json::from_str::<Map<String, Value>>(&self.metadata).is_err() {
@@ -881,10 +998,16 @@ impl SessionSnapshot {
         let skip = self.keys.len().saturating_sub(limits.dedupe_keys_max);
         for key in self.keys.into_iter().skip(skip) {
             if key.seq <= previous_seq || key.seq > self.last_seq {
-                return Err(format!("idempotency key {:?} has seq {} out of order", key.key, key.seq));
+                return Err(format!(
+                    "idempotency key {:?} has seq {} out of order",
+                    key.key, key.seq
+                ));
             }
             previous_seq = key.seq;
-            let record = KeyRecord { seq: key.seq, digest: key.digest };
+            let record = KeyRecord {
+                seq: key.seq,
+                digest: key.digest,
+            };
             if dedupe.keys.insert(key.key.clone(), record).is_some() {
                 return Err(format!("idempotency key {:?} listed twice", key.key));
             }
@@ -894,8 +1017,14 @@ impl SessionSnapshot {
         let skip = self.producers.len().saturating_sub(limits.producers_max);
         for producer in self.producers.into_iter().skip(skip) {
             let id = producer.producer_id;
-            if producer.seq <= previous_seq || producer.seq > self.last_seq || producer.producer_seq == 0 {
-                return Err(format!("producer {id:?} has seq {} out of order", producer.seq));
+            if producer.seq <= previous_seq
+                || producer.seq > self.last_seq
+                || producer.producer_seq == 0
+            {
+                return Err(format!(
+                    "producer {id:?} has seq {} out of order",
+                    producer.seq
+                ));
             }
             previous_seq = producer.seq;
             let record = ProducerRecord {
@@ -919,6 +1048,137 @@ impl SessionSnapshot {
             created_at_us: self.created_at_us,
             updated_at_us: self.updated_at_us,
         };
-        Ok(SessionState { view, last_inserted_at_us: self.last_inserted_at_us, dedupe })
+        Ok(SessionState {
+            view,
+            last_inserted_at_us: self.last_inserted_at_us,
+            dedupe,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_795_756_801_000_000;
+
+    fn event(body: &str) -> NewEvent {
+        validate::validate_append(body.as_bytes()).unwrap()
+    }
+
+    fn state_with_session(limits: Limits) -> GroupState {
+        let mut state = GroupState::new(limits);
+        let new = validate::validate_create(b"{}").unwrap();
+        let command = state.decide_create(&new, "s".into(), T0).unwrap();
+        state.apply(&command);
+        state.commit(&command);
+        state
+    }
+
+    fn propose(state: &mut GroupState, body: &str) -> Command {
+        let AppendDecision::Append(command) = state.decide_append("s", &event(body), T0).unwrap()
+        else {
+            panic!("{body} was not appended")
+        };
+        state.apply(&command);
+        command
+    }
+
+    /// A session that always has an entry in flight keeps its overlay, but the overlay
+    /// only carries the keys of entries still in flight.
+    #[test]
+    fn overlay_stays_small_while_entries_are_always_in_flight() {
+        let limits = Limits {
+            dedupe_keys_max: 4,
+            producers_max: 4,
+        };
+        let mut state = state_with_session(limits);
+        let mut previous = propose(
+            &mut state,
+            r#"{"type":"t","payload":0,"idempotency_key":"k0"}"#,
+        );
+        for i in 1..1000 {
+            let body = format!(
+                r#"{{"type":"t","payload":{i},"idempotency_key":"k{i}","producer_id":"p{}","producer_seq":{}}}"#,
+                i % 7,
+                i / 7 + 1
+            );
+            let next = propose(&mut state, &body);
+            state.commit(&previous);
+            previous = next;
+            let pending = &state.pending["s"];
+            assert_eq!(pending.entries, 1);
+            assert!(pending.keys.len() <= 1 && pending.producers.len() <= 1);
+        }
+        state.commit(&previous);
+        assert!(state.pending.is_empty());
+        let dedupe = &state.sessions["s"].dedupe;
+        assert_eq!((dedupe.keys.len(), dedupe.key_order.len()), (4, 4));
+        assert_eq!(dedupe.producers.len(), 4);
+    }
+
+    /// One producer appending forever leaves no pile of stale order items behind.
+    #[test]
+    fn producer_order_is_compacted() {
+        let mut state = state_with_session(Limits::default());
+        for i in 1..=1000 {
+            let body =
+                format!(r#"{{"type":"t","payload":1,"producer_id":"p","producer_seq":{i}}}"#);
+            let command = propose(&mut state, &body);
+            state.commit(&command);
+        }
+        let dedupe = &state.sessions["s"].dedupe;
+        assert_eq!(dedupe.producers.len(), 1);
+        assert!(
+            dedupe.producer_order.len() <= 2 + 16,
+            "{}",
+            dedupe.producer_order.len()
+        );
+        let ordered: Vec<_> = dedupe.producers_in_order().collect();
+        assert_eq!(ordered.len(), 1);
+        assert_eq!(ordered[0].1.producer_seq, 1000);
+    }
+
+    #[test]
+    fn decisions_see_in_flight_patch_texts() {
+        let mut state = state_with_session(Limits::default());
+        let patch = validate::validate_patch(br#"{"metadata":{"a":1}}"#).unwrap();
+        let command = state.decide_patch("s", &patch, T0).unwrap();
+        state.apply(&command);
+        let patch = validate::validate_patch(br#"{"metadata":{"b":2}}"#).unwrap();
+        let Command::PatchSession(second) = state.decide_patch("s", &patch, T0).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (second.version, second.metadata.as_str()),
+            (3, r#"{"a":1,"b":2}"#)
+        );
+        assert_eq!(second.at_us, T0 + 2);
+        assert_eq!(
+            state.view("s").unwrap().metadata,
+            "{}",
+            "reads see committed state only"
+        );
+    }
+
+    #[test]
+    fn producer_seq_at_u64_max_cannot_continue() {
+        let mut state = state_with_session(Limits::default());
+        let body = format!(
+            r#"{{"type":"t","payload":1,"producer_id":"p","producer_seq":{}}}"#,
+            u64::MAX
+        );
+        let command = propose(&mut state, &body);
+        state.commit(&command);
+        let other = format!(
+            r#"{{"type":"t","payload":2,"producer_id":"p","producer_seq":{}}}"#,
+            u64::MAX
+        );
+        assert_eq!(
+            state.decide_append("s", &event(&other), T0),
+            Err(AppendError::ProducerSeqConflict {
+                expected_producer_seq: u64::MAX
+            })
+        );
     }
 }

@@ -133,8 +133,11 @@ pub fn validate_append(body: &[u8]) -> Result<NewEvent, FieldError> {
     let source = fields.string("source", Text::NON_EMPTY, SOURCE_BYTES_MAX)?;
     let metadata = fields.object("metadata")?;
     let refs = fields.object("refs")?;
-    let idempotency_key =
-        fields.string("idempotency_key", Text::NON_EMPTY, IDEMPOTENCY_KEY_BYTES_MAX)?;
+    let idempotency_key = fields.string(
+        "idempotency_key",
+        Text::NON_EMPTY,
+        IDEMPOTENCY_KEY_BYTES_MAX,
+    )?;
     let expected_seq = fields.integer("expected_seq", 0)?;
     let producer_id = fields.string("producer_id", Text::NON_EMPTY, PRODUCER_ID_BYTES_MAX)?;
     let producer_seq = fields.integer("producer_seq", 1)?;
@@ -231,7 +234,9 @@ pub fn validate_patch(body: &[u8]) -> Result<PatchRequest, FieldError> {
     let title = match members.get("title") {
         None => None,
         Some(Value::Null) => Some(None),
-        Some(_) => fields.string("title", Text::MAY_BE_EMPTY, TITLE_BYTES_MAX)?.map(Some),
+        Some(_) => fields
+            .string("title", Text::MAY_BE_EMPTY, TITLE_BYTES_MAX)?
+            .map(Some),
     };
     let metadata = session_metadata(&members)?.cloned();
     let expected_version = fields.integer("expected_version", 1)?;
@@ -262,8 +267,7 @@ pub fn valid_session_id(id: &str) -> bool {
 
 /// `ses_` + the 12 random bytes in unpadded base64url (16 characters).
 pub fn generate_session_id(random: [u8; 12]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut id = String::with_capacity(20);
     id.push_str("ses_");
     for chunk in random.chunks_exact(3) {
@@ -277,7 +281,9 @@ pub fn generate_session_id(random: [u8; 12]) -> String {
 
 /// Metadata of a session body: must be an object (`invalid_metadata` otherwise); null
 /// counts as absent.
-fn session_metadata(members: &Map<String, Value>) -> Result<Option<&Map<String, Value>>, FieldError> {
+fn session_metadata(
+    members: &Map<String, Value>,
+) -> Result<Option<&Map<String, Value>>, FieldError> {
     match members.get("metadata") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(metadata)) => Ok(Some(metadata)),
@@ -313,12 +319,19 @@ fn parse_object(
     code: &'static str,
     known: &[&str],
 ) -> Result<Map<String, Value>, FieldError> {
-    if body.iter().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+    if body
+        .iter()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
         return Ok(Map::new());
     }
     let value = json::parse(body).map_err(|e| FieldError::new(INVALID_JSON, None, e.message))?;
     let Value::Object(members) = value else {
-        return Err(FieldError::new(code, Some("body"), "the body must be a JSON object"));
+        return Err(FieldError::new(
+            code,
+            Some("body"),
+            "the body must be a JSON object",
+        ));
     };
     if let Some(unknown) = members.keys().find(|key| !known.contains(&key.as_str())) {
         return Err(FieldError::new(
@@ -353,7 +366,12 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional string of at most `bytes_max` UTF-8 bytes; null counts as absent.
-    fn string(&self, name: &str, text: Text, bytes_max: usize) -> Result<Option<String>, FieldError> {
+    fn string(
+        &self,
+        name: &str,
+        text: Text,
+        bytes_max: usize,
+    ) -> Result<Option<String>, FieldError> {
         match self.members.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(value)) => {
@@ -414,7 +432,10 @@ fn integer_literal(number: &Number) -> Option<u64> {
 /// Stored JSON texts are inserted verbatim.
 pub fn render_event(entry: &AppendEntry) -> String {
     let mut out = String::with_capacity(
-        160 + entry.event_type.len() + entry.payload.len() + entry.metadata.len() + entry.refs.len(),
+        160 + entry.event_type.len()
+            + entry.payload.len()
+            + entry.metadata.len()
+            + entry.refs.len(),
     );
     render_event_into(&mut out, entry);
     out
@@ -502,7 +523,13 @@ mod tests {
         assert_eq!(event.metadata, "{}");
         assert_eq!(event.refs, "{}");
         assert_eq!(
-            (event.actor, event.source, event.idempotency_key, event.expected_seq, event.producer),
+            (
+                event.actor,
+                event.source,
+                event.idempotency_key,
+                event.expected_seq,
+                event.producer
+            ),
             (None, None, None, None, None)
         );
     }
@@ -527,19 +554,33 @@ mod tests {
     fn invalid_json_comes_first() {
         assert_eq!(append_error("{"), (INVALID_JSON, None));
         assert_eq!(
-            validate_append(b"{\"type\":\"\xff\",\"x\":1}").unwrap_err().code,
+            validate_append(b"{\"type\":\"\xff\",\"x\":1}")
+                .unwrap_err()
+                .code,
             INVALID_JSON
         );
-        let deep = format!(r#"{{"x":1,"payload":{}{}}}"#, "[".repeat(64), "]".repeat(64));
+        let deep = format!(
+            r#"{{"x":1,"payload":{}{}}}"#,
+            "[".repeat(64),
+            "]".repeat(64)
+        );
         assert_eq!(append_error(&deep), (INVALID_JSON, None));
     }
 
     #[test]
     fn depth_64_ok_65_rejected() {
         // The body object is level 1, so the payload may nest 63 more levels.
-        let ok = format!(r#"{{"type":"t","payload":{}{}}}"#, "[".repeat(63), "]".repeat(63));
+        let ok = format!(
+            r#"{{"type":"t","payload":{}{}}}"#,
+            "[".repeat(63),
+            "]".repeat(63)
+        );
         assert!(append(&ok).is_ok());
-        let deep = format!(r#"{{"type":"t","payload":{}{}}}"#, "[".repeat(64), "]".repeat(64));
+        let deep = format!(
+            r#"{{"type":"t","payload":{}{}}}"#,
+            "[".repeat(64),
+            "]".repeat(64)
+        );
         assert_eq!(append_error(&deep), (INVALID_JSON, None));
     }
 
@@ -556,7 +597,14 @@ mod tests {
         assert_eq!(append_error(""), event_error("type"));
         assert_eq!(append_error(" \r\n\t"), event_error("type"));
         let session = validate_create(b"").unwrap();
-        assert_eq!(session, NewSession { id: None, title: None, metadata: "{}".into() });
+        assert_eq!(
+            session,
+            NewSession {
+                id: None,
+                title: None,
+                metadata: "{}".into()
+            }
+        );
         assert_eq!(validate_create(b"  \n").unwrap(), session);
         assert_eq!(validate_create(b"{}").unwrap(), session);
         assert_eq!(patch_error(""), (INVALID_SESSION, None));
@@ -572,15 +620,27 @@ mod tests {
 
     #[test]
     fn unknown_fields_checked_first_in_received_order() {
-        assert_eq!(append_error(r#"{"type":5,"zz":1,"aa":2}"#), event_error("zz"));
-        assert_eq!(create_error(r#"{"id":"..","name":"x"}"#), session_error("name"));
+        assert_eq!(
+            append_error(r#"{"type":5,"zz":1,"aa":2}"#),
+            event_error("zz")
+        );
+        assert_eq!(
+            create_error(r#"{"id":"..","name":"x"}"#),
+            session_error("name")
+        );
         assert_eq!(patch_error(r#"{"version":1}"#), session_error("version"));
     }
 
     #[test]
     fn known_fields_checked_in_table_order() {
-        assert_eq!(append_error(r#"{"producer_seq":0,"type":""}"#), event_error("type"));
-        assert_eq!(append_error(r#"{"refs":1,"payload":null,"type":"t"}"#), event_error("payload"));
+        assert_eq!(
+            append_error(r#"{"producer_seq":0,"type":""}"#),
+            event_error("type")
+        );
+        assert_eq!(
+            append_error(r#"{"refs":1,"payload":null,"type":"t"}"#),
+            event_error("payload")
+        );
         assert_eq!(
             append_error(r#"{"expected_seq":-1,"idempotency_key":"","type":"t","payload":1}"#),
             event_error("idempotency_key")
@@ -590,9 +650,18 @@ mod tests {
     #[test]
     fn type_is_required_non_empty_string_up_to_128_bytes() {
         assert_eq!(append_error(r#"{"payload":1}"#), event_error("type"));
-        assert_eq!(append_error(r#"{"type":null,"payload":1}"#), event_error("type"));
-        assert_eq!(append_error(r#"{"type":"","payload":1}"#), event_error("type"));
-        assert_eq!(append_error(r#"{"type":7,"payload":1}"#), event_error("type"));
+        assert_eq!(
+            append_error(r#"{"type":null,"payload":1}"#),
+            event_error("type")
+        );
+        assert_eq!(
+            append_error(r#"{"type":"","payload":1}"#),
+            event_error("type")
+        );
+        assert_eq!(
+            append_error(r#"{"type":7,"payload":1}"#),
+            event_error("type")
+        );
         // 64 two-byte characters are 128 bytes; one more is 130.
         assert!(append(&format!(r#"{{"type":"{}","payload":1}}"#, "é".repeat(64))).is_ok());
         assert_eq!(
@@ -602,29 +671,59 @@ mod tests {
         // Limits count bytes after unescaping: 65 escaped `\u00e9` are 390 bytes of body
         // text but 130 bytes of value; 128 escaped `\n` are 256 bytes of text, 128 of value.
         assert_eq!(
-            append_error(&format!(r#"{{"type":"{}","payload":1}}"#, r"\u00e9".repeat(65))),
+            append_error(&format!(
+                r#"{{"type":"{}","payload":1}}"#,
+                r"\u00e9".repeat(65)
+            )),
             event_error("type")
         );
-        assert!(append(&format!(r#"{{"type":"{}","payload":1}}"#, r"\n".repeat(128))).is_ok());
+        assert!(append(&format!(
+            r#"{{"type":"{}","payload":1}}"#,
+            r"\n".repeat(128)
+        ))
+        .is_ok());
     }
 
     #[test]
     fn payload_is_required_and_not_null() {
         assert_eq!(append_error(r#"{"type":"t"}"#), event_error("payload"));
-        assert_eq!(append_error(r#"{"type":"t","payload":null}"#), event_error("payload"));
+        assert_eq!(
+            append_error(r#"{"type":"t","payload":null}"#),
+            event_error("payload")
+        );
         for payload in ["0", "false", "\"\"", "[]", "{}", "-1.5e-3"] {
             let event = append(&format!(r#"{{"type":"t","payload":{payload}}}"#)).unwrap();
-            assert_eq!(event.payload, json::to_compact(&json::parse(payload.as_bytes()).unwrap()));
+            assert_eq!(
+                event.payload,
+                json::to_compact(&json::parse(payload.as_bytes()).unwrap())
+            );
         }
     }
 
     #[test]
     fn actor_is_an_optional_string_up_to_256_bytes() {
-        assert_eq!(append(r#"{"type":"t","payload":1,"actor":null}"#).unwrap().actor, None);
-        assert_eq!(append(r#"{"type":"t","payload":1,"actor":""}"#).unwrap().actor.as_deref(), Some(""));
-        assert_eq!(append_error(r#"{"type":"t","payload":1,"actor":1}"#), event_error("actor"));
+        assert_eq!(
+            append(r#"{"type":"t","payload":1,"actor":null}"#)
+                .unwrap()
+                .actor,
+            None
+        );
+        assert_eq!(
+            append(r#"{"type":"t","payload":1,"actor":""}"#)
+                .unwrap()
+                .actor
+                .as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            append_error(r#"{"type":"t","payload":1,"actor":1}"#),
+            event_error("actor")
+        );
         // "€" is 3 bytes: 85 of them are 255 bytes, 86 are 258.
-        let ok = format!(r#"{{"type":"t","payload":1,"actor":"a{}"}}"#, "€".repeat(85));
+        let ok = format!(
+            r#"{{"type":"t","payload":1,"actor":"a{}"}}"#,
+            "€".repeat(85)
+        );
         assert!(append(&ok).is_ok());
         let long = format!(r#"{{"type":"t","payload":1,"actor":"{}"}}"#, "€".repeat(86));
         assert_eq!(append_error(&long), event_error("actor"));
@@ -632,19 +731,37 @@ mod tests {
 
     #[test]
     fn source_is_an_optional_non_empty_string_up_to_256_bytes() {
-        assert_eq!(append_error(r#"{"type":"t","payload":1,"source":""}"#), event_error("source"));
-        assert_eq!(append_error(r#"{"type":"t","payload":1,"source":[]}"#), event_error("source"));
+        assert_eq!(
+            append_error(r#"{"type":"t","payload":1,"source":""}"#),
+            event_error("source")
+        );
+        assert_eq!(
+            append_error(r#"{"type":"t","payload":1,"source":[]}"#),
+            event_error("source")
+        );
         // "😀" is 4 bytes: 64 of them are 256 bytes.
-        let ok = format!(r#"{{"type":"t","payload":1,"source":"{}"}}"#, "😀".repeat(64));
+        let ok = format!(
+            r#"{{"type":"t","payload":1,"source":"{}"}}"#,
+            "😀".repeat(64)
+        );
         assert!(append(&ok).is_ok());
-        let long = format!(r#"{{"type":"t","payload":1,"source":"{}x"}}"#, "😀".repeat(64));
+        let long = format!(
+            r#"{{"type":"t","payload":1,"source":"{}x"}}"#,
+            "😀".repeat(64)
+        );
         assert_eq!(append_error(&long), event_error("source"));
     }
 
     #[test]
     fn metadata_and_refs_are_optional_objects() {
-        assert_eq!(append_error(r#"{"type":"t","payload":1,"metadata":[]}"#), event_error("metadata"));
-        assert_eq!(append_error(r#"{"type":"t","payload":1,"refs":"x"}"#), event_error("refs"));
+        assert_eq!(
+            append_error(r#"{"type":"t","payload":1,"metadata":[]}"#),
+            event_error("metadata")
+        );
+        assert_eq!(
+            append_error(r#"{"type":"t","payload":1,"refs":"x"}"#),
+            event_error("refs")
+        );
         let event = append(r#"{"type":"t","payload":1,"metadata":null,"refs":null}"#).unwrap();
         assert_eq!((event.metadata.as_str(), event.refs.as_str()), ("{}", "{}"));
     }
@@ -659,9 +776,15 @@ mod tests {
             append_error(r#"{"type":"t","payload":1,"idempotency_key":5}"#),
             event_error("idempotency_key")
         );
-        let ok = format!(r#"{{"type":"t","payload":1,"idempotency_key":"{}"}}"#, "ü".repeat(128));
+        let ok = format!(
+            r#"{{"type":"t","payload":1,"idempotency_key":"{}"}}"#,
+            "ü".repeat(128)
+        );
         assert!(append(&ok).is_ok());
-        let long = format!(r#"{{"type":"t","payload":1,"idempotency_key":"{}k"}}"#, "ü".repeat(128));
+        let long = format!(
+            r#"{{"type":"t","payload":1,"idempotency_key":"{}k"}}"#,
+            "ü".repeat(128)
+        );
         assert_eq!(append_error(&long), event_error("idempotency_key"));
     }
 
@@ -671,7 +794,15 @@ mod tests {
             let body = format!(r#"{{"type":"t","payload":1,"expected_seq":{ok}}}"#);
             assert!(append(&body).is_ok(), "{ok}");
         }
-        for bad in ["-1", "5.0", "1e2", "18446744073709551616", "\"5\"", "true", "0.5"] {
+        for bad in [
+            "-1",
+            "5.0",
+            "1e2",
+            "18446744073709551616",
+            "\"5\"",
+            "true",
+            "0.5",
+        ] {
             let body = format!(r#"{{"type":"t","payload":1,"expected_seq":{bad}}}"#);
             assert_eq!(append_error(&body), event_error("expected_seq"), "{bad}");
         }
@@ -699,14 +830,19 @@ mod tests {
             append_error(r#"{"type":"t","payload":1,"producer_id":"w","producer_seq":1.0}"#),
             event_error("producer_seq")
         );
-        let long = format!(r#"{{"type":"t","payload":1,"producer_id":"{}","producer_seq":1}}"#, "ß".repeat(129));
+        let long = format!(
+            r#"{{"type":"t","payload":1,"producer_id":"{}","producer_seq":1}}"#,
+            "ß".repeat(129)
+        );
         assert_eq!(append_error(&long), event_error("producer_id"));
     }
 
     #[test]
     fn same_content_digest_ignores_order_whitespace_numbers_key_and_expected_seq() {
-        let a = append(r#"{"type":"t","payload":{"x":1,"y":[1.0]},"idempotency_key":"a","expected_seq":3}"#)
-            .unwrap();
+        let a = append(
+            r#"{"type":"t","payload":{"x":1,"y":[1.0]},"idempotency_key":"a","expected_seq":3}"#,
+        )
+        .unwrap();
         let b = append(
             r#"{ "payload" : { "y" : [ 10e-1 ] , "x" : 1 } , "type" : "t", "metadata": {}, "refs": null, "actor": null }"#,
         )
@@ -738,23 +874,41 @@ mod tests {
 
     #[test]
     fn create_accepts_every_field() {
-        let session =
-            validate_create(br#"{"id":"a-Z_0.9:x","title":"T\u00e9","metadata":{"k":"v","n":1.0}}"#).unwrap();
+        let session = validate_create(
+            br#"{"id":"a-Z_0.9:x","title":"T\u00e9","metadata":{"k":"v","n":1.0}}"#,
+        )
+        .unwrap();
         assert_eq!(session.id.as_deref(), Some("a-Z_0.9:x"));
         assert_eq!(session.title.as_deref(), Some("Té"));
         assert_eq!(session.metadata, r#"{"k":"v","n":1.0}"#);
         let session = validate_create(br#"{"id":null,"title":null,"metadata":null}"#).unwrap();
-        assert_eq!(session, NewSession { id: None, title: None, metadata: "{}".into() });
+        assert_eq!(
+            session,
+            NewSession {
+                id: None,
+                title: None,
+                metadata: "{}".into()
+            }
+        );
     }
 
     #[test]
     fn create_id_rule() {
-        for bad in ["\"\"", "\".\"", "\"..\"", "\"a/b\"", "\"a b\"", "\"é\"", "1"] {
-            assert_eq!(create_error(&format!(r#"{{"id":{bad}}}"#)), session_error("id"), "{bad}");
+        for bad in [
+            "\"\"", "\".\"", "\"..\"", "\"a/b\"", "\"a b\"", "\"é\"", "1",
+        ] {
+            assert_eq!(
+                create_error(&format!(r#"{{"id":{bad}}}"#)),
+                session_error("id"),
+                "{bad}"
+            );
         }
         let max = "x".repeat(128);
         assert!(validate_create(format!(r#"{{"id":"{max}"}}"#).as_bytes()).is_ok());
-        assert_eq!(create_error(&format!(r#"{{"id":"{max}y"}}"#)), session_error("id"));
+        assert_eq!(
+            create_error(&format!(r#"{{"id":"{max}y"}}"#)),
+            session_error("id")
+        );
         assert!(validate_create(br#"{"id":"..."}"#).is_ok());
     }
 
@@ -770,29 +924,52 @@ mod tests {
 
     #[test]
     fn create_title_up_to_1024_bytes() {
-        assert!(validate_create(format!(r#"{{"title":"{}"}}"#, "ж".repeat(512)).as_bytes()).is_ok());
-        assert_eq!(create_error(&format!(r#"{{"title":"{}!"}}"#, "ж".repeat(512))), session_error("title"));
+        assert!(
+            validate_create(format!(r#"{{"title":"{}"}}"#, "ж".repeat(512)).as_bytes()).is_ok()
+        );
+        assert_eq!(
+            create_error(&format!(r#"{{"title":"{}!"}}"#, "ж".repeat(512))),
+            session_error("title")
+        );
         assert_eq!(create_error(r#"{"title":{}}"#), session_error("title"));
     }
 
     #[test]
     fn create_metadata_must_be_an_object_up_to_64_kib() {
-        assert_eq!(create_error(r#"{"metadata":[]}"#), (INVALID_METADATA, Some("metadata".into())));
-        assert_eq!(create_error(r#"{"metadata":"x"}"#), (INVALID_METADATA, Some("metadata".into())));
+        assert_eq!(
+            create_error(r#"{"metadata":[]}"#),
+            (INVALID_METADATA, Some("metadata".into()))
+        );
+        assert_eq!(
+            create_error(r#"{"metadata":"x"}"#),
+            (INVALID_METADATA, Some("metadata".into()))
+        );
         // {"k":"…"} is 8 bytes of framing.
-        let fits = format!(r#"{{"metadata":{{"k":"{}"}}}}"#, "a".repeat(METADATA_BYTES_MAX - 8));
+        let fits = format!(
+            r#"{{"metadata":{{"k":"{}"}}}}"#,
+            "a".repeat(METADATA_BYTES_MAX - 8)
+        );
         assert!(validate_create(fits.as_bytes()).is_ok());
-        let big = format!(r#"{{"metadata":{{"k":"{}"}}}}"#, "a".repeat(METADATA_BYTES_MAX - 7));
+        let big = format!(
+            r#"{{"metadata":{{"k":"{}"}}}}"#,
+            "a".repeat(METADATA_BYTES_MAX - 7)
+        );
         assert_eq!(create_error(&big), session_error("metadata"));
         // Measured as compact text, not as received: whitespace does not count.
-        let spaced = format!(r#"{{"metadata":{{ "k" : "{}" }} }}"#, "a".repeat(METADATA_BYTES_MAX - 8));
+        let spaced = format!(
+            r#"{{"metadata":{{ "k" : "{}" }} }}"#,
+            "a".repeat(METADATA_BYTES_MAX - 8)
+        );
         assert!(validate_create(spaced.as_bytes()).is_ok());
     }
 
     #[test]
     fn patch_needs_title_or_metadata() {
         assert_eq!(patch_error("{}"), (INVALID_SESSION, None));
-        assert_eq!(patch_error(r#"{"expected_version":1}"#), (INVALID_SESSION, None));
+        assert_eq!(
+            patch_error(r#"{"expected_version":1}"#),
+            (INVALID_SESSION, None)
+        );
         assert_eq!(patch_error(r#"{"metadata":null}"#), (INVALID_SESSION, None));
     }
 
@@ -810,7 +987,10 @@ mod tests {
         let patch = validate_patch(br#"{"metadata":{"b":null,"a":1}}"#).unwrap();
         let metadata = patch.metadata.unwrap();
         assert_eq!(json::object_to_compact(&metadata), r#"{"b":null,"a":1}"#);
-        assert_eq!(patch_error(r#"{"metadata":1}"#), (INVALID_METADATA, Some("metadata".into())));
+        assert_eq!(
+            patch_error(r#"{"metadata":1}"#),
+            (INVALID_METADATA, Some("metadata".into()))
+        );
     }
 
     #[test]
@@ -819,7 +999,11 @@ mod tests {
         assert_eq!(patch.expected_version, Some(3));
         for bad in ["0", "-1", "1.0", "\"1\""] {
             let body = format!(r#"{{"title":"x","expected_version":{bad}}}"#);
-            assert_eq!(patch_error(&body), session_error("expected_version"), "{bad}");
+            assert_eq!(
+                patch_error(&body),
+                session_error("expected_version"),
+                "{bad}"
+            );
         }
     }
 
@@ -866,12 +1050,27 @@ mod tests {
             )
         );
         let parsed = json::parse(text.as_bytes()).unwrap();
-        let keys: Vec<&str> = parsed.as_object().unwrap().keys().map(String::as_str).collect();
+        let keys: Vec<&str> = parsed
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(
             keys,
             [
-                "seq", "cursor", "type", "payload", "actor", "source", "metadata", "refs",
-                "idempotency_key", "producer_id", "producer_seq", "inserted_at"
+                "seq",
+                "cursor",
+                "type",
+                "payload",
+                "actor",
+                "source",
+                "metadata",
+                "refs",
+                "idempotency_key",
+                "producer_id",
+                "producer_seq",
+                "inserted_at"
             ]
         );
         assert_eq!(parsed["type"], sample_entry().event_type.as_str());

@@ -10,7 +10,10 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
-use super::parse::{parse_head, parse_request_line, ChunkError, ChunkedDecoder, Framing, FramingError, Head, HeadParse};
+use super::parse::{
+    parse_head, parse_request_line, ChunkError, ChunkedDecoder, Framing, FramingError, Head,
+    HeadParse,
+};
 use super::response::{encode, Wire};
 use super::{HttpConfig, Method, Outcome, Response, RouteMatch, Service, Shutdown, UpgradeFn};
 
@@ -55,7 +58,9 @@ pub async fn serve_connection<S: Service>(
 enum Next {
     Continue,
     /// `linger`: a response was just sent and unread request bytes may remain.
-    Close { linger: bool },
+    Close {
+        linger: bool,
+    },
     Upgrade(UpgradeFn),
 }
 
@@ -165,13 +170,21 @@ impl Conn {
         }
         // Some clients send a CRLF after a body; it is not the start of a request
         // and must not start the header timer (RFC 9112 §2.2).
-        let blank = self.buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+        let blank = self
+            .buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
         self.buf.drain(..blank);
         while self.buf.is_empty() {
             let deadline = Instant::now() + self.cfg.keepalive_idle;
             match self.read_more(deadline, true).await {
                 ReadEvent::Data => {
-                    let blank = self.buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                    let blank = self
+                        .buf
+                        .iter()
+                        .take_while(|&&b| b == b'\r' || b == b'\n')
+                        .count();
                     self.buf.drain(..blank);
                 }
                 _ => return None,
@@ -432,7 +445,12 @@ impl Conn {
         if !linger {
             return;
         }
-        if self.stream.shutdown(std::net::Shutdown::Write).await.is_err() {
+        if self
+            .stream
+            .shutdown(std::net::Shutdown::Write)
+            .await
+            .is_err()
+        {
             return;
         }
         let deadline = Instant::now() + LINGER;
@@ -478,8 +496,12 @@ fn not_found() -> Response {
 }
 
 fn method_not_allowed(allow: &'static str) -> Response {
-    Response::error(405, "method_not_allowed", "method not allowed on this route")
-        .with_header("Allow", allow)
+    Response::error(
+        405,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+    .with_header("Allow", allow)
 }
 
 fn bad_request(why: &str) -> Response {
@@ -495,7 +517,11 @@ fn payload_too_large() -> Response {
 }
 
 fn unsupported_media_type() -> Response {
-    Response::error(415, "unsupported_media_type", "request body must be application/json")
+    Response::error(
+        415,
+        "unsupported_media_type",
+        "request body must be application/json",
+    )
 }
 
 fn request_timeout() -> Response {

@@ -80,7 +80,11 @@ pub(crate) fn parse_request_line(buf: &[u8]) -> Option<(Method, String)> {
     let line = std::str::from_utf8(line).ok()?;
     let mut parts = line.split(' ');
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
     if parts.next().is_some() || !token(method) || !version.starts_with("HTTP/1.") {
         return None;
     }
@@ -150,7 +154,10 @@ impl Head {
     /// HTTP/1.1 keeps the connection unless the client says `close`; HTTP/1.0 closes
     /// unless it says `keep-alive` (RFC 9112 §9.3).
     pub fn keep_alive(&self) -> bool {
-        let has = |token: &str| self.tokens("connection").any(|t| t.eq_ignore_ascii_case(token.as_bytes()));
+        let has = |token: &str| {
+            self.tokens("connection")
+                .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+        };
         if has("close") {
             return false;
         }
@@ -171,7 +178,9 @@ impl Head {
             return false;
         };
         let media_type = value.split(|&b| b == b';').next().unwrap_or(value);
-        media_type.trim_ascii().eq_ignore_ascii_case(b"application/json")
+        media_type
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"application/json")
     }
 
     /// Decides the body framing from the headers alone, before reading any of it, so
@@ -181,7 +190,9 @@ impl Head {
         let has_cl = self.headers.iter().any(|(n, _)| n == "content-length");
         if has_te && has_cl {
             // RFC 9112 §6.1: a classic request-smuggling vector; refuse it outright.
-            return Err(FramingError::Bad("both Content-Length and Transfer-Encoding"));
+            return Err(FramingError::Bad(
+                "both Content-Length and Transfer-Encoding",
+            ));
         }
         if has_te {
             let mut codings = self.tokens("transfer-encoding");
@@ -242,13 +253,17 @@ pub(crate) enum ChunkError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     /// Hex digits of a chunk size; `digits` counts them, the value is in `chunk_size`.
-    Size { digits: usize },
+    Size {
+        digits: usize,
+    },
     /// Whitespace after the size, before `;` or CRLF.
     SizeSpace,
     /// Inside chunk extensions, which are ignored.
     Extension,
     SizeLf,
-    Data { remaining: usize },
+    Data {
+        remaining: usize,
+    },
     DataCr,
     DataLf,
     /// At the start of a trailer line (or of the final empty line).
@@ -343,13 +358,17 @@ impl ChunkedDecoder {
             (TrailerStart | TrailerLine, _) => Ok(TrailerLine),
             (TrailerLf, b'\n') => Ok(TrailerStart),
             (FinalLf, b'\n') => Ok(Done),
-            (SizeLf | DataCr | DataLf | TrailerLf | FinalLf, _) => bad("chunk line must end in CRLF"),
+            (SizeLf | DataCr | DataLf | TrailerLf | FinalLf, _) => {
+                bad("chunk line must end in CRLF")
+            }
             (Data { .. } | Done, _) => unreachable!("decode handles data and stops when done"),
         }
     }
 
     fn size_digit(&mut self, digits: usize, b: u8) -> Result<ChunkState, ChunkError> {
-        let digit = (b as char).to_digit(16).expect("caller checked is_ascii_hexdigit") as usize;
+        let digit = (b as char)
+            .to_digit(16)
+            .expect("caller checked is_ascii_hexdigit") as usize;
         let size = if digits == 0 { 0 } else { self.chunk_size };
         self.chunk_size = size.saturating_mul(16).saturating_add(digit);
         // Refuse as soon as the declared size passes the limit, before any data.
@@ -400,14 +419,20 @@ mod unit {
     #[test]
     fn head_splits_path_and_query_and_lowercases_names() {
         let h = head("GET /v1/sessions?limit=2&x=%20 HTTP/1.1\r\nX-Thing: A b\r\n\r\n");
-        assert_eq!((h.method, h.path.as_str(), h.query.as_str()), (Method::Get, "/v1/sessions", "limit=2&x=%20"));
+        assert_eq!(
+            (h.method, h.path.as_str(), h.query.as_str()),
+            (Method::Get, "/v1/sessions", "limit=2&x=%20")
+        );
         assert_eq!(h.headers, vec![("x-thing".to_owned(), b"A b".to_vec())]);
         assert_eq!(h.minor_version, 1);
     }
 
     #[test]
     fn absolute_form_target_is_reduced_to_path_and_query() {
-        assert_eq!(split_target("http://example.com:4000/a/b?c=d"), Some(("/a/b", "c=d")));
+        assert_eq!(
+            split_target("http://example.com:4000/a/b?c=d"),
+            Some(("/a/b", "c=d"))
+        );
         assert_eq!(split_target("HTTPS://example.com"), Some(("/", "")));
         assert_eq!(split_target("http://h?q"), Some(("/", "q")));
         assert_eq!(split_target("*"), Some(("*", "")));
@@ -417,19 +442,40 @@ mod unit {
     #[test]
     fn head_limits_give_too_large() {
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(100));
-        assert!(matches!(parse_head(big.as_bytes(), 64), HeadParse::TooLarge));
-        assert!(matches!(parse_head(&big.as_bytes()[..80], 64), HeadParse::TooLarge));
-        assert!(matches!(parse_head(&big.as_bytes()[..40], 64), HeadParse::Partial));
-        let many: String = (0..=HEADER_FIELDS_MAX).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(matches!(
+            parse_head(big.as_bytes(), 64),
+            HeadParse::TooLarge
+        ));
+        assert!(matches!(
+            parse_head(&big.as_bytes()[..80], 64),
+            HeadParse::TooLarge
+        ));
+        assert!(matches!(
+            parse_head(&big.as_bytes()[..40], 64),
+            HeadParse::Partial
+        ));
+        let many: String = (0..=HEADER_FIELDS_MAX)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
         let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        assert!(matches!(parse_head(many.as_bytes(), 1 << 20), HeadParse::TooLarge));
+        assert!(matches!(
+            parse_head(many.as_bytes(), 1 << 20),
+            HeadParse::TooLarge
+        ));
     }
 
     #[test]
     fn request_line_alone_can_be_routed() {
         let line = b"\r\nPOST /v1/x?y HTTP/1.1\r\nX: ";
-        assert_eq!(parse_request_line(line), Some((Method::Post, "/v1/x".to_owned())));
-        assert_eq!(parse_request_line(b"POST /v1/x HTTP/1.1"), None, "line not complete");
+        assert_eq!(
+            parse_request_line(line),
+            Some((Method::Post, "/v1/x".to_owned()))
+        );
+        assert_eq!(
+            parse_request_line(b"POST /v1/x HTTP/1.1"),
+            None,
+            "line not complete"
+        );
         assert_eq!(parse_request_line(b"\x16\x03 / HTTP/1.1\r\n"), None);
         assert_eq!(parse_request_line(b"GET  / HTTP/1.1\r\n"), None);
     }
@@ -441,14 +487,35 @@ mod unit {
         assert_eq!(f("Content-Length: 0\r\n"), Ok(Framing::Empty));
         assert_eq!(f("Content-Length: 100\r\n"), Ok(Framing::Length(100)));
         assert_eq!(f("Content-Length: 101\r\n"), Err(FramingError::TooLarge));
-        assert_eq!(f("Content-Length: 99999999999999999999999\r\n"), Err(FramingError::TooLarge));
-        assert_eq!(f("Content-Length: 7\r\ncontent-length: 7\r\n"), Ok(Framing::Length(7)));
-        assert!(matches!(f("Content-Length: 7\r\nContent-Length: 8\r\n"), Err(FramingError::Bad(_))));
-        assert!(matches!(f("Content-Length: +7\r\n"), Err(FramingError::Bad(_))));
-        assert!(matches!(f("Content-Length: \r\n"), Err(FramingError::Bad(_))));
+        assert_eq!(
+            f("Content-Length: 99999999999999999999999\r\n"),
+            Err(FramingError::TooLarge)
+        );
+        assert_eq!(
+            f("Content-Length: 7\r\ncontent-length: 7\r\n"),
+            Ok(Framing::Length(7))
+        );
+        assert!(matches!(
+            f("Content-Length: 7\r\nContent-Length: 8\r\n"),
+            Err(FramingError::Bad(_))
+        ));
+        assert!(matches!(
+            f("Content-Length: +7\r\n"),
+            Err(FramingError::Bad(_))
+        ));
+        assert!(matches!(
+            f("Content-Length: \r\n"),
+            Err(FramingError::Bad(_))
+        ));
         assert_eq!(f("Transfer-Encoding: Chunked\r\n"), Ok(Framing::Chunked));
-        assert!(matches!(f("Transfer-Encoding: chunked, chunked\r\n"), Err(FramingError::Bad(_))));
-        assert!(matches!(f("Transfer-Encoding: identity\r\n"), Err(FramingError::Bad(_))));
+        assert!(matches!(
+            f("Transfer-Encoding: chunked, chunked\r\n"),
+            Err(FramingError::Bad(_))
+        ));
+        assert!(matches!(
+            f("Transfer-Encoding: identity\r\n"),
+            Err(FramingError::Bad(_))
+        ));
         assert!(matches!(
             f("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"),
             Err(FramingError::Bad(_))
@@ -467,7 +534,9 @@ mod unit {
 
     #[test]
     fn json_content_type_rules() {
-        let ct = |v: &str| head(&format!("POST / HTTP/1.1\r\nContent-Type: {v}\r\n\r\n")).has_json_content_type();
+        let ct = |v: &str| {
+            head(&format!("POST / HTTP/1.1\r\nContent-Type: {v}\r\n\r\n")).has_json_content_type()
+        };
         assert!(ct("application/json"));
         assert!(ct("APPLICATION/Json ; charset=UTF-8"));
         assert!(!ct("application/jsonx"));
@@ -476,7 +545,11 @@ mod unit {
     }
 
     /// Feeds `input` in pieces of `step` bytes, as reads would deliver it.
-    fn decode_in_steps(input: &[u8], step: usize, max: usize) -> Result<(Vec<u8>, usize), ChunkError> {
+    fn decode_in_steps(
+        input: &[u8],
+        step: usize,
+        max: usize,
+    ) -> Result<(Vec<u8>, usize), ChunkError> {
         let mut decoder = ChunkedDecoder::new(max, 64);
         let mut body = Vec::new();
         let mut offset = 0;
@@ -494,7 +567,8 @@ mod unit {
 
     #[test]
     fn chunked_decoding_is_independent_of_read_boundaries() {
-        let input = b"5;a=b\r\nhello\r\n1 \r\n \r\nA\r\n0123456789\r\n0\r\nT: 1\r\nU: 2\r\n\r\nNEXT";
+        let input =
+            b"5;a=b\r\nhello\r\n1 \r\n \r\nA\r\n0123456789\r\n0\r\nT: 1\r\nU: 2\r\n\r\nNEXT";
         for step in 1..input.len() {
             let (body, used) = decode_in_steps(input, step, 1000).unwrap();
             assert_eq!(body, b"hello 0123456789");
@@ -504,21 +578,77 @@ mod unit {
 
     #[test]
     fn chunked_decoding_rejects_bad_syntax() {
-        for bad in [&b"x\r\n"[..], b"\r\n", b"5\nhello\r\n", b"2\r\nabc\r\n", b"1;\n", b"0\r\nT\n"] {
-            assert!(matches!(decode_in_steps(bad, 3, 100), Err(ChunkError::Bad(_))), "{bad:?}");
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello\r\n",
+            b"2\r\nabc\r\n",
+            b"1;\n",
+            b"0\r\nT\n",
+        ] {
+            assert!(
+                matches!(decode_in_steps(bad, 3, 100), Err(ChunkError::Bad(_))),
+                "{bad:?}"
+            );
         }
         let long_line = format!("1{}\r\n", " ".repeat(CHUNK_LINE_BYTES_MAX));
-        assert!(matches!(decode_in_steps(long_line.as_bytes(), 512, 100), Err(ChunkError::Bad(_))));
+        assert!(matches!(
+            decode_in_steps(long_line.as_bytes(), 512, 100),
+            Err(ChunkError::Bad(_))
+        ));
     }
 
     #[test]
     fn chunked_limits() {
-        assert_eq!(decode_in_steps(b"65\r\n", 10, 100), Err(ChunkError::TooLarge));
-        assert_eq!(decode_in_steps(b"ffffffffffffffffffffff\r\n", 10, 100), Err(ChunkError::TooLarge));
-        assert_eq!(decode_in_steps(b"32\r\n", 10, 100).unwrap_err(), ChunkError::Bad("incomplete"));
+        assert_eq!(
+            decode_in_steps(b"65\r\n", 10, 100),
+            Err(ChunkError::TooLarge)
+        );
+        assert_eq!(
+            decode_in_steps(b"ffffffffffffffffffffff\r\n", 10, 100),
+            Err(ChunkError::TooLarge)
+        );
+        assert_eq!(
+            decode_in_steps(b"32\r\n", 10, 100).unwrap_err(),
+            ChunkError::Bad("incomplete")
+        );
         let two = format!("32\r\n{}\r\n33\r\n", "x".repeat(50));
-        assert_eq!(decode_in_steps(two.as_bytes(), 7, 100), Err(ChunkError::TooLarge));
+        assert_eq!(
+            decode_in_steps(two.as_bytes(), 7, 100),
+            Err(ChunkError::TooLarge)
+        );
         let trailers = format!("0\r\nT: {}\r\n\r\n", "x".repeat(100));
-        assert_eq!(decode_in_steps(trailers.as_bytes(), 7, 100), Err(ChunkError::TrailersTooLarge));
+        assert_eq!(
+            decode_in_steps(trailers.as_bytes(), 7, 100),
+            Err(ChunkError::TrailersTooLarge)
+        );
+    }
+
+    /// Mutated copies of valid requests: whatever the bytes, parsing returns a verdict.
+    #[test]
+    fn malformed_input_never_panics() {
+        let seeds: [&[u8]; 2] = [
+            b"POST /v1/sessions?x=1 HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
+            b"5;e=1\r\nhello\r\n0\r\nT: v\r\n\r\n",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            let mut bytes = seeds[round % 2].to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % bytes.len();
+                bytes[at] = next() as u8;
+            }
+            if let HeadParse::Complete(h) = parse_head(&bytes, 1024) {
+                let _ = (h.framing(100), h.keep_alive(), h.has_json_content_type());
+            }
+            let _ = parse_request_line(&bytes);
+            let _ = decode_in_steps(&bytes, 1 + (next() as usize) % 8, 100);
+        }
     }
 }

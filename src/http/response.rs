@@ -50,7 +50,8 @@ impl Response {
                 fields.insert(key, value);
             }
         }
-        let body = serde_json::to_vec(&Value::Object(fields)).expect("a JSON map always serialises");
+        let body =
+            serde_json::to_vec(&Value::Object(fields)).expect("a JSON map always serialises");
         Self::json(status, body)
     }
 
@@ -126,7 +127,9 @@ fn is_header_safe(name: &str, value: &str) -> bool {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     !name.is_empty()
         && name.bytes().all(token)
-        && value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+        && value
+            .bytes()
+            .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
@@ -241,8 +244,14 @@ mod unit {
     #[test]
     fn http_date_is_imf_fixdate() {
         assert_eq!(format_http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(format_http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(format_http_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(
+            format_http_date(784_111_777),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(
+            format_http_date(951_782_400),
+            "Tue, 29 Feb 2000 00:00:00 GMT"
+        );
     }
 
     #[test]
@@ -254,13 +263,23 @@ mod unit {
             r.body,
             br#"{"error":"expected_version_conflict","message":"stale","current_version":3}"#
         );
-        assert_eq!(r.headers, vec![("Content-Type".to_owned(), "application/json".to_owned())]);
+        assert_eq!(
+            r.headers,
+            vec![("Content-Type".to_owned(), "application/json".to_owned())]
+        );
     }
 
     #[test]
     fn encode_sets_length_cors_and_close() {
         let r = Response::json(200, "{}").with_header("Content-Length", "99");
-        let text = String::from_utf8(encode(&r, Wire { close: true, ..Wire::default() })).unwrap();
+        let text = String::from_utf8(encode(
+            &r,
+            Wire {
+                close: true,
+                ..Wire::default()
+            },
+        ))
+        .unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("\r\nContent-Length: 2\r\n"));
         assert!(!text.contains("99"));

@@ -130,7 +130,10 @@ impl Reply {
     }
 
     fn error_code(&self) -> String {
-        self.json()["error"].as_str().expect("error code").to_owned()
+        self.json()["error"]
+            .as_str()
+            .expect("error code")
+            .to_owned()
     }
 
     fn closes(&self) -> bool {
@@ -158,7 +161,9 @@ impl Client {
 
     /// Reads more bytes; false at end of stream or on a reset.
     async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 16 * 1024];
+        // On the heap: a 16 KiB array would live in every future that awaits this,
+        // and debug builds copy those futures around the test thread's small stack.
+        let mut chunk = vec![0u8; 16 * 1024];
         match self.stream.read(&mut chunk).await {
             Ok(0) | Err(_) => false,
             Ok(n) => {
@@ -185,7 +190,12 @@ impl Client {
                 let headers: Vec<(String, String)> = parsed
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_owned(), String::from_utf8(h.value.to_vec()).unwrap()))
+                    .map(|h| {
+                        (
+                            h.name.to_owned(),
+                            String::from_utf8(h.value.to_vec()).unwrap(),
+                        )
+                    })
                     .collect();
                 let status = parsed.code.unwrap();
                 let length = headers
@@ -194,7 +204,10 @@ impl Client {
                     .map_or(0, |(_, v)| v.parse::<usize>().unwrap());
                 let body_len = if with_body { length } else { 0 };
                 while self.buf.len() < head_len + body_len {
-                    assert!(self.fill().await, "connection closed inside a response body");
+                    assert!(
+                        self.fill().await,
+                        "connection closed inside a response body"
+                    );
                 }
                 let body = self.buf[head_len..head_len + body_len].to_vec();
                 self.buf.drain(..head_len + body_len);
@@ -204,7 +217,11 @@ impl Client {
                     body,
                 };
             }
-            assert!(self.fill().await, "connection closed before a response: {:?}", self.buf);
+            assert!(
+                self.fill().await,
+                "connection closed before a response: {:?}",
+                self.buf
+            );
         }
     }
 
@@ -259,7 +276,8 @@ fn keep_alive_serves_several_requests_on_one_connection() {
 fn connection_close_is_honoured() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+        c.send(b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await;
         let r = c.reply().await;
         assert_eq!(r.status, 200);
         assert!(r.closes());
@@ -271,7 +289,8 @@ fn connection_close_is_honoured() {
 fn http10_closes_unless_keep_alive_is_asked() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await;
+        c.send(b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await;
         let r = c.reply().await;
         assert_eq!(r.header("connection"), Some("keep-alive"));
         c.send(b"GET /hello HTTP/1.0\r\n\r\n").await;
@@ -311,7 +330,8 @@ fn unknown_route_is_404_not_found() {
 fn unknown_route_with_small_body_discards_it_and_keeps_the_connection() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(b"POST /nope HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").await;
+        c.send(b"POST /nope HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+            .await;
         assert_eq!(c.reply().await.status, 404);
         c.send(GET_HELLO).await;
         assert_eq!(c.reply().await.status, 200);
@@ -337,7 +357,10 @@ fn wrong_method_is_405_with_allow() {
         let mut c = Client::connect(addr).await;
         c.send(b"GET /echo HTTP/1.1\r\n\r\n").await;
         let r = c.reply().await;
-        assert_eq!((r.status, r.error_code().as_str()), (405, "method_not_allowed"));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (405, "method_not_allowed")
+        );
         assert_eq!(r.header("allow"), Some("POST, OPTIONS"));
     });
 }
@@ -384,10 +407,15 @@ fn bad_content_length_or_transfer_coding_is_400() {
     with_server(HttpConfig::default(), |addr, _| async move {
         for extra in heads {
             let mut c = Client::connect(addr).await;
-            let req = format!("POST /echo HTTP/1.1\r\nContent-Type: application/json\r\n{extra}\r\n");
+            let req =
+                format!("POST /echo HTTP/1.1\r\nContent-Type: application/json\r\n{extra}\r\n");
             c.send(req.as_bytes()).await;
             let r = c.reply().await;
-            assert_eq!((r.status, r.error_code().as_str()), (400, "bad_request"), "{extra}");
+            assert_eq!(
+                (r.status, r.error_code().as_str()),
+                (400, "bad_request"),
+                "{extra}"
+            );
             assert!(c.closed().await, "{extra}");
         }
     });
@@ -397,7 +425,8 @@ fn bad_content_length_or_transfer_coding_is_400() {
 fn garbage_is_400_and_closes() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").await;
+        c.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
+            .await;
         let r = c.reply().await;
         assert_eq!((r.status, r.error_code().as_str()), (400, "bad_request"));
         assert!(c.closed().await);
@@ -408,7 +437,8 @@ fn garbage_is_400_and_closes() {
 fn malformed_header_on_unknown_route_is_404() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(b"GET /nope HTTP/1.1\r\nbad header line\r\n\r\n").await;
+        c.send(b"GET /nope HTTP/1.1\r\nbad header line\r\n\r\n")
+            .await;
         let r = c.reply().await;
         assert_eq!(r.status, 404);
         assert!(c.closed().await);
@@ -420,21 +450,27 @@ fn headers_over_16_kib_are_431() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let big = "a".repeat(17 * 1024);
         let mut c = Client::connect(addr).await;
-        c.send(format!("GET /hello HTTP/1.1\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+        c.send(format!("GET /hello HTTP/1.1\r\nX-Big: {big}\r\n\r\n").as_bytes())
+            .await;
         let r = c.reply().await;
-        assert_eq!((r.status, r.error_code().as_str()), (431, "headers_too_large"));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (431, "headers_too_large")
+        );
         assert!(r.closes());
         assert!(c.closed().await);
 
         // Routing still comes first.
         let mut c = Client::connect(addr).await;
-        c.send(format!("GET /nope HTTP/1.1\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+        c.send(format!("GET /nope HTTP/1.1\r\nX-Big: {big}\r\n\r\n").as_bytes())
+            .await;
         assert_eq!(c.reply().await.status, 404);
 
         // So many fields that they cannot be counted is the same failure.
         let mut c = Client::connect(addr).await;
         let many: String = (0..200).map(|i| format!("X-{i}: v\r\n")).collect();
-        c.send(format!("GET /hello HTTP/1.1\r\n{many}\r\n").as_bytes()).await;
+        c.send(format!("GET /hello HTTP/1.1\r\n{many}\r\n").as_bytes())
+            .await;
         assert_eq!(c.reply().await.status, 431);
     });
 }
@@ -447,7 +483,10 @@ fn content_length_over_limit_is_413_before_the_body_is_sent() {
         c.send(b"POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2097152\r\n\r\n")
             .await;
         let r = c.reply().await;
-        assert_eq!((r.status, r.error_code().as_str()), (413, "payload_too_large"));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (413, "payload_too_large")
+        );
         assert!(r.closes());
         assert!(c.closed().await);
     });
@@ -468,7 +507,10 @@ fn chunked_total_over_limit_is_413() {
         );
         c.send(req.as_bytes()).await;
         let r = c.reply().await;
-        assert_eq!((r.status, r.error_code().as_str()), (413, "payload_too_large"));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (413, "payload_too_large")
+        );
         assert!(c.closed().await);
     });
 }
@@ -495,12 +537,16 @@ fn non_json_body_is_415() {
         let mut c = Client::connect(addr).await;
         c.send(&post_echo("text/plain", "hello")).await;
         let r = c.reply().await;
-        assert_eq!((r.status, r.error_code().as_str()), (415, "unsupported_media_type"));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (415, "unsupported_media_type")
+        );
         // The body was within limits and has been read: the connection goes on.
         c.send(GET_HELLO).await;
         assert_eq!(c.reply().await.status, 200);
 
-        c.send(b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}").await;
+        c.send(b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            .await;
         assert_eq!(c.reply().await.status, 415, "a body without Content-Type");
 
         c.send(
@@ -516,7 +562,8 @@ fn non_json_body_is_415() {
 fn json_media_type_is_case_insensitive_and_takes_parameters() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(&post_echo("Application/JSON; charset=utf-8", "{}")).await;
+        c.send(&post_echo("Application/JSON; charset=utf-8", "{}"))
+            .await;
         assert_eq!(c.reply().await.status, 200);
     });
 }
@@ -525,11 +572,13 @@ fn json_media_type_is_case_insensitive_and_takes_parameters() {
 fn empty_body_without_content_type_passes() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(b"POST /echo HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        c.send(b"POST /echo HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            .await;
         assert_eq!(c.reply().await.status, 200);
         c.send(b"POST /echo HTTP/1.1\r\n\r\n").await;
         assert_eq!(c.reply().await.status, 200);
-        c.send(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
+        c.send(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            .await;
         assert_eq!(c.reply().await.status, 200);
     });
 }
@@ -636,13 +685,20 @@ fn expect_100_continue_is_not_sent_when_the_body_is_already_here() {
 fn expect_100_continue_gets_the_error_instead_when_checks_fail() {
     let heads: [(&str, u16); 3] = [
         ("POST /nope HTTP/1.1\r\nContent-Length: 2\r\n", 404),
-        ("POST /echo HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n", 415),
-        ("POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 9999999\r\n", 413),
+        (
+            "POST /echo HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n",
+            415,
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 9999999\r\n",
+            413,
+        ),
     ];
     with_server(HttpConfig::default(), |addr, _| async move {
         for (head, status) in heads {
             let mut c = Client::connect(addr).await;
-            c.send(format!("{head}Expect: 100-continue\r\n\r\n").as_bytes()).await;
+            c.send(format!("{head}Expect: 100-continue\r\n\r\n").as_bytes())
+                .await;
             let r = c.reply().await;
             assert_eq!(r.status, status, "{head}");
             assert!(r.closes(), "{head}");
@@ -657,7 +713,10 @@ fn header_timeout_is_408() {
         let mut c = Client::connect(addr).await;
         c.send(b"GET /hello HTTP/1.1\r\nHost: t\r\n").await;
         let r = c.reply().await;
-        assert_eq!((r.status, r.error_code().as_str()), (408, "request_timeout"));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (408, "request_timeout")
+        );
         assert!(c.closed().await);
     });
 }
@@ -689,7 +748,10 @@ fn silence_inside_a_body_is_408() {
         let mut c = Client::connect(addr).await;
         c.send(b"POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n[1,").await;
         let r = c.reply().await;
-        assert_eq!((r.status, r.error_code().as_str()), (408, "request_timeout"));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (408, "request_timeout")
+        );
         assert!(r.closes());
         assert!(c.closed().await);
     });
@@ -711,9 +773,13 @@ fn idle_keep_alive_connection_closes_silently() {
 fn stalled_connection_does_not_delay_another() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut stalled = Client::connect(addr).await;
-        stalled.send(b"POST /echo HTTP/1.1\r\nContent-Type: appl").await;
+        stalled
+            .send(b"POST /echo HTTP/1.1\r\nContent-Type: appl")
+            .await;
         let mut stalled_body = Client::connect(addr).await;
-        stalled_body.send(&post_echo("application/json", "[1,2,3]")[..60]).await;
+        stalled_body
+            .send(&post_echo("application/json", "[1,2,3]")[..60])
+            .await;
         sleep(Duration::from_millis(20)).await;
 
         let started = Instant::now();
@@ -737,9 +803,18 @@ fn cors_preflight_on_known_path_is_204() {
         let r = c.reply().await;
         assert_eq!(r.status, 204);
         assert_eq!(r.header("access-control-allow-origin"), Some("*"));
-        assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST, PATCH, OPTIONS"));
-        assert_eq!(r.header("access-control-allow-headers"), Some("content-type, x-trace"));
-        assert_eq!(r.header("access-control-expose-headers"), Some("Retry-After"));
+        assert_eq!(
+            r.header("access-control-allow-methods"),
+            Some("GET, POST, PATCH, OPTIONS")
+        );
+        assert_eq!(
+            r.header("access-control-allow-headers"),
+            Some("content-type, x-trace")
+        );
+        assert_eq!(
+            r.header("access-control-expose-headers"),
+            Some("Retry-After")
+        );
         assert_eq!(r.header("access-control-max-age"), Some("86400"));
         assert_eq!(r.header("content-length"), None);
         assert!(r.body.is_empty());
@@ -747,7 +822,10 @@ fn cors_preflight_on_known_path_is_204() {
         c.send(b"OPTIONS /hello HTTP/1.1\r\n\r\n").await;
         let r = c.reply().await;
         assert_eq!(r.status, 204);
-        assert_eq!(r.header("access-control-allow-headers"), Some("content-type"));
+        assert_eq!(
+            r.header("access-control-allow-headers"),
+            Some("content-type")
+        );
 
         c.send(b"OPTIONS /nope HTTP/1.1\r\n\r\n").await;
         assert_eq!(c.reply().await.status, 404);
@@ -790,7 +868,8 @@ fn shutdown_finishes_the_request_in_flight_with_connection_close() {
 fn upgrade_hands_over_the_stream_and_early_bytes() {
     with_server(HttpConfig::default(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
-        c.send(b"GET /upgrade HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: toy\r\n\r\nearly").await;
+        c.send(b"GET /upgrade HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: toy\r\n\r\nearly")
+            .await;
         let r = c.reply().await;
         assert_eq!(r.status, 101);
         assert_eq!(r.header("connection"), Some("Upgrade"));
@@ -805,25 +884,5 @@ fn upgrade_hands_over_the_stream_and_early_bytes() {
             assert!(c.fill().await);
         }
         assert_eq!(c.buf, b"later");
-    });
-}
-
-#[test]
-fn zz_sizes() {
-    let cfg = Rc::new(HttpConfig::default());
-    let sd = Rc::new(Shutdown::new());
-    let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let _ = s;
-    fn size<F: Future>(_: &F) -> usize { std::mem::size_of::<F>() }
-    let executor = LocalExecutorBuilder::new(Placement::Unbound).io_memory(256 << 10).make().unwrap();
-    executor.run(async move {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let c = TcpStream::connect(addr).await.unwrap();
-        let f = serve_connection(c, Rc::new(ToyService), cfg, sd);
-        eprintln!("serve_connection future: {}", size(&f));
-        let mut cl = Client::connect(addr).await;
-        let r = cl.reply();
-        eprintln!("reply future: {}", size(&r));
     });
 }
