@@ -101,7 +101,7 @@ impl ServeConfig {
         if shards == 0 || shards > shards::GROUPS as usize {
             return Err(format!("--shards must be 1..=256, got {shards}"));
         }
-        if self.segment_bytes < (1 << 20) || self.segment_bytes % 4096 != 0 {
+        if self.segment_bytes < (1 << 20) || !self.segment_bytes.is_multiple_of(4096) {
             return Err("--segment-bytes must be a multiple of 4096 and at least 1 MiB".into());
         }
         if self.max_body_bytes < 1024 {

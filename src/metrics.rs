@@ -108,6 +108,9 @@ impl ShardStats {
     }
 }
 
+/// Reads one per-shard gauge.
+type Gauge = fn(&ShardStats) -> u64;
+
 /// Renders the merged stats (and each shard's gauges) as Prometheus text.
 pub fn render(per_shard: &[ShardStats]) -> String {
     let mut total = ShardStats::default();
@@ -146,7 +149,7 @@ pub fn render(per_shard: &[ShardStats]) -> String {
     total
         .fsync_latency
         .render(&mut out, "starcite_log_fsync_duration_seconds", "");
-    let gauges: [(&str, fn(&ShardStats) -> u64); 4] = [
+    let gauges: [(&str, Gauge); 4] = [
         ("starcite_hot_window_bytes", |s| s.hot_bytes),
         ("starcite_sessions", |s| s.sessions),
         ("starcite_tail_subscribers", |s| s.tail_subscribers),

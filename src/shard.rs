@@ -102,7 +102,7 @@ impl ShardCore {
         let log_dir = dir.join("log");
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| format!("create {}: {e}", log_dir.display()))?;
-        let snapshot = load_snapshot(dir, &settings.limits).await?;
+        let snapshot = load_snapshot(dir).await?;
         let mut recovery = Recovery::new(&settings, snapshot)?;
         let resume = recovery.resume;
         let wal = Wal::open(&log_dir, segment_bytes, fsync_delay, resume, |item| {
@@ -178,7 +178,7 @@ impl ShardCore {
         let limits = &self.limits;
         let group = groups
             .entry(group)
-            .or_insert_with(|| Group::new(limits.clone()));
+            .or_insert_with(|| Group::new(*limits));
         f(group)
     }
 
@@ -685,7 +685,7 @@ const SNAPSHOT_FILE: &str = "snapshot";
 
 /// Reads the shard's snapshot, if there is one. A snapshot that does not decode is an
 /// error: starting from the log alone could miss sealed segments' runs.
-async fn load_snapshot(dir: &Path, limits: &Limits) -> Result<Option<ShardSnapshot>, String> {
+async fn load_snapshot(dir: &Path) -> Result<Option<ShardSnapshot>, String> {
     let path = dir.join(SNAPSHOT_FILE);
     let Some(bytes) = crate::wal::read_file(&path)
         .await
@@ -693,7 +693,6 @@ async fn load_snapshot(dir: &Path, limits: &Limits) -> Result<Option<ShardSnapsh
     else {
         return Ok(None);
     };
-    let _ = limits;
     let trailer = bytes
         .len()
         .checked_sub(8)
@@ -725,7 +724,7 @@ impl Recovery {
         let mut recovery = Recovery {
             shard: settings.index,
             shards: settings.shards,
-            limits: settings.limits.clone(),
+            limits: settings.limits,
             resume: (1, 0),
             groups: HashMap::new(),
             store: EventStore::new(settings.hot_bytes),
@@ -734,9 +733,9 @@ impl Recovery {
         if let Some(snapshot) = snapshot {
             recovery.resume = (snapshot.resume_epoch, snapshot.resume_offset);
             for g in snapshot.groups {
-                let state = GroupState::decode_snapshot(&g.state, settings.limits.clone())
+                let state = GroupState::decode_snapshot(&g.state, settings.limits)
                     .map_err(|e| format!("snapshot of group {}: {e}", g.group))?;
-                let mut group = Group::new(settings.limits.clone());
+                let mut group = Group::new(settings.limits);
                 group.state = state;
                 group.last_index = g.committed_index;
                 group.commit_index = g.committed_index;
@@ -768,7 +767,7 @@ impl Recovery {
         let group = self
             .groups
             .entry(rec.group)
-            .or_insert_with(|| Group::new(limits.clone()));
+            .or_insert_with(|| Group::new(*limits));
         if replay_rule(group.commit_index, rec.index) == ReplayRule::Apply {
             assert_eq!(
                 rec.index,

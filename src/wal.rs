@@ -34,7 +34,7 @@ pub struct RecordLocation {
 
 /// What recovery reports, in log order.
 pub enum Replayed {
-    Record(RecordLocation, LogRecord),
+    Record(RecordLocation, Box<LogRecord>),
     /// Every record of this segment has been reported and a later segment follows.
     SegmentEnd(u64),
 }
@@ -446,7 +446,7 @@ async fn scan_file(
                 epoch: epoch32,
                 offset,
             },
-            rec.record,
+            Box::new(rec.record),
         ));
     }
     Ok((scan.end, scan.outcome))
