@@ -97,7 +97,7 @@ async fn run(
     let (mut sink, mut incoming) = ws.split();
     let last_heard = Rc::new(Cell::new(Instant::now()));
     let client_gone = Rc::new(Shutdown::new());
-    {
+    let reader = {
         let last_heard = last_heard.clone();
         let client_gone = client_gone.clone();
         glommio::spawn_local(async move {
@@ -107,8 +107,7 @@ async fn run(
             }
             client_gone.trigger();
         })
-        .detach();
-    }
+    };
     node.core.stats.borrow_mut().tail_subscribers += 1;
     let close = follow(
         &node,
@@ -128,6 +127,9 @@ async fn run(
         let _ = with_timeout(Duration::from_secs(1), sink.close(Some(frame))).await;
     }
     let _ = with_timeout(Duration::from_secs(1), SinkExt::close(&mut sink)).await;
+    // Wait briefly for the client's close frame; a client that never answers does not
+    // keep the connection (dropping the reader task cancels it).
+    let _ = with_timeout(Duration::from_secs(1), reader).await;
 }
 
 type Sink = async_tungstenite::WebSocketSender<TcpStream>;
