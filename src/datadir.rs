@@ -32,6 +32,10 @@ impl DataDir {
     pub fn open(root: &Path, wanted: &Identity) -> Result<DataDir, String> {
         fs::create_dir_all(root)
             .map_err(|e| format!("cannot create data dir {}: {e}", root.display()))?;
+        // Absolute from here on: glommio opens directories with openat(-1, path), which
+        // only works for absolute paths.
+        let root = &fs::canonicalize(root)
+            .map_err(|e| format!("cannot resolve data dir {}: {e}", root.display()))?;
         let lock = lock_exclusive(&root.join(LOCK_FILE))?;
         let path = root.join(IDENTITY_FILE);
         match fs::read(&path) {

@@ -176,9 +176,7 @@ impl ShardCore {
     fn with_group<T>(&self, group: u16, f: impl FnOnce(&mut Group) -> T) -> T {
         let mut groups = self.groups.borrow_mut();
         let limits = &self.limits;
-        let group = groups
-            .entry(group)
-            .or_insert_with(|| Group::new(*limits));
+        let group = groups.entry(group).or_insert_with(|| Group::new(*limits));
         f(group)
     }
 

@@ -16,9 +16,18 @@ fn post_raw(server: &Server, id: &str, body: &str) -> Resp {
 fn assert_reply(resp: &Resp, seq: u64, last_seq: u64, deduped: bool) {
     assert_eq!(resp.status, 201, "{}", resp.text());
     let body = resp.json();
-    let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let mut keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
     keys.sort_unstable();
-    assert_eq!(keys, vec!["archived_seq", "cursor", "deduped", "last_seq", "seq"], "{body}");
+    assert_eq!(
+        keys,
+        vec!["archived_seq", "cursor", "deduped", "last_seq", "seq"],
+        "{body}"
+    );
     assert_eq!(
         body,
         json!({"seq": seq, "last_seq": last_seq, "deduped": deduped, "cursor": seq, "archived_seq": 0}),
@@ -35,7 +44,10 @@ fn append_to_unknown_session_is_404_session_not_found() {
     let server = Server::start(Opts::new("append-404"));
     let resp = server.append("nope", &json!({"type":"t","payload":{}}));
     assert_error(&resp, 404, "session_not_found");
-    let resp = server.append("nope", &json!({"type":"t","payload":{},"idempotency_key":"k","expected_seq":0}));
+    let resp = server.append(
+        "nope",
+        &json!({"type":"t","payload":{},"idempotency_key":"k","expected_seq":0}),
+    );
     assert_error(&resp, 404, "session_not_found");
     // sessions are created explicitly: still unknown afterwards
     assert_error(&server.get("/v1/sessions/nope"), 404, "session_not_found");
@@ -55,10 +67,22 @@ fn field_rules_come_before_session_existence() {
         br#"{"type":"t","payload":{}}"#,
     );
     assert_error(&resp, 415, "unsupported_media_type");
-    assert_error(&post_raw(&server, "nope", r#"{"type":"#), 400, "invalid_json");
-    assert_field_error(&post_raw(&server, "nope", r#"{"payload":{}}"#), "invalid_event", "type");
+    assert_error(
+        &post_raw(&server, "nope", r#"{"type":"#),
+        400,
+        "invalid_json",
+    );
     assert_field_error(
-        &post_raw(&server, "nope", r#"{"type":"t","payload":{},"idempotencyKey":"k"}"#),
+        &post_raw(&server, "nope", r#"{"payload":{}}"#),
+        "invalid_event",
+        "type",
+    );
+    assert_field_error(
+        &post_raw(
+            &server,
+            "nope",
+            r#"{"type":"t","payload":{},"idempotencyKey":"k"}"#,
+        ),
         "invalid_event",
         "idempotencyKey",
     );
@@ -99,12 +123,18 @@ fn concurrent_appends_get_distinct_contiguous_seqs() {
                     assert_eq!(resp.status, 201, "{}", resp.text());
                     got.push(resp.json()["seq"].as_u64().unwrap());
                 }
-                assert!(got.windows(2).all(|w| w[0] < w[1]), "one client's seqs increase: {got:?}");
+                assert!(
+                    got.windows(2).all(|w| w[0] < w[1]),
+                    "one client's seqs increase: {got:?}"
+                );
                 got
             })
         })
         .collect();
-    let mut all: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut all: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     all.sort_unstable();
     assert_eq!(all, (1..=200).collect::<Vec<_>>());
     let events = server.all_events("cc");
@@ -115,15 +145,30 @@ fn concurrent_appends_get_distinct_contiguous_seqs() {
 fn idempotency_same_content_returns_original_seq_and_current_last_seq() {
     let server = Server::start(Opts::new("append-dedupe"));
     server.create_session("s");
-    let original = r#"{"type":"msg","payload":{"text":"hi","n":1},"actor":"user:1","idempotency_key":"k1"}"#;
+    let original =
+        r#"{"type":"msg","payload":{"text":"hi","n":1},"actor":"user:1","idempotency_key":"k1"}"#;
     assert_reply(&post_raw(&server, "s", original), 1, 1, false);
-    assert_reply(&post_raw(&server, "s", r#"{"type":"t","payload":2}"#), 2, 2, false);
-    assert_reply(&post_raw(&server, "s", r#"{"type":"t","payload":3}"#), 3, 3, false);
+    assert_reply(
+        &post_raw(&server, "s", r#"{"type":"t","payload":2}"#),
+        2,
+        2,
+        false,
+    );
+    assert_reply(
+        &post_raw(&server, "s", r#"{"type":"t","payload":3}"#),
+        3,
+        3,
+        false,
+    );
     // the same content, members reordered and spaced
     let retry = r#" { "idempotency_key" : "k1", "payload" : { "n" : 1 , "text" : "hi" }, "actor":"user:1", "type":"msg" } "#;
     assert_reply(&post_raw(&server, "s", retry), 1, 3, true);
     assert_reply(&post_raw(&server, "s", original), 1, 3, true);
-    assert_eq!(last_seq(&server, "s"), 3, "nothing appended by a deduped request");
+    assert_eq!(
+        last_seq(&server, "s"),
+        3,
+        "nothing appended by a deduped request"
+    );
     assert_eq!(server.all_events("s").len(), 3);
     // the key is per session
     server.create_session("s2");
@@ -146,17 +191,26 @@ fn same_content_ignores_key_order_whitespace_and_number_spelling() {
         assert_reply(&post_raw(&server, "s", body), 1, 1, true);
     }
     // numbers are compared by exact value: these differ although they are equal as f64
-    let exact = r#"{"type":"u","payload":{"x":0.1,"big":12345678901234567890123},"idempotency_key":"e"}"#;
+    let exact =
+        r#"{"type":"u","payload":{"x":0.1,"big":12345678901234567890123},"idempotency_key":"e"}"#;
     assert_reply(&post_raw(&server, "s", exact), 2, 2, false);
     for differs in [
         r#"{"type":"u","payload":{"x":0.10000000000000001,"big":12345678901234567890123},"idempotency_key":"e"}"#,
         r#"{"type":"u","payload":{"x":0.1,"big":12345678901234567890124},"idempotency_key":"e"}"#,
     ] {
-        let body = assert_error(&post_raw(&server, "s", differs), 409, "idempotency_conflict");
+        let body = assert_error(
+            &post_raw(&server, "s", differs),
+            409,
+            "idempotency_conflict",
+        );
         assert_eq!(body["seq"], 2);
     }
     assert_reply(
-        &post_raw(&server, "s", r#"{"payload":{"big":12345678901234567890123,"x":1e-1},"type":"u","idempotency_key":"e"}"#),
+        &post_raw(
+            &server,
+            "s",
+            r#"{"payload":{"big":12345678901234567890123,"x":1e-1},"type":"u","idempotency_key":"e"}"#,
+        ),
         2,
         2,
         true,
@@ -198,7 +252,10 @@ fn dedupe_comes_before_expected_seq() {
     assert_reply(&server.append("s", &req), 1, 2, true);
     // a key conflict is reported as such even with a stale expected_seq
     let other = json!({"type":"t","payload":{"a":2},"idempotency_key":"k","expected_seq":0});
-    assert_eq!(assert_error(&server.append("s", &other), 409, "idempotency_conflict")["seq"], 1);
+    assert_eq!(
+        assert_error(&server.append("s", &other), 409, "idempotency_conflict")["seq"],
+        1
+    );
     // a producer retry too
     let p = json!({"type":"t","payload":3,"producer_id":"p","producer_seq":1,"expected_seq":2});
     assert_reply(&server.append("s", &p), 3, 3, false);
@@ -213,15 +270,20 @@ fn dedupe_comes_before_expected_seq() {
 fn idempotency_key_decides_alone_before_producer_rules() {
     let server = Server::start(Opts::new("append-key-vs-producer"));
     server.create_session("s");
-    let a = json!({"type":"t","payload":1,"producer_id":"p","producer_seq":1,"idempotency_key":"k"});
+    let a =
+        json!({"type":"t","payload":1,"producer_id":"p","producer_seq":1,"idempotency_key":"k"});
     assert_reply(&server.append("s", &a), 1, 1, false);
     let b = json!({"type":"t","payload":2,"producer_id":"p","producer_seq":2});
     assert_reply(&server.append("s", &b), 2, 2, false);
     // same key, same content: deduped although producer_seq 1 is no longer the last
     assert_reply(&server.append("s", &a), 1, 2, true);
     // same key, different content that would be the valid next producer_seq: key conflict
-    let c = json!({"type":"t","payload":3,"producer_id":"p","producer_seq":3,"idempotency_key":"k"});
-    assert_eq!(assert_error(&server.append("s", &c), 409, "idempotency_conflict")["seq"], 1);
+    let c =
+        json!({"type":"t","payload":3,"producer_id":"p","producer_seq":3,"idempotency_key":"k"});
+    assert_eq!(
+        assert_error(&server.append("s", &c), 409, "idempotency_conflict")["seq"],
+        1
+    );
     assert_eq!(last_seq(&server, "s"), 2);
 }
 
@@ -237,14 +299,22 @@ fn producer_seq_rules() {
     assert_reply(&server.append("s", &ev("p", 6, 2)), 2, 2, true);
     // last + different content, a gap, an old value: conflict naming the next expected
     for (pseq, n) in [(6, 99), (8, 3), (5, 1), (1, 1)] {
-        let body = assert_error(&server.append("s", &ev("p", pseq, n)), 409, "producer_seq_conflict");
+        let body = assert_error(
+            &server.append("s", &ev("p", pseq, n)),
+            409,
+            "producer_seq_conflict",
+        );
         assert_eq!(body["expected_producer_seq"], 7, "producer_seq {pseq}");
     }
     assert_reply(&server.append("s", &ev("p", 7, 3)), 3, 3, false);
     // producers are independent
     assert_reply(&server.append("s", &ev("q", 1, 4)), 4, 4, false);
     assert_reply(&server.append("s", &ev("q", 2, 5)), 5, 5, false);
-    let body = assert_error(&server.append("s", &ev("q", 4, 6)), 409, "producer_seq_conflict");
+    let body = assert_error(
+        &server.append("s", &ev("q", 4, 6)),
+        409,
+        "producer_seq_conflict",
+    );
     assert_eq!(body["expected_producer_seq"], 3);
     // the producer's last entry dedupes even after others appended
     assert_reply(&server.append("s", &ev("p", 7, 3)), 3, 5, true);
@@ -262,7 +332,12 @@ fn producer_seq_rules() {
 fn expected_seq_conflict_is_409_with_expected_and_current_seq() {
     let server = Server::start(Opts::new("append-expected"));
     server.create_session("s");
-    assert_reply(&server.append("s", &json!({"type":"t","payload":1,"expected_seq":0})), 1, 1, false);
+    assert_reply(
+        &server.append("s", &json!({"type":"t","payload":1,"expected_seq":0})),
+        1,
+        1,
+        false,
+    );
     for stale in [0u64, 5, 2] {
         let body = assert_error(
             &server.append("s", &json!({"type":"t","payload":2,"expected_seq":stale})),
@@ -272,7 +347,12 @@ fn expected_seq_conflict_is_409_with_expected_and_current_seq() {
         assert_eq!(body["expected_seq"], stale);
         assert_eq!(body["current_seq"], 1);
     }
-    assert_reply(&server.append("s", &json!({"type":"t","payload":2,"expected_seq":1})), 2, 2, false);
+    assert_reply(
+        &server.append("s", &json!({"type":"t","payload":2,"expected_seq":1})),
+        2,
+        2,
+        false,
+    );
     assert_eq!(last_seq(&server, "s"), 2);
 }
 
@@ -296,7 +376,11 @@ fn racing_expected_seq_appends_let_exactly_one_win() {
         .collect();
     let replies: Vec<Resp> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     let winners: Vec<&Resp> = replies.iter().filter(|r| r.status == 201).collect();
-    assert_eq!(winners.len(), 1, "exactly one append with expected_seq 0 wins");
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one append with expected_seq 0 wins"
+    );
     assert_eq!(winners[0].json()["seq"], 1);
     for r in replies.iter().filter(|r| r.status != 201) {
         let body = assert_error(r, 409, "expected_seq_conflict");
@@ -319,7 +403,8 @@ fn racing_retries_with_one_idempotency_key_append_once() {
             std::thread::spawn(move || {
                 let mut conn = Conn::open(addr);
                 barrier.wait();
-                let body = json!({"type":"t","payload":{"x":1},"idempotency_key":"same"}).to_string();
+                let body =
+                    json!({"type":"t","payload":{"x":1},"idempotency_key":"same"}).to_string();
                 conn.post_json("/v1/sessions/s/append", &body)
             })
         })
@@ -333,7 +418,11 @@ fn racing_retries_with_one_idempotency_key_append_once() {
         })
         .collect();
     assert!(replies.iter().all(|r| r["seq"] == 1), "{replies:?}");
-    assert_eq!(replies.iter().filter(|r| r["deduped"] == false).count(), 1, "{replies:?}");
+    assert_eq!(
+        replies.iter().filter(|r| r["deduped"] == false).count(),
+        1,
+        "{replies:?}"
+    );
     assert_eq!(last_seq(&server, "s"), 1);
 }
 
@@ -377,11 +466,28 @@ fn payload_is_required_and_any_json_but_null() {
     for body in [r#"{"type":"t"}"#, r#"{"type":"t","payload":null}"#] {
         assert_field_error(&post_raw(&server, "s", body), "invalid_event", "payload");
     }
-    let payloads = [json!({}), json!({"a":[1,{"b":null}]}), json!([]), json!(1), json!("s"), json!(true), json!(false), json!(0)];
+    let payloads = [
+        json!({}),
+        json!({"a":[1,{"b":null}]}),
+        json!([]),
+        json!(1),
+        json!("s"),
+        json!(true),
+        json!(false),
+        json!(0),
+    ];
     for p in &payloads {
-        assert_eq!(server.append("s", &json!({"type":"t","payload":p})).status, 201, "{p}");
+        assert_eq!(
+            server.append("s", &json!({"type":"t","payload":p})).status,
+            201,
+            "{p}"
+        );
     }
-    let stored: Vec<Value> = server.all_events("s").iter().map(|e| e["payload"].clone()).collect();
+    let stored: Vec<Value> = server
+        .all_events("s")
+        .iter()
+        .map(|e| e["payload"].clone())
+        .collect();
     assert_eq!(stored, payloads.to_vec());
 }
 
@@ -410,12 +516,27 @@ fn optional_fields_have_their_types_and_byte_limits() {
         (json!({"expected_seq": -1}), "expected_seq"),
         (json!({"expected_seq": 1.5}), "expected_seq"),
         (json!({"expected_seq": "0"}), "expected_seq"),
-        (json!({"producer_id": s257, "producer_seq": 1}), "producer_id"),
+        (
+            json!({"producer_id": s257, "producer_seq": 1}),
+            "producer_id",
+        ),
         (json!({"producer_id": 7, "producer_seq": 1}), "producer_id"),
-        (json!({"producer_id": "p", "producer_seq": 0}), "producer_seq"),
-        (json!({"producer_id": "p", "producer_seq": -3}), "producer_seq"),
-        (json!({"producer_id": "p", "producer_seq": "1"}), "producer_seq"),
-        (json!({"producer_id": "p", "producer_seq": 1.5}), "producer_seq"),
+        (
+            json!({"producer_id": "p", "producer_seq": 0}),
+            "producer_seq",
+        ),
+        (
+            json!({"producer_id": "p", "producer_seq": -3}),
+            "producer_seq",
+        ),
+        (
+            json!({"producer_id": "p", "producer_seq": "1"}),
+            "producer_seq",
+        ),
+        (
+            json!({"producer_id": "p", "producer_seq": 1.5}),
+            "producer_seq",
+        ),
     ];
     for (extra, field) in cases {
         let mut body = json!({"type":"t","payload":{}});
@@ -448,14 +569,26 @@ fn optional_fields_have_their_types_and_byte_limits() {
     let multi = json!({"type":"t","payload":{},"actor":e128,"source":e128,"idempotency_key":e128,"producer_id":e128,"producer_seq":1});
     assert_reply(&server.append("s", &multi), 2, 2, false);
     // actor may be empty (only source is "non-empty")
-    assert_reply(&server.append("s", &json!({"type":"t","payload":{},"actor":""})), 3, 3, false);
+    assert_reply(
+        &server.append("s", &json!({"type":"t","payload":{},"actor":""})),
+        3,
+        3,
+        false,
+    );
 }
 
 #[test]
 fn unknown_field_is_invalid_event_naming_it() {
     let server = Server::start(Opts::new("append-unknown"));
     server.create_session("s");
-    for field in ["idempotencyKey", "seq", "cursor", "inserted_at", "Type", "extra"] {
+    for field in [
+        "idempotencyKey",
+        "seq",
+        "cursor",
+        "inserted_at",
+        "Type",
+        "extra",
+    ] {
         let mut body = json!({"type":"t","payload":{},"idempotency_key":"k"});
         body[field] = json!("v");
         assert_field_error(&server.append("s", &body), "invalid_event", field);
@@ -473,16 +606,38 @@ fn json_nested_deeper_than_64_levels_is_invalid_json() {
     let server = Server::start(Opts::new("append-depth"));
     server.create_session("s");
     // the body object is level 1: payload with 63 nested arrays is exactly 64 levels
-    let nested = |levels: usize| format!(r#"{{"type":"t","payload":{}{}}}"#, "[".repeat(levels), "]".repeat(levels));
-    assert_eq!(post_raw(&server, "s", &nested(63)).status, 201, "64 levels are allowed");
+    let nested = |levels: usize| {
+        format!(
+            r#"{{"type":"t","payload":{}{}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        )
+    };
+    assert_eq!(
+        post_raw(&server, "s", &nested(63)).status,
+        201,
+        "64 levels are allowed"
+    );
     assert_error(&post_raw(&server, "s", &nested(64)), 400, "invalid_json");
     assert_error(&post_raw(&server, "s", &nested(1000)), 400, "invalid_json");
     // very deep input must not crash the server (no recursion blow-up)
-    assert_error(&post_raw(&server, "s", &nested(200_000)), 400, "invalid_json");
-    let objects = format!(r#"{{"type":"t","payload":{}1{}}}"#, r#"{"a":"#.repeat(100), "}".repeat(100));
+    assert_error(
+        &post_raw(&server, "s", &nested(200_000)),
+        400,
+        "invalid_json",
+    );
+    let objects = format!(
+        r#"{{"type":"t","payload":{}1{}}}"#,
+        r#"{"a":"#.repeat(100),
+        "}".repeat(100)
+    );
     assert_error(&post_raw(&server, "s", &objects), 400, "invalid_json");
     // also in metadata
-    let meta = format!(r#"{{"type":"t","payload":1,"metadata":{{"a":{}{}}}}}"#, "[".repeat(70), "]".repeat(70));
+    let meta = format!(
+        r#"{{"type":"t","payload":1,"metadata":{{"a":{}{}}}}}"#,
+        "[".repeat(70),
+        "]".repeat(70)
+    );
     assert_error(&post_raw(&server, "s", &meta), 400, "invalid_json");
     assert_eq!(last_seq(&server, "s"), 1);
     assert_eq!(server.get("/health/live").status, 200);
@@ -494,12 +649,20 @@ fn body_over_one_mib_is_413_payload_too_large() {
     server.create_session("s");
     let body_of = |total: usize| {
         let frame = r#"{"type":"t","payload":""}"#.len();
-        format!(r#"{{"type":"t","payload":"{}"}}"#, "x".repeat(total - frame))
+        format!(
+            r#"{{"type":"t","payload":"{}"}}"#,
+            "x".repeat(total - frame)
+        )
     };
     let exact = body_of(1 << 20);
     assert_eq!(exact.len(), 1 << 20);
     let resp = post_raw(&server, "s", &exact);
-    assert_eq!(resp.status, 201, "a body of exactly 1 MiB is allowed: {}", resp.text());
+    assert_eq!(
+        resp.status,
+        201,
+        "a body of exactly 1 MiB is allowed: {}",
+        resp.text()
+    );
 
     let over = body_of((1 << 20) + 1);
     let mut conn = Conn::open(server.addr());
@@ -518,13 +681,20 @@ fn body_over_one_mib_is_413_payload_too_large() {
     };
     let resp = conn.read_final().expect("a reply to an oversized body");
     assert_error(&resp, 413, "payload_too_large");
-    assert_eq!(conn.closed_within(std::time::Duration::from_secs(5)), Ok(true), "closed after 413");
+    assert_eq!(
+        conn.closed_within(std::time::Duration::from_secs(5)),
+        Ok(true),
+        "closed after 413"
+    );
     writer.join().unwrap();
     assert_eq!(last_seq(&server, "s"), 1);
     // the event at the limit reads back whole
     let events = server.all_events("s");
     let frame = r#"{"type":"t","payload":""}"#.len();
-    assert_eq!(events[0]["payload"].as_str().unwrap().len(), (1 << 20) - frame);
+    assert_eq!(
+        events[0]["payload"].as_str().unwrap().len(),
+        (1 << 20) - frame
+    );
 }
 
 #[test]
@@ -532,13 +702,27 @@ fn wrong_content_type_is_415_unsupported_media_type() {
     let server = Server::start(Opts::new("append-415"));
     server.create_session("s");
     let body = br#"{"type":"t","payload":{}}"#;
-    for ct in [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("application/jsonx"), None] {
+    for ct in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("application/jsonx"),
+        None,
+    ] {
         let headers: Vec<(&str, &str)> = ct.map(|c| vec![("Content-Type", c)]).unwrap_or_default();
         let resp = server.request("POST", "/v1/sessions/s/append", &headers, body);
         assert_error(&resp, 415, "unsupported_media_type");
     }
-    for ct in ["application/json; charset=utf-8", "application/json;charset=UTF-8", "Application/JSON"] {
-        let resp = server.request("POST", "/v1/sessions/s/append", &[("Content-Type", ct)], body);
+    for ct in [
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        "Application/JSON",
+    ] {
+        let resp = server.request(
+            "POST",
+            "/v1/sessions/s/append",
+            &[("Content-Type", ct)],
+            body,
+        );
         assert_eq!(resp.status, 201, "{ct}: {}", resp.text());
     }
     assert_eq!(last_seq(&server, "s"), 3);
@@ -559,7 +743,10 @@ fn event_text_is_stored_exactly_as_received() {
         r#""metadata":{"k2":1,"k1":2.0}"#,
         r#""refs":{"r":[]}"#,
     ] {
-        assert!(text.contains(expected), "stored text lost its spelling: want {expected} in {text}");
+        assert!(
+            text.contains(expected),
+            "stored text lost its spelling: want {expected} in {text}"
+        );
     }
     // strings survive escapes as values
     let escaped = r#"{"type":"t","payload":{"s":"\u00e9\n\"q\"\\ \ud83d\ude00 \/"}}"#;
@@ -570,9 +757,72 @@ fn event_text_is_stored_exactly_as_received() {
     let mut ws = Ws::connect(server.addr(), "/v1/sessions/s/tail?cursor=0");
     match ws.next_frame(std::time::Duration::from_secs(10)) {
         Some(Frame::Text(frame)) => assert!(
-            frame.contains(r#""payload":{"z":1.50,"a":[1e2,-0.0,1E-7,100.0,12345678901234567890123,0.1000]"#),
+            frame.contains(
+                r#""payload":{"z":1.50,"a":[1e2,-0.0,1E-7,100.0,12345678901234567890123,0.1000]"#
+            ),
             "tail frame {frame}"
         ),
         other => panic!("expected an event frame, got {other:?}"),
     }
+}
+
+#[test]
+fn dedupe_memory_keeps_the_last_n_keys_and_producers_across_restarts() {
+    let mut server = Server::start(
+        Opts::new("append-dedupe-window")
+            .arg("--dedupe-keys-max", "5")
+            .arg("--producers-max", "2"),
+    );
+    server.create_session("w");
+    let keyed = |k: u32| json!({"type":"t","payload":{"k":k},"idempotency_key":format!("k{k}")});
+    for k in 1..=8u32 {
+        assert_reply(&server.append("w", &keyed(k)), k as u64, k as u64, false);
+    }
+    for round in ["live", "after restart"] {
+        // k4..k8 are the last five keys: deduped
+        for k in 4..=8u32 {
+            let resp = server.append("w", &keyed(k));
+            assert_eq!(resp.status, 201, "{round}: {}", resp.text());
+            assert_eq!(
+                resp.json()["deduped"],
+                true,
+                "{round}: k{k} is inside the window"
+            );
+            assert_eq!(resp.json()["seq"], k);
+        }
+        if round == "live" {
+            server.restart();
+        }
+    }
+    // k3 left the window: it appends again (and pushes k4 out)
+    assert_reply(&server.append("w", &keyed(3)), 9, 9, false);
+    assert_reply(&server.append("w", &keyed(4)), 10, 10, false);
+    assert_reply(&server.append("w", &keyed(3)), 9, 10, true);
+
+    // producers: the two most recent are remembered
+    server.create_session("p");
+    let prod = |p: &str, s: u64| json!({"type":"t","payload":{"p":p,"s":s},"producer_id":p,"producer_seq":s});
+    server.append_ok("p", &prod("a", 1));
+    server.append_ok("p", &prod("b", 1));
+    let body = assert_error(
+        &server.append("p", &prod("a", 5)),
+        409,
+        "producer_seq_conflict",
+    );
+    assert_eq!(body["expected_producer_seq"], 2);
+    server.append_ok("p", &prod("c", 1)); // evicts a
+    server.restart();
+    let resp = server.append("p", &prod("a", 5));
+    assert_eq!(
+        resp.status,
+        201,
+        "an evicted producer starts afresh: {}",
+        resp.text()
+    );
+    let body = assert_error(
+        &server.append("p", &prod("c", 3)),
+        409,
+        "producer_seq_conflict",
+    );
+    assert_eq!(body["expected_producer_seq"], 2);
 }

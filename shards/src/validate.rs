@@ -123,16 +123,13 @@ pub fn validate_append(body: &[u8]) -> Result<NewEvent, FieldError> {
     let event_type = fields
         .string("type", Text::NON_EMPTY, EVENT_TYPE_BYTES_MAX)?
         .ok_or_else(|| fields.error("type", "`type` is required"))?;
-    let payload = match members.get("payload") {
-        None | Some(Value::Null) => {
-            return Err(fields.error("payload", "`payload` is required and must not be null"))
-        }
-        Some(payload) => payload,
-    };
+    if matches!(members.get("payload"), None | Some(Value::Null)) {
+        return Err(fields.error("payload", "`payload` is required and must not be null"));
+    }
     let actor = fields.string("actor", Text::MAY_BE_EMPTY, ACTOR_BYTES_MAX)?;
     let source = fields.string("source", Text::NON_EMPTY, SOURCE_BYTES_MAX)?;
-    let metadata = fields.object("metadata")?;
-    let refs = fields.object("refs")?;
+    fields.object("metadata")?;
+    fields.object("refs")?;
     let idempotency_key = fields.string(
         "idempotency_key",
         Text::NON_EMPTY,
@@ -152,13 +149,20 @@ pub fn validate_append(body: &[u8]) -> Result<NewEvent, FieldError> {
         }
     };
     let digest = append_digest(&members);
+    // Stored values keep their text exactly as received, less whitespace.
+    let raw =
+        json::raw_members(body).map_err(|e| FieldError::new(INVALID_JSON, None, e.message))?;
+    let text = |name: &str| match raw.get(name) {
+        Some(value) if value.get() != "null" => Some(json::minify(value.get())),
+        _ => None,
+    };
     Ok(NewEvent {
         event_type,
-        payload: json::to_compact(payload),
+        payload: text("payload").expect("payload was validated"),
         actor,
         source,
-        metadata: metadata.map_or_else(|| "{}".to_string(), json::object_to_compact),
-        refs: refs.map_or_else(|| "{}".to_string(), json::object_to_compact),
+        metadata: text("metadata").unwrap_or_else(|| "{}".to_string()),
+        refs: text("refs").unwrap_or_else(|| "{}".to_string()),
         idempotency_key,
         expected_seq,
         producer,

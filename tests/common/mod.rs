@@ -323,12 +323,22 @@ impl Server {
 
     /// POST with `Content-Type: application/json`.
     pub fn post(&self, path: &str, body: &str) -> Resp {
-        self.request("POST", path, &[("Content-Type", "application/json")], body.as_bytes())
+        self.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
     }
 
     /// PATCH with `Content-Type: application/json`.
     pub fn patch(&self, path: &str, body: &str) -> Resp {
-        self.request("PATCH", path, &[("Content-Type", "application/json")], body.as_bytes())
+        self.request(
+            "PATCH",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
     }
 
     /// Creates session `id` (asserting 201) and returns the reply.
@@ -355,7 +365,9 @@ impl Server {
         let mut out = Vec::new();
         let mut cursor = cursor;
         loop {
-            let resp = self.get(&format!("/v1/sessions/{id}/events?cursor={cursor}&limit=1000"));
+            let resp = self.get(&format!(
+                "/v1/sessions/{id}/events?cursor={cursor}&limit=1000"
+            ));
             assert_eq!(resp.status, 200, "events of {id}: {}", resp.text());
             let page = resp.json();
             let events = page["events"].as_array().expect("events array").clone();
@@ -546,7 +558,10 @@ pub fn build_request(method: &str, path: &str, headers: &[(&str, &str)], body: &
 pub fn read_response<R: BufRead>(r: &mut R) -> io::Result<Resp> {
     let mut line = Vec::new();
     if r.read_until(b'\n', &mut line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     let status_line = String::from_utf8_lossy(&line).trim_end().to_string();
     let mut parts = status_line.splitn(3, ' ');
@@ -557,23 +572,28 @@ pub fn read_response<R: BufRead>(r: &mut R) -> io::Result<Resp> {
             format!("bad status line {status_line:?}"),
         ));
     }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")))?;
+    let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad status line {status_line:?}"),
+        )
+    })?;
     let mut headers = Vec::new();
     loop {
         line.clear();
         if r.read_until(b'\n', &mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "eof in headers"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "eof in headers",
+            ));
         }
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         if text.is_empty() {
             break;
         }
-        let (k, v) = text
-            .split_once(':')
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad header {text:?}")))?;
+        let (k, v) = text.split_once(':').ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("bad header {text:?}"))
+        })?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
     let mut resp = Resp {
@@ -594,8 +614,12 @@ pub fn read_response<R: BufRead>(r: &mut R) -> io::Result<Resp> {
             r.read_until(b'\n', &mut line)?;
             let text = String::from_utf8_lossy(&line);
             let size_text = text.trim().split(';').next().unwrap_or("").to_string();
-            let size = usize::from_str_radix(&size_text, 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {text:?}")))?;
+            let size = usize::from_str_radix(&size_text, 16).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad chunk size {text:?}"),
+                )
+            })?;
             if size == 0 {
                 // trailers until the empty line
                 loop {
@@ -698,13 +722,24 @@ impl Conn {
         self.read_final()
     }
 
-    pub fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
         self.try_send(method, path, headers, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     pub fn post_json(&mut self, path: &str, body: &str) -> Resp {
-        self.send("POST", path, &[("Content-Type", "application/json")], body.as_bytes())
+        self.send(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
     }
 
     /// True when the peer closes the connection (EOF or reset) within `timeout`, with no
@@ -715,7 +750,14 @@ impl Conn {
         match self.reader.read(&mut buf) {
             Ok(0) => Ok(true),
             Ok(n) => Err(buf[..n].to_vec()),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(false),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
             Err(_) => Ok(true),
         }
     }
@@ -738,8 +780,15 @@ pub fn try_request(
 }
 
 /// One request on a fresh connection; panics on I/O errors.
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-    try_request(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    try_request(addr, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// Writes arbitrary bytes on a fresh connection and reads whatever comes back until the
@@ -753,22 +802,50 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> Vec<u8
     read_until_close(&mut stream, timeout)
 }
 
+/// Like [`raw_exchange`], and asserts that the server closed the connection (after a
+/// framing error the server answers and closes).
+#[track_caller]
+pub fn raw_exchange_closing(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> Vec<u8> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let _ = stream.write_all(bytes);
+    let _ = stream.flush();
+    let (out, closed) = read_until_close_flag(&mut stream, timeout);
+    assert!(
+        closed,
+        "connection still open {timeout:?} after {:?}; got {:?}",
+        String::from_utf8_lossy(&bytes[..bytes.len().min(200)]),
+        String::from_utf8_lossy(&out)
+    );
+    out
+}
+
 /// Reads until EOF/reset or `timeout`.
 pub fn read_until_close(stream: &mut TcpStream, timeout: Duration) -> Vec<u8> {
+    read_until_close_flag(stream, timeout).0
+}
+
+/// Reads until EOF/reset (`true`) or `timeout` (`false`).
+pub fn read_until_close_flag(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
         let now = Instant::now();
         if now >= deadline {
-            return out;
+            return (out, false);
         }
         stream.set_read_timeout(Some(deadline - now)).unwrap();
         match stream.read(&mut buf) {
-            Ok(0) => return out,
+            Ok(0) => return (out, true),
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return out,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (out, true),
         }
     }
 }
@@ -797,6 +874,23 @@ impl Ws {
     /// Connects `ws://addr{path}`; returns the handshake error as is.
     pub fn try_connect(addr: SocketAddr, path: &str) -> Result<Ws, tungstenite::Error> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        Ws::handshake(stream, addr, path)
+    }
+
+    /// Like [`Ws::connect`] over a socket whose receive buffer is set to `rcvbuf` bytes
+    /// BEFORE connecting (so the TCP window is negotiated for it): the kernel then holds
+    /// little of what the server sends, and a reader that stops reading is really slow.
+    pub fn connect_small_rcvbuf(addr: SocketAddr, path: &str, rcvbuf: i32) -> Ws {
+        let stream =
+            connect_with_rcvbuf(addr, rcvbuf).expect("connect with a small receive buffer");
+        Ws::handshake(stream, addr, path).unwrap_or_else(|e| panic!("websocket {path}: {e}"))
+    }
+
+    fn handshake(
+        stream: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<Ws, tungstenite::Error> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let url = format!("ws://{addr}{path}");
@@ -834,12 +928,19 @@ impl Ws {
                 Ok(Message::Binary(b)) => return Some(Frame::Binary(b.to_vec())),
                 Ok(Message::Close(cf)) => {
                     return Some(match cf {
-                        Some(cf) => Frame::Close(Some(u16::from(cf.code)), cf.reason.as_str().to_string()),
+                        Some(cf) => {
+                            Frame::Close(Some(u16::from(cf.code)), cf.reason.as_str().to_string())
+                        }
                         None => Frame::Close(None, String::new()),
                     })
                 }
                 Ok(_) => continue, // ping/pong
-                Err(Error::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     continue
                 }
                 Err(Error::ConnectionClosed) | Err(Error::AlreadyClosed) | Err(Error::Io(_)) => {
@@ -885,7 +986,17 @@ impl Ws {
                     events.last().map(|e| e["seq"].clone())
                 );
             }
-            let frame = self.next_json(deadline - now);
+            let text = match self.next_frame(deadline - now) {
+                Some(Frame::Text(t)) => t,
+                None => continue,
+                other => panic!(
+                    "waiting for seq {last_seq}: got {other:?} after {} events (last seq {:?})",
+                    events.len(),
+                    events.last().map(|e| e["seq"].clone())
+                ),
+            };
+            let frame: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}"));
             match frame {
                 Value::Array(items) => events.extend(items),
                 Value::Object(ref map) if map.contains_key("seq") => events.push(frame),
@@ -900,11 +1011,59 @@ impl Ws {
     }
 }
 
+/// A TCP connection to `addr` (IPv4) with `SO_RCVBUF` set before `connect`.
+pub fn connect_with_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> io::Result<TcpStream> {
+    use std::os::unix::io::FromRawFd;
+    let v4 = match addr {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => return Err(io::Error::other("IPv4 only")),
+    };
+    // SAFETY: plain socket calls on a descriptor we own; the TcpStream closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &rcvbuf as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
 /// Seqs of a list of events.
 pub fn seqs(events: &[Value]) -> Vec<u64> {
     events
         .iter()
-        .map(|e| e["seq"].as_u64().unwrap_or_else(|| panic!("event without seq: {e}")))
+        .map(|e| {
+            e["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("event without seq: {e}"))
+        })
         .collect()
 }
 
@@ -914,7 +1073,9 @@ pub fn is_rfc3339_micros_utc(s: &str) -> bool {
     if b.len() != 27 {
         return false;
     }
-    let digits = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 22, 23, 24, 25];
+    let digits = [
+        0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 22, 23, 24, 25,
+    ];
     digits.iter().all(|&i| b[i].is_ascii_digit())
         && b[4] == b'-'
         && b[7] == b'-'
