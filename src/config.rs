@@ -42,6 +42,10 @@ pub struct ServeConfig {
     #[arg(long, env = "STARCITE_PIN", default_value_t = false)]
     pub pin: bool,
 
+    /// Microseconds an idle shard spins before parking (trades CPU for wake-up latency).
+    #[arg(long, env = "STARCITE_SPIN_BEFORE_PARK_US", default_value_t = 50)]
+    pub spin_before_park_us: u64,
+
     /// Largest accepted request body in bytes.
     #[arg(long, env = "STARCITE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,

@@ -70,6 +70,9 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             Placement::Unbound
         };
         let mut builder = LocalExecutorBuilder::new(placement).name(&format!("shard-{index}"));
+        if config.spin_before_park_us > 0 {
+            builder = builder.spin_before_park(Duration::from_micros(config.spin_before_park_us));
+        }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             // Non-root users usually have 8 MiB of locked memory; stay well inside it.
