@@ -260,16 +260,7 @@ impl Api {
 
     async fn list(&self, query: &str) -> Result<Response, ApiError> {
         let params = parse_query(query);
-        let limit = match first(&params, "limit") {
-            None => 100,
-            Some(text) => parse_limit(text).ok_or_else(|| {
-                invalid(
-                    "invalid_limit",
-                    "limit",
-                    "limit must be an integer from 1 to 1000",
-                )
-            })?,
-        };
+        let limit = limit_param(&params)?;
         let after = match first(&params, "cursor") {
             Some("") => {
                 return Err(invalid(
@@ -336,16 +327,7 @@ impl Api {
     async fn events(&self, id: String, query: &str) -> Result<Response, ApiError> {
         let params = parse_query(query);
         let cursor = parse_cursor(first(&params, "cursor"))?;
-        let limit = match first(&params, "limit") {
-            None => 100,
-            Some(text) => parse_limit(text).ok_or_else(|| {
-                invalid(
-                    "invalid_limit",
-                    "limit",
-                    "limit must be an integer from 1 to 1000",
-                )
-            })?,
-        };
+        let limit = limit_param(&params)?;
         if !validate::valid_session_id(&id) {
             return Err(ApiError::SessionNotFound);
         }
@@ -458,6 +440,20 @@ fn parse_u64(text: &str) -> Option<u64> {
         return None;
     }
     text.parse().ok()
+}
+
+/// The `limit` query parameter: 1–1000, default 100.
+fn limit_param(params: &[(String, String)]) -> Result<usize, ApiError> {
+    match first(params, "limit") {
+        None => Ok(100),
+        Some(text) => parse_limit(text).ok_or_else(|| {
+            invalid(
+                "invalid_limit",
+                "limit",
+                "limit must be an integer from 1 to 1000",
+            )
+        }),
+    }
 }
 
 fn parse_limit(text: &str) -> Option<usize> {
