@@ -107,7 +107,7 @@ impl Wal {
             });
             tail = Some((epoch, end, torn_at));
         }
-        codec::classify_log(&outcomes).map_err(|e| format!("log in {}: {e}", dir.display()))?;
+        codec::classify_log(&outcomes).map_err(|e| refuse_message(dir, &e))?;
         let (active_epoch, write_pos, active) = match tail {
             Some((epoch, end, torn_at)) => {
                 let file = open_segment(dir, epoch).await?;
@@ -330,6 +330,21 @@ fn fill_batch(records: &[LogRecord], epoch: u64, room: usize) -> (codec::BatchBu
         }
     }
     (builder, offsets)
+}
+
+/// The start-up refusal for a damaged log: it names the segment file and the offset.
+fn refuse_message(dir: &Path, error: &codec::LogError) -> String {
+    let at = match error {
+        codec::LogError::Corrupt { epoch, offset, .. }
+        | codec::LogError::TornTailBeforeEnd { epoch, offset, .. } => {
+            format!("{} at offset {offset}", segment_path(dir, *epoch).display())
+        }
+        codec::LogError::EpochsNotIncreasing { .. } => dir.display().to_string(),
+    };
+    format!(
+        "refusing to start: the log is corrupt in {at}: {error}. Acknowledged data may be \
+         damaged; restore this data dir from a replica or backup rather than serve it"
+    )
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
