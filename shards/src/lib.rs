@@ -8,6 +8,8 @@
 //! - [`codec`]: log records and batches on disk (length + crc32 + rkyv) and the pure
 //!   recovery scan that classifies torn tails and corruption.
 //! - [`time`]: RFC 3339 formatting of microsecond timestamps.
+//! - [`snapshot`]: shard snapshot and segment index formats, the replay rule.
+//! - [`wire`]: node-to-node frames and handshake (the transport of issue 3).
 //!
 //! The `starcite` crate (in `src/`) is the shell: it moves bytes, runs timers and does the
 //! I/O these modules ask for.
@@ -19,6 +21,7 @@ pub mod session;
 pub mod snapshot;
 pub mod time;
 pub mod validate;
+pub mod wire;
 
 /// Number of Raft groups sessions are spread over.
 pub const GROUPS: u16 = 256;
