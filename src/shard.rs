@@ -492,21 +492,24 @@ impl ShardCore {
         filters: &[(String, String)],
     ) -> Reply {
         let groups = self.groups.borrow();
+        let wanted = |view: &&shards::session::SessionView| {
+            let flag = match archived {
+                ArchivedFilter::Active => !view.archived,
+                ArchivedFilter::Archived => view.archived,
+                ArchivedFilter::All => true,
+            };
+            flag && shards::session::metadata_matches(view, filters)
+        };
+        // Each group's sessions are in id order: at most `limit + 1` from each can make
+        // the page, so a page costs groups × limit, not the number of sessions.
         let mut found: Vec<(String, String)> = Vec::new();
         for group in groups.values() {
-            for view in group.state.views() {
-                if after.is_some_and(|a| view.id.as_str() <= a) {
-                    continue;
-                }
-                let wanted = match archived {
-                    ArchivedFilter::Active => !view.archived,
-                    ArchivedFilter::Archived => view.archived,
-                    ArchivedFilter::All => true,
-                };
-                if wanted && shards::session::metadata_matches(view, filters) {
-                    found.push((view.id.clone(), String::new()));
-                }
-            }
+            let page = group
+                .state
+                .views_after(after)
+                .filter(wanted)
+                .take(limit + 1);
+            found.extend(page.map(|view| (view.id.clone(), String::new())));
         }
         found.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         found.truncate(limit + 1);
