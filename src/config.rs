@@ -78,7 +78,8 @@ pub struct ServeConfig {
     #[arg(long, env = "STARCITE_SNAPSHOT_LOG_BYTES", default_value_t = 256 << 20)]
     pub snapshot_log_bytes: u64,
 
-    /// Bytes of unsent frames buffered per tail subscriber before it falls back to catch-up reads.
+    /// Per-subscriber budget: bytes of events one tail read holds at most (a slow reader
+    /// is then served from storage at its own pace).
     #[arg(long, env = "STARCITE_TAIL_BUFFER_BYTES", default_value_t = 1 << 20)]
     pub tail_buffer_bytes: usize,
 
