@@ -10,6 +10,7 @@
 //! - [`time`]: RFC 3339 formatting of microsecond timestamps.
 //! - [`snapshot`]: shard snapshot and segment index formats, the replay rule.
 //! - [`wire`]: node-to-node frames and handshake (the transport of issue 3).
+//! - [`raft`]: the sans-IO Raft core (issue 3, in progress).
 //!
 //! The `starcite` crate (in `src/`) is the shell: it moves bytes, runs timers and does the
 //! I/O these modules ask for.
@@ -17,6 +18,7 @@
 pub mod codec;
 pub mod entry;
 pub mod json;
+pub mod raft;
 pub mod session;
 pub mod snapshot;
 pub mod time;
