@@ -18,4 +18,5 @@ pub mod server;
 pub mod shard;
 pub mod store;
 pub mod tail;
+pub mod transport;
 pub mod wal;
