@@ -29,6 +29,7 @@ pub enum Route {
     Append(String),
     Events(String),
     Tail(String),
+    DebugGroup(u16),
 }
 
 impl Route {
@@ -46,6 +47,7 @@ impl Route {
             Route::Append(_) => "append",
             Route::Events(_) => "events",
             Route::Tail(_) => "tail",
+            Route::DebugGroup(_) => "debug_group",
         }
     }
 }
@@ -79,6 +81,14 @@ pub fn route(method: &Method, path: &str) -> RouteMatch<Route> {
             }
         }
         _ => {}
+    }
+    if let Some(group) = path.strip_prefix("/debug/groups/") {
+        return match group.parse::<u16>() {
+            Ok(g) if g < shards::GROUPS && !group.starts_with('+') => {
+                only(get, Route::DebugGroup(g), "GET")
+            }
+            _ => RouteMatch::NotFound,
+        };
     }
     let Some(rest) = path.strip_prefix("/v1/sessions/") else {
         return RouteMatch::NotFound;
@@ -154,8 +164,19 @@ impl Api {
             Route::Append(id) => self.append(id, &req.body).await,
             Route::Events(id) => self.events(id, &req.query).await,
             Route::Tail(id) => return self.tail(id, &req).await,
+            Route::DebugGroup(group) => Ok(self.debug_group(group).await),
         };
         Outcome::Respond(result.unwrap_or_else(|e| error_response(&e)))
+    }
+
+    /// Served by this node's shard that owns the group; never forwarded to other nodes.
+    async fn debug_group(&self, group: u16) -> Response {
+        let shard = shards::shard_of(group, self.node.shards());
+        match self.node.call(shard, Op::DebugGroup { group }).await {
+            Reply::Debug(text) => Response::json(200, text),
+            Reply::Error(e) => error_response(&e),
+            other => error_response(&unexpected(other)),
+        }
     }
 
     fn ready(&self) -> Response {

@@ -46,6 +46,10 @@ pub enum Op {
         filters: Vec<(String, String)>,
     },
     Stats,
+    /// This replica's view of a group (`GET /debug/groups/:g`).
+    DebugGroup {
+        group: u16,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,8 @@ pub enum Reply {
     /// `(id, rendered session)` in id order.
     Sessions(Vec<(String, String)>),
     Stats(Box<crate::metrics::ShardStats>),
+    /// Rendered JSON of a debug view.
+    Debug(String),
     Error(ApiError),
 }
 

@@ -20,7 +20,7 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use shards::codec;
 use shards::entry::{Command, LogRecord};
 use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits, PatchError};
-use shards::snapshot::{replay_rule, ReplayRule, ShardSnapshot};
+use shards::snapshot::{fold_checksum, replay_rule, ReplayRule, ShardSnapshot};
 use shards::validate::{render_event, NewEvent, NewSession, PatchRequest};
 
 use crate::metrics::ShardStats;
@@ -46,6 +46,8 @@ struct Group {
     state: GroupState,
     last_index: u64,
     commit_index: u64,
+    /// Rolling checksum of committed entries (`shards::snapshot::fold_checksum`).
+    checksum: u64,
     /// Requests waiting for `commit_index` to reach a log index.
     waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
 }
@@ -56,6 +58,7 @@ impl Group {
             state: GroupState::new(limits),
             last_index: 0,
             commit_index: 0,
+            checksum: 0,
             waiters: BTreeMap::new(),
         }
     }
@@ -170,6 +173,7 @@ impl ShardCore {
                 filters,
             } => self.list(after.as_deref(), limit, archived, &filters),
             Op::Stats => Reply::Stats(Box::new(self.stats_snapshot())),
+            Op::DebugGroup { group } => Reply::Debug(self.debug_group(group)),
         }
     }
 
@@ -520,6 +524,34 @@ impl ShardCore {
         Reply::Sessions(found)
     }
 
+    /// `GET /debug/groups/:g`: this replica's view of one group, for tests that compare
+    /// replicas directly. A single node is the one voter and leader of term 1.
+    fn debug_group(&self, group: u16) -> String {
+        let groups = self.groups.borrow();
+        let (commit, last, checksum) = groups
+            .get(&group)
+            .map_or((0, 0, 0), |g| (g.commit_index, g.last_index, g.checksum));
+        let mut sessions = serde_json::Map::new();
+        if let Some(g) = groups.get(&group) {
+            for view in g.state.views() {
+                sessions.insert(view.id.clone(), view.last_seq.into());
+            }
+        }
+        serde_json::json!({
+            "group": group,
+            "shard": self.index,
+            "role": "leader",
+            "term": TERM,
+            "voters": 1,
+            "commit_index": commit,
+            "applied_index": commit,
+            "last_index": last,
+            "checksum": format!("{checksum:016x}"),
+            "sessions": sessions,
+        })
+        .to_string()
+    }
+
     fn stats_snapshot(&self) -> ShardStats {
         let mut stats = self.stats.borrow().clone();
         let store = self.store.borrow();
@@ -554,8 +586,9 @@ impl ShardCore {
                     self.record_write(&written);
                     bytes_since_snapshot += written.bytes as u64;
                     let rest = records.split_off(written.taken);
-                    for (record, loc) in records.into_iter().zip(written.locations) {
-                        self.on_durable(record, loc);
+                    let placed = written.locations.into_iter().zip(written.crcs);
+                    for (record, (loc, crc)) in records.into_iter().zip(placed) {
+                        self.on_durable(record, loc, crc);
                     }
                     records = rest;
                 }
@@ -597,6 +630,7 @@ impl ShardCore {
             let snap = self.with_group(group, |g| shards::snapshot::GroupSnapshot {
                 group,
                 committed_index: g.commit_index,
+                checksum: g.checksum,
                 state: g.state.encode_snapshot(),
             });
             groups.push(snap);
@@ -627,11 +661,12 @@ impl ShardCore {
         self.snapshot_running.set(false);
     }
 
-    fn on_durable(&self, record: LogRecord, loc: RecordLocation) {
+    fn on_durable(&self, record: LogRecord, loc: RecordLocation, crc: u32) {
         let released = self.with_group(record.group, |g| {
             assert_eq!(record.index, g.commit_index + 1, "commits are in log order");
             g.state.commit(&record.command);
             g.commit_index = record.index;
+            g.checksum = fold_checksum(g.checksum, crc);
             let later = g.waiters.split_off(&(record.index + 1));
             std::mem::replace(&mut g.waiters, later)
         });
@@ -740,6 +775,7 @@ impl Recovery {
                 group.state = state;
                 group.last_index = g.committed_index;
                 group.commit_index = g.committed_index;
+                group.checksum = g.checksum;
                 recovery.groups.insert(g.group, group);
             }
             recovery.store.restore(snapshot.sessions);
@@ -748,8 +784,8 @@ impl Recovery {
     }
 
     fn replay(&mut self, item: Replayed) {
-        let (loc, rec) = match item {
-            Replayed::Record(loc, rec) => (loc, rec),
+        let (loc, crc, rec) = match item {
+            Replayed::Record(loc, crc, rec) => (loc, crc, rec),
             Replayed::SegmentEnd(epoch) => {
                 let plan = self.store.plan_seal(epoch as u32);
                 self.seals.push((epoch, plan.offsets.clone()));
@@ -780,6 +816,7 @@ impl Recovery {
             group.state.commit(&rec.command);
             group.last_index = rec.index;
             group.commit_index = rec.index;
+            group.checksum = fold_checksum(group.checksum, crc);
         }
         if let Command::Append(e) = &rec.command {
             if e.seq > self.store.last_seq(&e.session_id) {

@@ -38,7 +38,8 @@ pub struct RecordLocation {
 
 /// What recovery reports, in log order.
 pub enum Replayed {
-    Record(RecordLocation, Box<LogRecord>),
+    /// A record, where it lives, and the crc32 of its encoded bytes.
+    Record(RecordLocation, u32, Box<LogRecord>),
     /// Every record of this segment has been reported and a later segment follows.
     SegmentEnd(u64),
 }
@@ -48,6 +49,8 @@ pub struct Written {
     /// How many of the given records were written (a prefix, at least one).
     pub taken: usize,
     pub locations: Vec<RecordLocation>,
+    /// The crc32 of each record's encoded bytes (from its frame header).
+    pub crcs: Vec<u32>,
     pub bytes: usize,
     pub fsync_us: u64,
     /// The segment that was sealed because this write rolled to a new one.
@@ -183,6 +186,10 @@ impl Wal {
             .unwrap_or_else(|e| panic!("log write at {pos} in {}: {e}", self.dir.display()));
         let fsync_us = started.elapsed().as_micros() as u64;
         let epoch = u32::try_from(self.active_epoch).expect("epoch fits u32");
+        let crcs = offsets
+            .iter()
+            .map(|&o| frame_crc(&batch, o as usize))
+            .collect();
         let locations = offsets
             .iter()
             .map(|&offset| RecordLocation {
@@ -194,6 +201,7 @@ impl Wal {
         Written {
             taken: offsets.len(),
             locations,
+            crcs,
             bytes: batch.len(),
             fsync_us,
             sealed,
@@ -347,6 +355,11 @@ fn refuse_message(dir: &Path, error: &codec::LogError) -> String {
     )
 }
 
+/// The crc32 field of the record frame at `offset` (see `shards::codec`).
+fn frame_crc(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().expect("4 bytes"))
+}
+
 fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
@@ -459,17 +472,15 @@ async fn scan_file(
     }
     let _ = file.close().await;
     let scan = codec::scan_segment(&bytes, epoch);
-    drop(bytes);
     let epoch32 = u32::try_from(epoch).map_err(|_| "segment epoch too large".to_string())?;
     for rec in scan.records.into_iter().filter(|r| r.offset >= from) {
         let offset = u32::try_from(rec.offset).expect("segment offsets fit u32");
-        visit(Replayed::Record(
-            RecordLocation {
-                epoch: epoch32,
-                offset,
-            },
-            Box::new(rec.record),
-        ));
+        let crc = frame_crc(&bytes, rec.offset as usize);
+        let loc = RecordLocation {
+            epoch: epoch32,
+            offset,
+        };
+        visit(Replayed::Record(loc, crc, Box::new(rec.record)));
     }
     Ok((scan.end, scan.outcome))
 }
