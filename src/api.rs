@@ -1,6 +1,7 @@
 //! The HTTP API of API.md: routing, request checks in the documented order, and the one
 //! place where every `ApiError` becomes a status and an error code.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -56,6 +57,38 @@ pub struct Api {
     pub node: Rc<Node>,
     pub shutdown: Rc<Shutdown>,
     pub tail_buffer_bytes: usize,
+    /// Request body bytes of this shard's requests still being served.
+    pub bodies_in_flight: Rc<Cell<usize>>,
+}
+
+/// Request body bytes one shard holds for requests in flight, at most; past it new
+/// requests with a body get 503 `overloaded` (bounded memory whatever the load).
+pub const BODIES_IN_FLIGHT_BYTES_MAX: usize = 256 << 20;
+
+/// Accounts a request body while it is in flight; releases it when dropped.
+struct BodyPermit {
+    counter: Rc<Cell<usize>>,
+    bytes: usize,
+}
+
+impl BodyPermit {
+    fn acquire(counter: &Rc<Cell<usize>>, bytes: usize) -> Option<BodyPermit> {
+        // One request alone always fits, whatever --max-body-bytes allows.
+        if counter.get() > 0 && counter.get() + bytes > BODIES_IN_FLIGHT_BYTES_MAX {
+            return None;
+        }
+        counter.set(counter.get() + bytes);
+        Some(BodyPermit {
+            counter: counter.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for BodyPermit {
+    fn drop(&mut self) {
+        self.counter.set(self.counter.get() - self.bytes);
+    }
 }
 
 /// Matches a path and method to a route (API.md: unknown path 404, then 405).
@@ -146,6 +179,9 @@ impl Service for Api {
 
 impl Api {
     async fn dispatch(&self, route: Route, req: Request) -> Outcome {
+        let Some(_permit) = BodyPermit::acquire(&self.bodies_in_flight, req.body.len()) else {
+            return Outcome::Respond(error_response(&ApiError::Overloaded));
+        };
         let result = match route {
             Route::Live => Ok(Response::json(200, r#"{"status":"ok"}"#)),
             Route::Ready => Ok(self.ready()),
@@ -614,6 +650,20 @@ mod tests {
             route(&Method::Get, "/v1/sessions/x/append/y"),
             RouteMatch::NotFound
         ));
+    }
+
+    #[test]
+    fn request_bodies_in_flight_are_bounded_and_released() {
+        let counter = Rc::new(Cell::new(0));
+        let big = BodyPermit::acquire(&counter, BODIES_IN_FLIGHT_BYTES_MAX - 10).unwrap();
+        assert!(BodyPermit::acquire(&counter, 11).is_none(), "over the bound");
+        let small = BodyPermit::acquire(&counter, 10).unwrap();
+        assert!(BodyPermit::acquire(&counter, 1).is_none());
+        drop(big);
+        drop(small);
+        assert_eq!(counter.get(), 0);
+        // A single request larger than the bound is still served when alone.
+        assert!(BodyPermit::acquire(&counter, BODIES_IN_FLIGHT_BYTES_MAX + 1).is_some());
     }
 
     #[test]

@@ -203,6 +203,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         node: node.clone(),
         shutdown: http_shutdown.clone(),
         tail_buffer_bytes: config.tail_buffer_bytes,
+        bodies_in_flight: Rc::new(std::cell::Cell::new(0)),
     });
     let http_config = Rc::new(HttpConfig {
         max_body_bytes: config.max_body_bytes,

@@ -31,6 +31,8 @@ use crate::wal::{LogReader, RecordLocation, Replayed, Wal};
 
 /// Log records queued for the next batch, at most; past it writes answer 503 overloaded.
 const PENDING_RECORDS_MAX: usize = 65_536;
+/// Approximate bytes of log records queued for the next batch, at most (same answer).
+const PENDING_BYTES_MAX: usize = 64 << 20;
 /// The single-node Raft term. Replication (issue 3) makes terms real.
 const TERM: u64 = 1;
 
@@ -79,6 +81,7 @@ pub struct ShardCore {
     request_timeout: Duration,
     groups: RefCell<HashMap<u16, Group>>,
     pending: RefCell<Vec<LogRecord>>,
+    pending_bytes: Cell<usize>,
     wake_committer: LocalSender<()>,
     store: RefCell<EventStore>,
     reader: LogReader,
@@ -133,6 +136,7 @@ impl ShardCore {
             dir: dir.to_path_buf(),
             groups: RefCell::new(groups),
             pending: RefCell::new(Vec::new()),
+            pending_bytes: Cell::new(0),
             wake_committer,
             store: RefCell::new(store),
             reader: wal.reader(),
@@ -190,9 +194,14 @@ impl ShardCore {
         if self.shutting_down.get() {
             return Err(ApiError::Unavailable);
         }
-        if self.pending.borrow().len() >= PENDING_RECORDS_MAX {
+        let bytes = command_bytes(&command);
+        if self.pending.borrow().len() >= PENDING_RECORDS_MAX
+            || (self.pending_bytes.get() > 0
+                && self.pending_bytes.get() + bytes > PENDING_BYTES_MAX)
+        {
             return Err(ApiError::Overloaded);
         }
+        self.pending_bytes.set(self.pending_bytes.get() + bytes);
         let index = self.with_group(group, |g| {
             g.state.apply(&command);
             g.last_index += 1;
@@ -574,6 +583,7 @@ impl ShardCore {
         while wake.recv().await.is_some() {
             loop {
                 let mut records = std::mem::take(&mut *self.pending.borrow_mut());
+                self.pending_bytes.set(0);
                 if records.is_empty() {
                     break;
                 }
@@ -825,6 +835,30 @@ impl Recovery {
             }
         }
     }
+}
+
+/// Roughly the bytes a command takes in the log (its variable-size fields).
+fn command_bytes(command: &Command) -> usize {
+    const FIXED_BYTES: usize = 64;
+    FIXED_BYTES
+        + match command {
+            Command::Append(e) => {
+                e.session_id.len()
+                    + e.event_type.len()
+                    + e.payload.len()
+                    + e.metadata.len()
+                    + e.refs.len()
+                    + e.actor.as_ref().map_or(0, String::len)
+                    + e.source.as_ref().map_or(0, String::len)
+                    + e.idempotency_key.as_ref().map_or(0, String::len)
+                    + e.producer_id.as_ref().map_or(0, String::len)
+            }
+            Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
+            Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
+            Command::SetArchived(a) => a.session_id.len(),
+            Command::ArchiveProgress(a) => a.session_id.len(),
+            Command::Noop => 0,
+        }
 }
 
 fn append_error(e: AppendError) -> ApiError {
