@@ -656,7 +656,10 @@ mod tests {
     fn request_bodies_in_flight_are_bounded_and_released() {
         let counter = Rc::new(Cell::new(0));
         let big = BodyPermit::acquire(&counter, BODIES_IN_FLIGHT_BYTES_MAX - 10).unwrap();
-        assert!(BodyPermit::acquire(&counter, 11).is_none(), "over the bound");
+        assert!(
+            BodyPermit::acquire(&counter, 11).is_none(),
+            "over the bound"
+        );
         let small = BodyPermit::acquire(&counter, 10).unwrap();
         assert!(BodyPermit::acquire(&counter, 1).is_none());
         drop(big);

@@ -58,6 +58,15 @@ mod tests;
 pub use node::RaftNode;
 pub use rng::SplitMix64;
 
+/// Deliberate bugs for the cluster simulation's self-test (`shards/tests/cluster_sim.rs`
+/// shows that its checker catches them). All off by default; never set them elsewhere.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlantedBugs {
+    /// Commit by counting replicas an entry of an earlier term (breaks §5.4.2, Figure 8).
+    pub commit_previous_term: bool,
+}
+
 /// Identifies a member of the group (a node of the cluster).
 pub type NodeId = u64;
 

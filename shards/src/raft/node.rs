@@ -8,8 +8,8 @@ use super::log::RaftLog;
 use super::progress::Progress;
 use super::rng::SplitMix64;
 use super::{
-    Body, CompactError, Config, HardState, Message, NodeId, Payload, ProposeError, Ready, Restored,
-    Role, SnapshotMeta, SoftState, TransferError,
+    Body, CompactError, Config, HardState, Message, NodeId, Payload, PlantedBugs, ProposeError,
+    Ready, Restored, Role, SnapshotMeta, SoftState, TransferError,
 };
 
 /// The Raft state machine of one member of one group. See the module docs for how the
@@ -46,6 +46,8 @@ pub struct RaftNode<T> {
     pub(super) snapshot_requests: BTreeSet<NodeId>,
     last_hard_state: HardState,
     last_soft_state: SoftState,
+    /// Test-only deliberate bugs (all off): see [`PlantedBugs`].
+    pub(super) planted: PlantedBugs,
 }
 
 fn no_bytes<T>(_: &T) -> usize {
@@ -117,6 +119,7 @@ impl<T: Clone> RaftNode<T> {
                 leader: None,
                 term: 0,
             },
+            planted: PlantedBugs::default(),
         };
         node.reset_election_timer();
         node.last_hard_state = node.hard_state();
@@ -129,6 +132,12 @@ impl<T: Clone> RaftNode<T> {
     pub fn with_entry_bytes(mut self, entry_bytes: fn(&T) -> usize) -> Self {
         self.entry_bytes = entry_bytes;
         self
+    }
+
+    /// Test-only: switch on deliberate bugs (the cluster simulation's self-test).
+    #[doc(hidden)]
+    pub fn plant_bugs(&mut self, bugs: PlantedBugs) {
+        self.planted = bugs;
     }
 
     pub fn id(&self) -> NodeId {

@@ -97,7 +97,8 @@ impl<T: Clone> RaftNode<T> {
             .collect();
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let candidate = matched[self.quorum() - 1];
-        if candidate > self.log.commit && self.log.term(candidate) == Some(self.term) {
+        let current_term = self.log.term(candidate) == Some(self.term);
+        if candidate > self.log.commit && (current_term || self.planted.commit_previous_term) {
             self.log.set_commit(candidate);
         }
     }

@@ -1,0 +1,1586 @@
+//! The simulated cluster: nodes, their shell, network, disk and clients.
+//!
+//! The shell does what `shards::raft`'s module docs ask of a `Ready`: send `messages`
+//! at once; queue the writes on the shard's disk (all groups of a shard share one write
+//! queue, completed in order by one "fsync"); once durable call `on_persisted` and send
+//! `persisted_messages`; commit `committed_entries` into the `GroupState` in order;
+//! answer `snapshot_requests` with the last compaction snapshot. Leaders decide client
+//! requests with `GroupState::decide_*`, `propose` + `apply`, and answer a client only
+//! when its entry comes out of `committed_entries` (an acknowledgement = committed).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use shards::entry::Command;
+use shards::raft::{
+    Body, Config, Entry, HardState, Message, NodeId, Payload, PlantedBugs, RaftNode, Ready,
+    Restored, Role, SnapshotMeta,
+};
+use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits};
+use shards::validate::{self, NewEvent, NewSession};
+
+use super::check::{Ack, Checker};
+use super::schedule::Schedule;
+use super::{Rng, TraceHash};
+
+/// Deliberate bugs the checker must catch (all off in normal runs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// Raft knob: a leader commits an entry of an earlier term by counting replicas.
+    pub previous_term_commit: bool,
+    /// Shell bug: a write counts as durable (on_persisted, votes and acks sent) as soon
+    /// as it is issued, while the disk still loses it on a crash.
+    pub ack_before_persist: bool,
+    /// Shell bug: a node that becomes leader rebuilds its session state from a snapshot
+    /// without the dedupe windows (idempotency keys forgotten after failover).
+    pub forgotten_dedupe: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub bugs: Bugs,
+    /// Number of Raft groups; `None`: 2 to 4, chosen by the seed.
+    pub groups: Option<usize>,
+    /// Ticks with faults, before healing.
+    pub fault_ticks: u64,
+    /// After healing, every group must commit a new client append and all replicas
+    /// must converge within this many ticks.
+    pub heal_ticks: u64,
+    /// Keep a readable event log (printed for a failing seed).
+    pub verbose: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            bugs: Bugs::default(),
+            groups: None,
+            fault_ticks: 300,
+            heal_ticks: 300,
+            verbose: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    pub elections: u64,
+    pub leader_losses: u64,
+    pub truncations: u64,
+    pub snapshot_installs: u64,
+    pub compactions: u64,
+    pub crashes: u64,
+    pub torn_tails: u64,
+    pub partitions: u64,
+    pub figure8: u64,
+    pub dedupe_hits: u64,
+    pub retries: u64,
+    pub acks: u64,
+    pub expected_seq_conflicts: u64,
+    pub messages: u64,
+    pub commits: u64,
+}
+
+impl Coverage {
+    pub fn add(&mut self, o: &Coverage) {
+        self.elections += o.elections;
+        self.leader_losses += o.leader_losses;
+        self.truncations += o.truncations;
+        self.snapshot_installs += o.snapshot_installs;
+        self.compactions += o.compactions;
+        self.crashes += o.crashes;
+        self.torn_tails += o.torn_tails;
+        self.partitions += o.partitions;
+        self.figure8 += o.figure8;
+        self.dedupe_hits += o.dedupe_hits;
+        self.retries += o.retries;
+        self.acks += o.acks;
+        self.expected_seq_conflicts += o.expected_seq_conflicts;
+        self.messages += o.messages;
+        self.commits += o.commits;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub coverage: Coverage,
+    pub trace_hash: u64,
+    /// The parameters the seed chose.
+    pub params: String,
+    pub ticks: u64,
+}
+
+/// What the seed chose for this run.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub nodes: usize,
+    pub shards: usize,
+    pub groups: Vec<u16>,
+    pub loss_percent: u64,
+    pub duplicate_percent: u64,
+    pub delay_rounds_max: u64,
+    pub persist_rounds_max: u64,
+    pub rounds_per_tick: u64,
+    pub compact_after: u64,
+    pub client_timeout_ticks: u64,
+    pub request_percent: u64,
+    pub raft: Config,
+}
+
+struct GroupDisk {
+    hard: HardState,
+    snap: SnapshotMeta,
+    snap_data: Vec<u8>,
+    log: Vec<Entry<Command>>,
+}
+
+struct PendingWrite {
+    done_at: u64,
+    group: u16,
+    snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+    entries: Vec<Entry<Command>>,
+    hard: Option<HardState>,
+    messages: Vec<Message<Command>>,
+}
+
+#[derive(Default)]
+struct ShardDisk {
+    queue: VecDeque<PendingWrite>,
+    last_done_at: u64,
+}
+
+#[derive(Debug, Clone)]
+enum WaitFor {
+    /// The entry this leader proposed at (index, term).
+    /// `seq` None: a create.
+    Entry {
+        index: u64,
+        term: u64,
+        seq: Option<u64>,
+    },
+    /// A deduped request whose original (seq) is still in flight.
+    Seq { session: String, seq: u64 },
+    /// A create whose session exists in flight.
+    Created { session: String },
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    client: usize,
+    request: u64,
+    deduped: bool,
+    wait: WaitFor,
+}
+
+pub(super) struct Replica {
+    pub group: u16,
+    pub raft: RaftNode<Command>,
+    pub gs: GroupState,
+    /// Last index committed into `gs`.
+    pub applied: u64,
+    /// The shell's copy of the in-memory log: entries after `shadow_snap.index`.
+    pub shadow_snap: SnapshotMeta,
+    pub shadow: Vec<Entry<Command>>,
+    disk: GroupDisk,
+    pub leader: bool,
+    waiters: Vec<Waiter>,
+}
+
+impl Replica {
+    pub fn shadow_entry(&self, index: u64) -> Option<&Entry<Command>> {
+        if index <= self.shadow_snap.index {
+            return None;
+        }
+        self.shadow
+            .get((index - self.shadow_snap.index - 1) as usize)
+    }
+}
+
+pub(super) struct Node {
+    pub id: NodeId,
+    pub up: bool,
+    pub replicas: BTreeMap<u16, Replica>,
+    disks: Vec<ShardDisk>,
+    restarts: u64,
+}
+
+#[derive(Debug, Clone)]
+enum RequestKind {
+    Create,
+    Append { body: String, key: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    id: u64,
+    kind: RequestKind,
+    sent_tick: u64,
+    resend: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Reply {
+    Acked { seq: u64, deduped: bool },
+    Created,
+    NotLeader(Option<NodeId>),
+    Conflict { current_seq: u64 },
+    NotFound,
+    Unavailable,
+}
+
+struct Client {
+    group: u16,
+    session: String,
+    target: NodeId,
+    pending: Option<Request>,
+    created: bool,
+    next_n: u64,
+    known_seq: u64,
+}
+
+struct Flight {
+    at: u64,
+    seq: u64,
+    group: u16,
+    msg: Message<Command>,
+}
+
+enum ClientFlight {
+    Request {
+        node: NodeId,
+        client: usize,
+        request: Request,
+    },
+    Reply {
+        client: usize,
+        request: u64,
+        reply: Reply,
+    },
+}
+
+pub(super) struct Cluster {
+    pub seed: u64,
+    pub options: Options,
+    pub params: Params,
+    pub rng: Rng,
+    pub round: u64,
+    pub tick: u64,
+    pub nodes: Vec<Node>,
+    pub voters: BTreeMap<u16, Vec<NodeId>>,
+    flights: Vec<Flight>,
+    client_flights: Vec<(u64, u64, ClientFlight)>,
+    flight_seq: u64,
+    pub cut: BTreeSet<(NodeId, NodeId)>,
+    pub loss_percent: u64,
+    clients: Vec<Client>,
+    next_request: u64,
+    pub cov: Coverage,
+    pub trace: TraceHash,
+    pub log: Vec<String>,
+    pub checker: Checker,
+    pub healing: bool,
+    limits: Limits,
+    /// Figure-8 script hooks (see `schedule.rs`): isolate the next leader of the group
+    /// elected other than the given node, the moment it is elected.
+    pub fig8_isolate_next: Option<(u16, NodeId)>,
+    pub fig8_elected: Option<NodeId>,
+    /// Crash the given node this many rounds after it next becomes leader of the group.
+    pub fig8_crash_next: Option<(u16, NodeId, u64)>,
+    pub fig8_crashed: bool,
+    /// Isolate the node the moment it, leading the group, next commits an entry
+    /// (messages still in flight from it are dropped).
+    pub fig8_cut_on_commit: Option<(u16, NodeId)>,
+    crash_at: Option<(u64, NodeId)>,
+}
+
+fn shard_of(group: u16, shards: usize) -> usize {
+    shards::shard_of(group, shards)
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut r = Rng::new(a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    r.next()
+}
+
+impl Cluster {
+    pub fn new(seed: u64, options: &Options) -> Cluster {
+        let mut rng = Rng::new(seed);
+        let nodes = if rng.chance(20) { 5 } else { 3 };
+        let shards = rng.range(1, 3) as usize;
+        let group_count = options.groups.unwrap_or_else(|| rng.range(2, 4) as usize);
+        let mut groups: BTreeSet<u16> = BTreeSet::new();
+        if group_count >= shards::GROUPS as usize {
+            groups = (0..shards::GROUPS).collect();
+        } else {
+            while groups.len() < group_count {
+                groups.insert(rng.below(shards::GROUPS as u64) as u16);
+            }
+        }
+        let groups: Vec<u16> = groups.into_iter().collect();
+        let raft = Config {
+            election_ticks: 10,
+            heartbeat_ticks: rng.range(1, 3) as u32,
+            max_inflight: rng.range(1, 8) as usize,
+            max_entries_per_msg: rng.range(1, 8) as usize,
+            max_bytes_per_msg: 1 << 20,
+            snapshot_chunk_bytes: rng.range(256, 8192) as usize,
+            max_uncommitted_entries: rng.range(16, 256),
+            pre_vote: !rng.chance(10),
+            check_quorum: !rng.chance(10),
+        };
+        let params = Params {
+            nodes,
+            shards,
+            groups: groups.clone(),
+            loss_percent: rng.range(0, 30),
+            duplicate_percent: rng.range(0, 5),
+            delay_rounds_max: rng.range(1, 6),
+            persist_rounds_max: rng.range(0, 6),
+            rounds_per_tick: 4,
+            compact_after: rng.range(4, 48),
+            client_timeout_ticks: rng.range(15, 40),
+            request_percent: rng.range(20, 80),
+            raft,
+        };
+        let ids: Vec<NodeId> = (1..=nodes as u64).collect();
+        let mut voters = BTreeMap::new();
+        for &g in &groups {
+            // Rendezvous hashing: the 3 nodes with the highest hash of (group, node).
+            let mut ranked: Vec<(u64, NodeId)> =
+                ids.iter().map(|&n| (mix(g as u64, n), n)).collect();
+            ranked.sort_unstable_by(|a, b| b.cmp(a));
+            let mut set: Vec<NodeId> = ranked.iter().take(3).map(|&(_, n)| n).collect();
+            set.sort_unstable();
+            voters.insert(g, set);
+        }
+        let limits = Limits::default();
+        let mut cluster = Cluster {
+            seed,
+            options: options.clone(),
+            loss_percent: params.loss_percent,
+            params,
+            rng,
+            round: 0,
+            tick: 0,
+            nodes: Vec::new(),
+            voters,
+            flights: Vec::new(),
+            client_flights: Vec::new(),
+            flight_seq: 0,
+            cut: BTreeSet::new(),
+            clients: Vec::new(),
+            next_request: 1,
+            cov: Coverage::default(),
+            trace: TraceHash::default(),
+            log: Vec::new(),
+            checker: Checker::new(seed),
+            healing: false,
+            limits,
+            fig8_isolate_next: None,
+            fig8_elected: None,
+            fig8_crash_next: None,
+            fig8_crashed: false,
+            fig8_cut_on_commit: None,
+            crash_at: None,
+        };
+        for &id in &ids {
+            let mut replicas = BTreeMap::new();
+            for &g in &groups {
+                if cluster.voters[&g].contains(&id) {
+                    let raft = cluster.new_raft(id, g, 0, None);
+                    replicas.insert(
+                        g,
+                        Replica {
+                            group: g,
+                            raft,
+                            gs: GroupState::new(limits),
+                            applied: 0,
+                            shadow_snap: SnapshotMeta::default(),
+                            shadow: Vec::new(),
+                            disk: GroupDisk {
+                                hard: HardState::default(),
+                                snap: SnapshotMeta::default(),
+                                snap_data: Vec::new(),
+                                log: Vec::new(),
+                            },
+                            leader: false,
+                            waiters: Vec::new(),
+                        },
+                    );
+                }
+            }
+            let disks = (0..cluster.params.shards)
+                .map(|_| ShardDisk::default())
+                .collect();
+            cluster.nodes.push(Node {
+                id,
+                up: true,
+                replicas,
+                disks,
+                restarts: 0,
+            });
+        }
+        for &g in &groups {
+            let sessions = cluster.rng.range(1, 3);
+            for s in 0..sessions {
+                let session = format!("g{g}-s{s}");
+                for _ in 0..cluster.rng.range(1, 3) {
+                    let target = cluster.random_voter(g);
+                    cluster.clients.push(Client {
+                        group: g,
+                        session: session.clone(),
+                        target,
+                        pending: None,
+                        created: false,
+                        next_n: 1,
+                        known_seq: 0,
+                    });
+                }
+            }
+        }
+        cluster
+    }
+
+    fn new_raft(
+        &self,
+        id: NodeId,
+        group: u16,
+        restarts: u64,
+        restored: Option<Restored<Command>>,
+    ) -> RaftNode<Command> {
+        let seed = mix(self.seed, (group as u64) << 32 | id << 16 | restarts);
+        let mut raft = RaftNode::new(
+            self.params.raft.clone(),
+            id,
+            self.voters[&group].clone(),
+            seed,
+            restored,
+        );
+        raft.plant_bugs(PlantedBugs {
+            commit_previous_term: self.options.bugs.previous_term_commit,
+        });
+        raft
+    }
+
+    pub fn random_voter(&mut self, group: u16) -> NodeId {
+        let v = &self.voters[&group];
+        v[self.rng.below(v.len() as u64) as usize]
+    }
+
+    pub fn note(&mut self, text: impl FnOnce() -> String) {
+        if self.options.verbose {
+            let t = text();
+            self.log
+                .push(format!("[t{} r{}] {t}", self.tick, self.round));
+        }
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn rep(&mut self, id: NodeId, group: u16) -> &mut Replica {
+        self.nodes[(id - 1) as usize]
+            .replicas
+            .get_mut(&group)
+            .expect("replica")
+    }
+
+    // ---- the run ----
+
+    pub fn run(mut self) -> Result<Report, String> {
+        let mut schedule = Schedule::new(&mut self);
+        let fault_ticks = self.options.fault_ticks;
+        for _ in 0..fault_ticks {
+            schedule.step(&mut self);
+            self.tick_once().map_err(|e| self.failure(&e))?;
+        }
+        self.heal();
+        let heal_start = self.tick;
+        let acks_before: BTreeMap<u16, usize> = self
+            .params
+            .groups
+            .iter()
+            .map(|&g| (g, self.checker.acks_after(g, 0)))
+            .collect();
+        let _ = acks_before;
+        let mut progressed: BTreeSet<u16> = BTreeSet::new();
+        let bound = self.options.heal_ticks;
+        while progressed.len() < self.params.groups.len() {
+            if self.tick - heal_start >= bound {
+                let missing: Vec<u16> = self
+                    .params
+                    .groups
+                    .iter()
+                    .copied()
+                    .filter(|g| !progressed.contains(g))
+                    .collect();
+                let e = format!(
+                    "liveness: groups {missing:?} made no acknowledged progress within {bound} ticks after healing"
+                );
+                return Err(self.failure(&e));
+            }
+            self.tick_once().map_err(|e| self.failure(&e))?;
+            for &g in &self.params.groups {
+                if self.checker.acks_after(g, heal_start) > 0 {
+                    progressed.insert(g);
+                }
+            }
+        }
+        // Quiesce: no new client requests; every replica must converge.
+        self.params.request_percent = 0;
+        let quiesce_start = self.tick;
+        loop {
+            if self.converged() {
+                break;
+            }
+            if self.tick - quiesce_start >= bound {
+                // Caught up but different: a safety failure, not a liveness one.
+                self.final_checks().map_err(|e| self.failure(&e))?;
+                let e = format!(
+                    "liveness: replicas did not converge within {bound} ticks after healing"
+                );
+                return Err(self.failure(&e));
+            }
+            self.tick_once().map_err(|e| self.failure(&e))?;
+        }
+        self.final_checks().map_err(|e| self.failure(&e))?;
+        Ok(Report {
+            coverage: self.cov.clone(),
+            trace_hash: self.trace.0,
+            params: self.describe(),
+            ticks: self.tick,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        let p = &self.params;
+        format!(
+            "nodes {} shards {} groups {:?} loss {}% dup {}% delay<={} persist<={} compact>{} inflight {} entries/msg {} chunk {} pre_vote {} check_quorum {} bugs {:?}",
+            p.nodes,
+            p.shards,
+            if p.groups.len() > 8 { vec![p.groups.len() as u16] } else { p.groups.clone() },
+            p.loss_percent,
+            p.duplicate_percent,
+            p.delay_rounds_max,
+            p.persist_rounds_max,
+            p.compact_after,
+            p.raft.max_inflight,
+            p.raft.max_entries_per_msg,
+            p.raft.snapshot_chunk_bytes,
+            p.raft.pre_vote,
+            p.raft.check_quorum,
+            self.options.bugs,
+        )
+    }
+
+    fn failure(&self, e: &str) -> String {
+        let mut out = format!(
+            "seed {}: {e}\n  at tick {} round {}; {}",
+            self.seed,
+            self.tick,
+            self.round,
+            self.describe()
+        );
+        for n in &self.nodes {
+            for (g, r) in &n.replicas {
+                out.push_str(&format!(
+                    "\n  node {} up {} group {g}: {:?} term {} commit {} applied {} last {} snap {}",
+                    n.id,
+                    n.up,
+                    r.raft.role(),
+                    r.raft.term(),
+                    r.raft.commit_index(),
+                    r.applied,
+                    r.raft.last_index(),
+                    r.raft.snapshot_index()
+                ));
+            }
+        }
+        if !self.log.is_empty() {
+            let start = self.log.len().saturating_sub(60);
+            out.push_str("\n  last events:\n    ");
+            out.push_str(&self.log[start..].join("\n    "));
+        }
+        out
+    }
+
+    fn heal(&mut self) {
+        self.healing = true;
+        self.note(|| "heal everything".to_string());
+        self.fig8_isolate_next = None;
+        self.fig8_crash_next = None;
+        self.fig8_cut_on_commit = None;
+        self.crash_at = None;
+        self.cut.clear();
+        self.loss_percent = 0;
+        self.params.duplicate_percent = 0;
+        let down: Vec<NodeId> = self.nodes.iter().filter(|n| !n.up).map(|n| n.id).collect();
+        for id in down {
+            self.restart(id);
+        }
+    }
+
+    fn converged(&self) -> bool {
+        for &g in &self.params.groups {
+            let len = self.checker.committed_len(g);
+            let mut snapshots = Vec::new();
+            for &v in &self.voters[&g] {
+                let r = &self.node(v).replicas[&g];
+                if r.applied != len || r.raft.commit_index() != len {
+                    return false;
+                }
+                snapshots.push(r.gs.encode_snapshot());
+            }
+            if snapshots.windows(2).any(|w| w[0] != w[1]) {
+                return false;
+            }
+            // Only Noops may follow a committed log: nothing uncommitted anywhere.
+            if self.voters[&g]
+                .iter()
+                .any(|&v| self.node(v).replicas[&g].raft.last_index() != len)
+            {
+                return false;
+            }
+        }
+        self.clients.iter().all(|c| c.pending.is_none())
+    }
+
+    fn final_checks(&self) -> Result<(), String> {
+        for &g in &self.params.groups {
+            let len = self.checker.committed_len(g);
+            if self.voters[&g]
+                .iter()
+                .any(|&v| self.node(v).replicas[&g].applied != len)
+            {
+                continue; // not caught up: compared only once every replica is
+            }
+            let mut first: Option<(NodeId, Vec<u8>)> = None;
+            for &v in &self.voters[&g] {
+                let bytes = self.node(v).replicas[&g].gs.encode_snapshot();
+                match &first {
+                    None => first = Some((v, bytes)),
+                    Some((w, b)) if *b != bytes => {
+                        return Err(format!(
+                            "state machine divergence: replicas {w} and {v} of group {g} hold different session states (dedupe windows included) at the same index {len}"
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.checker.final_check()
+    }
+
+    /// One tick: clients, every Raft node's clock, then the network rounds.
+    pub fn tick_once(&mut self) -> Result<(), String> {
+        self.tick += 1;
+        self.trace.add(0xF00D ^ self.tick);
+        self.clients_step()?;
+        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        for id in ids {
+            if !self.node(id).up {
+                continue;
+            }
+            let groups: Vec<u16> = self.node(id).replicas.keys().copied().collect();
+            for g in groups {
+                self.rep(id, g).raft.tick();
+                self.process(id, g)?;
+            }
+            self.maybe_compact(id)?;
+        }
+        for _ in 0..self.params.rounds_per_tick {
+            self.round_once()?;
+        }
+        let mut checker = std::mem::replace(&mut self.checker, Checker::new(0));
+        let result = checker.check_step(self);
+        self.checker = checker;
+        result?;
+        Ok(())
+    }
+
+    fn round_once(&mut self) -> Result<(), String> {
+        self.round += 1;
+        let now = self.round;
+        if let Some((at, node)) = self.crash_at {
+            if at <= now {
+                self.crash_at = None;
+                self.note(|| format!("figure 8: crash re-elected leader {node}"));
+                self.crash(node);
+                self.fig8_crashed = true;
+            }
+        }
+        let mut due: Vec<Flight> = Vec::new();
+        let mut rest = Vec::with_capacity(self.flights.len());
+        for f in self.flights.drain(..) {
+            if f.at <= now {
+                due.push(f);
+            } else {
+                rest.push(f);
+            }
+        }
+        self.flights = rest;
+        due.sort_by_key(|f| (f.at, f.seq));
+        for f in due {
+            let to = f.msg.to;
+            if !self.node(to).up || self.cut.contains(&(f.msg.from, to)) {
+                continue;
+            }
+            self.cov.messages += 1;
+            self.trace.add(f.seq);
+            self.trace
+                .add(f.group as u64 ^ (f.msg.from << 16) ^ (to << 24));
+            self.rep(to, f.group).raft.step(f.msg);
+            self.process(to, f.group)?;
+        }
+        let mut due_clients = Vec::new();
+        let mut rest = Vec::new();
+        for f in self.client_flights.drain(..) {
+            if f.0 <= now {
+                due_clients.push(f);
+            } else {
+                rest.push(f);
+            }
+        }
+        self.client_flights = rest;
+        due_clients.sort_by_key(|f| (f.0, f.1));
+        for (_, _, f) in due_clients {
+            match f {
+                ClientFlight::Request {
+                    node,
+                    client,
+                    request,
+                } => self.handle_request(node, client, request)?,
+                ClientFlight::Reply {
+                    client,
+                    request,
+                    reply,
+                } => self.handle_reply(client, request, reply)?,
+            }
+        }
+        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        for id in ids {
+            for shard in 0..self.params.shards {
+                self.finish_writes(id, shard)?;
+            }
+        }
+        let mut checker = std::mem::replace(&mut self.checker, Checker::new(0));
+        let result = checker.check_round(self);
+        self.checker = checker;
+        result?;
+        Ok(())
+    }
+
+    // ---- network ----
+
+    fn send(&mut self, group: u16, msg: Message<Command>) {
+        if self.cut.contains(&(msg.from, msg.to)) || self.rng.chance(self.loss_percent) {
+            return;
+        }
+        let copies = if self.rng.chance(self.params.duplicate_percent) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let at = self.round + 1 + self.rng.below(self.params.delay_rounds_max);
+            self.flight_seq += 1;
+            self.flights.push(Flight {
+                at,
+                seq: self.flight_seq,
+                group,
+                msg: msg.clone(),
+            });
+        }
+    }
+
+    fn send_client(&mut self, flight: ClientFlight) {
+        if self.rng.chance(self.loss_percent / 2) {
+            return; // the client sees a timeout
+        }
+        let at = self.round + 1 + self.rng.below(self.params.delay_rounds_max);
+        self.flight_seq += 1;
+        self.client_flights.push((at, self.flight_seq, flight));
+    }
+
+    pub fn isolate(&mut self, id: NodeId) {
+        for other in 1..=self.params.nodes as u64 {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    // ---- crash and restart ----
+
+    /// Stop the node: everything not yet durable is lost, except that the disk may have
+    /// written a prefix of the pending writes of a shard, the next one torn (and so
+    /// dropped by the recovery scan).
+    pub fn crash(&mut self, id: NodeId) {
+        if !self.node(id).up {
+            return;
+        }
+        self.cov.crashes += 1;
+        self.note(|| format!("crash node {id}"));
+        self.trace.add(0xC4A5 ^ id);
+        for shard in 0..self.params.shards {
+            let queue: Vec<PendingWrite> = self.node_mut(id).disks[shard].queue.drain(..).collect();
+            if queue.is_empty() {
+                continue;
+            }
+            let survive = if self.rng.chance(50) {
+                self.rng.below(queue.len() as u64) as usize
+            } else {
+                0
+            };
+            if survive < queue.len() {
+                self.cov.torn_tails += 1;
+            }
+            for w in queue.into_iter().take(survive) {
+                self.write_to_disk(id, &w);
+            }
+            self.node_mut(id).disks[shard].last_done_at = 0;
+        }
+        let node = self.node_mut(id);
+        node.up = false;
+        for r in node.replicas.values_mut() {
+            r.waiters.clear();
+            r.leader = false;
+        }
+        self.flights.retain(|f| f.msg.to != id);
+    }
+
+    /// Start the node again from its disk.
+    pub fn restart(&mut self, id: NodeId) {
+        if self.node(id).up {
+            return;
+        }
+        self.note(|| format!("restart node {id}"));
+        self.trace.add(0x5EA7 ^ id);
+        self.node_mut(id).restarts += 1;
+        let restarts = self.node(id).restarts;
+        let groups: Vec<u16> = self.node(id).replicas.keys().copied().collect();
+        for g in groups {
+            let (restored, snap_data) = {
+                let d = &self.node(id).replicas[&g].disk;
+                let entries: Vec<Entry<Command>> = d
+                    .log
+                    .iter()
+                    .filter(|e| e.index > d.snap.index)
+                    .cloned()
+                    .collect();
+                (
+                    Restored {
+                        hard_state: d.hard,
+                        snapshot: d.snap,
+                        entries,
+                    },
+                    d.snap_data.clone(),
+                )
+            };
+            let gs = if restored.snapshot.index == 0 {
+                GroupState::new(self.limits)
+            } else {
+                GroupState::decode_snapshot(&snap_data, self.limits)
+                    .expect("stored snapshot decodes")
+            };
+            let snap = restored.snapshot;
+            let shadow = restored.entries.clone();
+            let raft = self.new_raft(id, g, restarts, Some(restored));
+            let r = self.rep(id, g);
+            r.raft = raft;
+            r.gs = gs;
+            r.applied = snap.index;
+            r.shadow_snap = snap;
+            r.shadow = shadow;
+            r.leader = false;
+            r.waiters.clear();
+        }
+        self.node_mut(id).up = true;
+    }
+
+    // ---- the shell ----
+
+    fn process(&mut self, id: NodeId, group: u16) -> Result<(), String> {
+        while self.node(id).up && self.node(id).replicas[&group].raft.has_ready() {
+            let ready = self.rep(id, group).raft.ready();
+            self.perform(id, group, ready)?;
+        }
+        Ok(())
+    }
+
+    fn perform(&mut self, id: NodeId, g: u16, ready: Ready<Command>) -> Result<(), String> {
+        let mut became_leader = false;
+        if let Some(soft) = ready.soft_state {
+            self.trace
+                .add(0x50F7 ^ soft.term ^ ((soft.role as u64) << 40) ^ (id << 48));
+            let was_leader = self.node(id).replicas[&g].leader;
+            if soft.role == Role::Leader && !was_leader {
+                became_leader = true;
+                self.cov.elections += 1;
+                self.note(|| format!("node {id} leads group {g} in term {}", soft.term));
+                self.rep(id, g).leader = true;
+                if let Some((fg, except)) = self.fig8_isolate_next {
+                    if fg == g && id != except {
+                        // Before this Ready's messages leave: its entries stay its own.
+                        self.note(|| format!("figure 8: isolate new leader {id}"));
+                        self.isolate(id);
+                        self.fig8_isolate_next = None;
+                        self.fig8_elected = Some(id);
+                    }
+                }
+                if let Some((fg, l, k)) = self.fig8_crash_next {
+                    if fg == g && id == l {
+                        if k % 2 == 0 {
+                            self.crash_at = Some((self.round + k, l));
+                        } else {
+                            self.fig8_cut_on_commit = Some((g, l));
+                        }
+                        self.fig8_crash_next = None;
+                    }
+                }
+            } else if soft.role != Role::Leader && was_leader {
+                self.cov.leader_losses += 1;
+                self.note(|| format!("node {id} loses group {g} in term {}", soft.term));
+                let r = self.rep(id, g);
+                r.leader = false;
+                r.waiters.clear();
+                r.gs.discard_uncommitted();
+            }
+        }
+        for peer in ready.snapshot_requests {
+            let r = self.rep(id, g);
+            let meta = r.disk.snap;
+            let data = r.disk.snap_data.clone();
+            let r_len = data.len();
+            let result = if meta.index == 0 {
+                Err(None)
+            } else {
+                r.raft.send_snapshot(peer, meta, data).map_err(Some)
+            };
+            if result.is_err() {
+                r.raft.snapshot_failed(peer);
+            }
+            self.note(|| {
+                format!(
+                    "node {id} group {g}: snapshot {} ({} bytes) for {peer}: {result:?}",
+                    meta.index, r_len
+                )
+            });
+        }
+        for msg in ready.messages {
+            self.send(g, msg);
+        }
+        if let Some((meta, data)) = &ready.snapshot_to_install {
+            self.cov.snapshot_installs += 1;
+            self.note(|| format!("node {id} group {g} installs snapshot at {}", meta.index));
+            let gs = GroupState::decode_snapshot(data, self.limits)
+                .map_err(|e| format!("node {id} group {g}: received snapshot: {e}"))?;
+            self.checker
+                .check_snapshot(g, meta.index, &gs, self.limits)?;
+            let r = self.rep(id, g);
+            r.gs = gs;
+            r.applied = meta.index;
+            r.shadow_snap = *meta;
+            r.shadow.clear();
+        }
+        if let Some(first) = ready.entries_to_persist.first() {
+            let r = self.rep(id, g);
+            let keep = first.index.saturating_sub(r.shadow_snap.index + 1) as usize;
+            let truncated = r.shadow.len() > keep;
+            r.shadow.truncate(keep);
+            r.shadow.extend(ready.entries_to_persist.iter().cloned());
+            if truncated {
+                self.cov.truncations += 1;
+                self.note(|| format!("node {id} group {g} truncates from {}", first.index));
+            }
+        }
+        // Queue the writes on the shard's disk.
+        let shard = shard_of(g, self.params.shards);
+        let has_write = ready.snapshot_to_install.is_some()
+            || !ready.entries_to_persist.is_empty()
+            || ready.hard_state.is_some()
+            || !ready.persisted_messages.is_empty();
+        if has_write {
+            let delay = self.rng.range(0, self.params.persist_rounds_max);
+            let bug = self.options.bugs.ack_before_persist;
+            let mut write = PendingWrite {
+                done_at: 0,
+                group: g,
+                snapshot: ready.snapshot_to_install,
+                entries: ready.entries_to_persist,
+                hard: ready.hard_state,
+                messages: ready.persisted_messages,
+            };
+            if bug {
+                // The planted bug: durable "at once", while the disk has not got it.
+                let messages = std::mem::take(&mut write.messages);
+                self.report_persisted(id, g, &write);
+                for m in messages {
+                    self.send(g, m);
+                }
+            }
+            let round = self.round;
+            let disk = &mut self.node_mut(id).disks[shard];
+            write.done_at = disk.last_done_at.max(round + delay);
+            disk.last_done_at = write.done_at;
+            disk.queue.push_back(write);
+        }
+        for e in ready.committed_entries {
+            self.commit_entry(id, g, e)?;
+        }
+        if became_leader {
+            self.become_leader(id, g);
+        }
+        Ok(())
+    }
+
+    fn report_persisted(&mut self, id: NodeId, g: u16, w: &PendingWrite) {
+        let r = self.rep(id, g);
+        if let Some((meta, _)) = &w.snapshot {
+            r.raft.on_persisted(meta.index, meta.term);
+        }
+        if let Some(last) = w.entries.last() {
+            r.raft.on_persisted(last.index, last.term);
+        }
+    }
+
+    fn become_leader(&mut self, id: NodeId, g: u16) {
+        let forget = self.options.bugs.forgotten_dedupe;
+        let limits = self.limits;
+        let r = self.rep(id, g);
+        if forget {
+            // The planted bug: the session state is rebuilt without its dedupe windows.
+            let none = Limits {
+                dedupe_keys_max: 0,
+                producers_max: 0,
+            };
+            let stripped = GroupState::decode_snapshot(&r.gs.encode_snapshot(), none)
+                .expect("own snapshot decodes");
+            r.gs = GroupState::decode_snapshot(&stripped.encode_snapshot(), limits)
+                .expect("own snapshot decodes");
+        }
+        // session.rs: on becoming leader, forget the overlay and apply the log's
+        // uncommitted suffix again before deciding anything.
+        r.gs.discard_uncommitted();
+        let applied = r.applied;
+        let suffix: Vec<Command> = r
+            .shadow
+            .iter()
+            .filter(|e| e.index > applied)
+            .filter_map(|e| match &e.payload {
+                Payload::Data(c) => Some(c.clone()),
+                Payload::Noop => None,
+            })
+            .collect();
+        for c in &suffix {
+            r.gs.apply(c);
+        }
+    }
+
+    fn commit_entry(&mut self, id: NodeId, g: u16, e: Entry<Command>) -> Result<(), String> {
+        let term_now = self.node(id).replicas[&g].raft.term();
+        {
+            let r = &self.node(id).replicas[&g];
+            if e.index != r.applied + 1 {
+                return Err(format!(
+                    "node {id} group {g}: committed entry {} after applied {}",
+                    e.index, r.applied
+                ));
+            }
+            if let Some(s) = r.shadow_entry(e.index) {
+                if *s != e {
+                    return Err(format!(
+                        "node {id} group {g}: committed entry {} differs from the log",
+                        e.index
+                    ));
+                }
+            }
+        }
+        self.checker.on_commit(g, id, &e, term_now, self.tick)?;
+        self.cov.commits += 1;
+        self.trace.add(0xC0 ^ e.index ^ (e.term << 32) ^ (id << 56));
+        if self.fig8_cut_on_commit == Some((g, id)) && self.node(id).replicas[&g].leader {
+            self.fig8_cut_on_commit = None;
+            self.note(|| {
+                format!(
+                    "figure 8: isolate re-elected leader {id} as it commits {}",
+                    e.index
+                )
+            });
+            self.isolate(id);
+            self.fig8_crashed = true;
+        }
+        let r = self.rep(id, g);
+        if let Payload::Data(c) = &e.payload {
+            r.gs.commit(c);
+        }
+        r.applied = e.index;
+        if !r.leader || r.waiters.is_empty() {
+            return Ok(());
+        }
+        let mut done = Vec::new();
+        let mut keep = Vec::new();
+        for w in std::mem::take(&mut r.waiters) {
+            let ready = match &w.wait {
+                WaitFor::Entry { index, term, seq } => {
+                    if *index == e.index && *term == e.term {
+                        Some(match seq {
+                            Some(seq) => Reply::Acked {
+                                seq: *seq,
+                                deduped: w.deduped,
+                            },
+                            None => Reply::Created,
+                        })
+                    } else if *index <= e.index {
+                        None // replaced: the client times out
+                    } else {
+                        keep.push(w);
+                        continue;
+                    }
+                }
+                WaitFor::Seq { session, seq } => {
+                    if r.gs.committed_seq(session).is_some_and(|s| s >= *seq) {
+                        Some(Reply::Acked {
+                            seq: *seq,
+                            deduped: true,
+                        })
+                    } else {
+                        keep.push(w);
+                        continue;
+                    }
+                }
+                WaitFor::Created { session } => {
+                    if r.gs.view(session).is_some() {
+                        Some(Reply::Created)
+                    } else {
+                        keep.push(w);
+                        continue;
+                    }
+                }
+            };
+            if let Some(reply) = ready {
+                done.push((w.client, w.request, reply));
+            }
+        }
+        r.waiters = keep;
+        for (client, request, reply) in done {
+            self.send_client(ClientFlight::Reply {
+                client,
+                request,
+                reply,
+            });
+        }
+        Ok(())
+    }
+
+    fn write_to_disk(&mut self, id: NodeId, w: &PendingWrite) {
+        let d = &mut self.rep(id, w.group).disk;
+        if let Some((meta, data)) = &w.snapshot {
+            if meta.index > d.snap.index {
+                d.log.clear();
+                d.snap = *meta;
+                d.snap_data = data.clone();
+            }
+        }
+        if let Some(first) = w.entries.first() {
+            d.log.retain(|e| e.index < first.index);
+            let snap = d.snap.index;
+            d.log
+                .extend(w.entries.iter().filter(|e| e.index > snap).cloned());
+            // Keep the stored log one contiguous run after the snapshot.
+            let cut = (snap + 1..)
+                .zip(d.log.iter())
+                .position(|(expect, e)| e.index != expect)
+                .unwrap_or(d.log.len());
+            d.log.truncate(cut);
+        }
+        if let Some(h) = w.hard {
+            d.hard = h;
+        }
+    }
+
+    fn finish_writes(&mut self, id: NodeId, shard: usize) -> Result<(), String> {
+        loop {
+            let now = self.round;
+            let node = self.node_mut(id);
+            if !node.up {
+                return Ok(());
+            }
+            let disk = &mut node.disks[shard];
+            if disk.queue.front().is_none_or(|w| w.done_at > now) {
+                return Ok(());
+            }
+            let mut w = disk.queue.pop_front().expect("front");
+            self.write_to_disk(id, &w);
+            if !self.options.bugs.ack_before_persist {
+                self.report_persisted(id, w.group, &w);
+            }
+            for m in std::mem::take(&mut w.messages) {
+                self.send(w.group, m);
+            }
+            self.process(id, w.group)?;
+        }
+    }
+
+    fn maybe_compact(&mut self, id: NodeId) -> Result<(), String> {
+        let after = self.params.compact_after;
+        let groups: Vec<u16> = self.node(id).replicas.keys().copied().collect();
+        for g in groups {
+            let r = self.rep(id, g);
+            let applied = r.applied;
+            if applied < r.raft.snapshot_index() + after || applied != r.raft.applied_index() {
+                continue;
+            }
+            let Some(term) = r.raft.entry_term(applied) else {
+                continue;
+            };
+            let meta = SnapshotMeta {
+                index: applied,
+                term,
+            };
+            r.raft
+                .compact(meta)
+                .map_err(|e| format!("node {id} group {g}: compact: {e:?}"))?;
+            let data = r.gs.encode_snapshot();
+            // The snapshot file is written and synced on its own, then the log is cut.
+            r.disk.snap = meta;
+            r.disk.snap_data = data;
+            r.disk.log.retain(|e| e.index > applied);
+            let keep_from = (applied - r.shadow_snap.index) as usize;
+            r.shadow.drain(..keep_from.min(r.shadow.len()));
+            r.shadow_snap = meta;
+            self.cov.compactions += 1;
+        }
+        Ok(())
+    }
+
+    // ---- clients ----
+
+    fn clients_step(&mut self) -> Result<(), String> {
+        for c in 0..self.clients.len() {
+            let tick = self.tick;
+            let timeout = self.params.client_timeout_ticks;
+            let client = &self.clients[c];
+            match &client.pending {
+                None => {
+                    if !self.rng.chance(self.params.request_percent) {
+                        continue;
+                    }
+                    let request = self.new_request(c);
+                    self.clients[c].pending = Some(request);
+                    self.submit(c);
+                }
+                Some(req) => {
+                    let timed_out = tick >= req.sent_tick + timeout;
+                    if !(timed_out || req.resend) {
+                        continue;
+                    }
+                    if timed_out {
+                        self.cov.retries += 1;
+                        if let RequestKind::Append { key: None, .. } = req.kind {
+                            // Without a key a retry could append twice: give up.
+                            self.clients[c].pending = None;
+                            continue;
+                        }
+                        // Try another node.
+                        let g = self.clients[c].group;
+                        self.clients[c].target = self.random_voter(g);
+                    }
+                    self.submit(c);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn new_request(&mut self, c: usize) -> Request {
+        let id = self.next_request;
+        self.next_request += 1;
+        let client = &self.clients[c];
+        let kind = if !client.created {
+            RequestKind::Create
+        } else {
+            let n = client.next_n;
+            let keyed = !self.rng.chance(10);
+            let key = keyed.then(|| format!("c{c}-{n}"));
+            let mut body = format!(r#"{{"type":"t","payload":{{"c":{c},"n":{n}}}"#);
+            if let Some(k) = &key {
+                body.push_str(&format!(r#","idempotency_key":"{k}""#));
+            }
+            if self.rng.chance(20) {
+                body.push_str(&format!(r#","expected_seq":{}"#, self.clients[c].known_seq));
+            }
+            body.push('}');
+            self.clients[c].next_n += 1;
+            RequestKind::Append { body, key }
+        };
+        Request {
+            id,
+            kind,
+            sent_tick: self.tick,
+            resend: false,
+        }
+    }
+
+    fn submit(&mut self, c: usize) {
+        let tick = self.tick;
+        let client = &mut self.clients[c];
+        let request = client.pending.as_mut().expect("pending");
+        request.sent_tick = tick;
+        request.resend = false;
+        let request = request.clone();
+        let node = client.target;
+        self.trace.add(0xC1 ^ request.id ^ (node << 48));
+        self.send_client(ClientFlight::Request {
+            node,
+            client: c,
+            request,
+        });
+    }
+
+    fn handle_request(&mut self, id: NodeId, c: usize, request: Request) -> Result<(), String> {
+        if !self.node(id).up {
+            return Ok(());
+        }
+        let g = self.clients[c].group;
+        let session = self.clients[c].session.clone();
+        let now_us = (self.tick * 1000 + self.round) as i64;
+        let (role, hint) = {
+            let r = &self.node(id).replicas[&g];
+            (r.raft.role(), r.raft.leader())
+        };
+        if role != Role::Leader {
+            self.send_client(ClientFlight::Reply {
+                client: c,
+                request: request.id,
+                reply: Reply::NotLeader(hint),
+            });
+            return Ok(());
+        }
+        let mut reply = None;
+        let r = self.rep(id, g);
+        let term = r.raft.term();
+        match &request.kind {
+            RequestKind::Create => {
+                let new = NewSession {
+                    id: Some(session.clone()),
+                    title: None,
+                    metadata: "{}".to_string(),
+                };
+                match r.gs.decide_create(&new, session.clone(), now_us) {
+                    Ok(cmd) => match r.raft.propose(cmd.clone()) {
+                        Ok(index) => {
+                            r.gs.apply(&cmd);
+                            r.waiters.push(Waiter {
+                                client: c,
+                                request: request.id,
+                                deduped: false,
+                                wait: WaitFor::Entry {
+                                    index,
+                                    term,
+                                    seq: None,
+                                },
+                            });
+                        }
+                        Err(_) => reply = Some(Reply::Unavailable),
+                    },
+                    Err(CreateError::SessionExists) => {
+                        if r.gs.view(&session).is_some() {
+                            reply = Some(Reply::Created);
+                        } else {
+                            r.waiters.push(Waiter {
+                                client: c,
+                                request: request.id,
+                                deduped: false,
+                                wait: WaitFor::Created {
+                                    session: session.clone(),
+                                },
+                            });
+                        }
+                    }
+                }
+            }
+            RequestKind::Append { body, .. } => {
+                let event: NewEvent =
+                    validate::validate_append(body.as_bytes()).expect("valid body");
+                match r.gs.decide_append(&session, &event, now_us) {
+                    Ok(AppendDecision::Append(cmd)) => {
+                        let Command::Append(a) = &cmd else {
+                            unreachable!("append decision")
+                        };
+                        let seq = a.seq;
+                        match r.raft.propose(cmd.clone()) {
+                            Ok(index) => {
+                                r.gs.apply(&cmd);
+                                r.waiters.push(Waiter {
+                                    client: c,
+                                    request: request.id,
+                                    deduped: false,
+                                    wait: WaitFor::Entry {
+                                        index,
+                                        term,
+                                        seq: Some(seq),
+                                    },
+                                });
+                            }
+                            Err(_) => reply = Some(Reply::Unavailable),
+                        }
+                    }
+                    Ok(AppendDecision::Deduped { seq }) => {
+                        self.cov.dedupe_hits += 1;
+                        let r = self.rep(id, g);
+                        if r.gs.committed_seq(&session).is_some_and(|s| s >= seq) {
+                            reply = Some(Reply::Acked { seq, deduped: true });
+                        } else {
+                            r.waiters.push(Waiter {
+                                client: c,
+                                request: request.id,
+                                deduped: true,
+                                wait: WaitFor::Seq {
+                                    session: session.clone(),
+                                    seq,
+                                },
+                            });
+                        }
+                    }
+                    Err(AppendError::SessionNotFound) => reply = Some(Reply::NotFound),
+                    Err(AppendError::ExpectedSeqConflict { current_seq, .. }) => {
+                        reply = Some(Reply::Conflict { current_seq })
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "node {id} group {g}: request {} of client {c} refused: {e:?} (the same content is always retried with the same key)",
+                            request.id
+                        ))
+                    }
+                }
+            }
+        }
+        self.process(id, g)?;
+        if let Some(reply) = reply {
+            self.send_client(ClientFlight::Reply {
+                client: c,
+                request: request.id,
+                reply,
+            });
+        }
+        Ok(())
+    }
+
+    fn handle_reply(&mut self, c: usize, request: u64, reply: Reply) -> Result<(), String> {
+        let tick = self.tick;
+        let healing = self.healing;
+        let client = &mut self.clients[c];
+        let Some(pending) = &client.pending else {
+            return Ok(());
+        };
+        if pending.id != request {
+            return Ok(()); // a late answer to an earlier request
+        }
+        self.trace.add(0xAC ^ request);
+        match reply {
+            Reply::Acked { seq, deduped } => {
+                let RequestKind::Append { body, key } = pending.kind.clone() else {
+                    return Err(format!("client {c}: append ack for a create"));
+                };
+                let event = validate::validate_append(body.as_bytes()).expect("valid body");
+                client.known_seq = client.known_seq.max(seq);
+                let group = client.group;
+                let session = client.session.clone();
+                client.pending = None;
+                self.cov.acks += 1;
+                let _ = deduped;
+                self.checker.on_ack(Ack {
+                    group,
+                    session,
+                    key,
+                    digest: event.digest,
+                    seq,
+                    tick,
+                    after_heal: healing,
+                })?;
+            }
+            Reply::Created => {
+                if !matches!(pending.kind, RequestKind::Create) {
+                    return Err(format!("client {c}: create ack for an append"));
+                }
+                client.created = true;
+                client.pending = None;
+            }
+            Reply::NotFound => {
+                client.created = false;
+                client.pending = None;
+            }
+            Reply::Conflict { current_seq } => {
+                client.known_seq = current_seq;
+                client.pending = None;
+                self.cov.expected_seq_conflicts += 1;
+            }
+            Reply::NotLeader(hint) => {
+                let g = client.group;
+                let target = match hint {
+                    Some(h) => h,
+                    None => self.random_voter(g),
+                };
+                let client = &mut self.clients[c];
+                client.target = target;
+                if let Some(p) = client.pending.as_mut() {
+                    p.resend = true;
+                }
+            }
+            Reply::Unavailable => {
+                if let Some(p) = client.pending.as_mut() {
+                    p.resend = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Clients of group `g` send to `node` next (they keep talking to an old leader).
+    pub fn point_clients(&mut self, g: u16, node: NodeId) {
+        for c in self.clients.iter_mut().filter(|c| c.group == g) {
+            c.target = node;
+        }
+    }
+
+    pub fn voters_of(&self, g: u16) -> &[NodeId] {
+        &self.voters[&g]
+    }
+
+    /// The leader of a group with the highest term among live nodes.
+    pub fn leader_of(&self, g: u16) -> Option<NodeId> {
+        self.voters[&g]
+            .iter()
+            .filter(|&&v| self.node(v).up)
+            .map(|&v| (&self.node(v).replicas[&g].raft, v))
+            .filter(|(r, _)| r.role() == Role::Leader)
+            .max_by_key(|(r, _)| r.term())
+            .map(|(_, v)| v)
+    }
+
+    pub fn is_up(&self, id: NodeId) -> bool {
+        self.node(id).up
+    }
+
+    pub fn msg_kind(body: &Body<Command>) -> u64 {
+        match body {
+            Body::PreVote { .. } => 1,
+            Body::PreVoteResponse { .. } => 2,
+            Body::Vote { .. } => 3,
+            Body::VoteResponse { .. } => 4,
+            Body::Append { .. } => 5,
+            Body::AppendResponse(_) => 6,
+            Body::Heartbeat { .. } => 7,
+            Body::HeartbeatResponse => 8,
+            Body::InstallSnapshot { .. } => 9,
+            Body::InstallSnapshotResponse { .. } => 10,
+            Body::TimeoutNow => 11,
+        }
+    }
+}
