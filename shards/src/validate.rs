@@ -218,7 +218,13 @@ pub fn validate_create(body: &[u8]) -> Result<NewSession, FieldError> {
     }
     let title = fields.string("title", Text::MAY_BE_EMPTY, TITLE_BYTES_MAX)?;
     let metadata = match session_metadata(&members)? {
-        Some(metadata) => checked_metadata_text(metadata)?,
+        // Stored as received less whitespace, like event values (numbers as written).
+        Some(_) => {
+            let raw = json::raw_members(body)
+                .map_err(|e| FieldError::new(INVALID_JSON, None, e.message))?;
+            let text = json::minify(raw["metadata"].get());
+            check_metadata_bytes(text)?
+        }
         None => "{}".to_string(),
     };
     Ok(NewSession {
@@ -301,7 +307,10 @@ fn session_metadata(
 
 /// Compact text of session metadata, within [`METADATA_BYTES_MAX`].
 pub fn checked_metadata_text(metadata: &Map<String, Value>) -> Result<String, FieldError> {
-    let text = json::object_to_compact(metadata);
+    check_metadata_bytes(json::object_to_compact(metadata))
+}
+
+fn check_metadata_bytes(text: String) -> Result<String, FieldError> {
     if text.len() > METADATA_BYTES_MAX {
         return Err(FieldError::new(
             INVALID_SESSION,
@@ -485,6 +494,17 @@ pub fn push_optional_json_string(out: &mut String, text: Option<&str>) {
     match text {
         Some(text) => push_json_string(out, text),
         None => out.push_str("null"),
+    }
+}
+
+#[cfg(test)]
+mod metadata_text_tests {
+    use super::*;
+
+    #[test]
+    fn create_metadata_is_stored_as_written_less_whitespace() {
+        let new = validate_create(br#"{"metadata": {"b": 1E2, "a": [1.50, "\u00e9"]}}"#).unwrap();
+        assert_eq!(new.metadata, r#"{"b":1E2,"a":[1.50,"\u00e9"]}"#);
     }
 }
 
