@@ -368,14 +368,9 @@ impl Api {
             (true, Some((id, _))) => Value::String(id.clone()),
             _ => Value::Null,
         };
-        let mut body = String::from("{\"sessions\":[");
-        for (i, (_, text)) in all.iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(text);
-        }
-        body.push_str("],\"next_cursor\":");
+        let mut body = String::from("{\"sessions\":");
+        push_json_array(&mut body, all.iter().map(|(_, text)| text.as_str()));
+        body.push_str(",\"next_cursor\":");
         body.push_str(&next_cursor.to_string());
         body.push('}');
         Ok(Response::json(200, body))
@@ -398,15 +393,10 @@ impl Api {
         match self.node.call(self.node.owner_of(&id), op).await {
             Reply::Events { events, last_seq } => {
                 let next_cursor = events.last().map_or(cursor, |e| e.0);
-                let mut body = String::from("{\"events\":[");
-                for (i, (_, text)) in events.iter().enumerate() {
-                    if i > 0 {
-                        body.push(',');
-                    }
-                    body.push_str(text);
-                }
+                let mut body = String::from("{\"events\":");
+                push_json_array(&mut body, events.iter().map(|(_, text)| text.as_ref()));
                 body.push_str(&format!(
-                    "],\"next_cursor\":{next_cursor},\"last_seq\":{last_seq}}}"
+                    ",\"next_cursor\":{next_cursor},\"last_seq\":{last_seq}}}"
                 ));
                 Ok(Response::json(200, body))
             }
@@ -453,6 +443,18 @@ impl Api {
         };
         tail::upgrade(self.node.clone(), self.shutdown.clone(), &key, params)
     }
+}
+
+/// Appends `[a,b,...]` of already rendered JSON texts.
+fn push_json_array<'a>(out: &mut String, items: impl Iterator<Item = &'a str>) {
+    out.push('[');
+    for (i, text) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(text);
+    }
+    out.push(']');
 }
 
 fn set_content_type(response: &mut Response, value: &str) {

@@ -798,8 +798,8 @@ impl Recovery {
             Replayed::Record(loc, crc, rec) => (loc, crc, rec),
             Replayed::SegmentEnd(epoch) => {
                 let plan = self.store.plan_seal(epoch as u32);
-                self.seals.push((epoch, plan.offsets.clone()));
-                self.store.apply_seal(plan);
+                let offsets = self.store.apply_seal(plan);
+                self.seals.push((epoch, offsets));
                 return;
             }
         };

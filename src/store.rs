@@ -196,13 +196,15 @@ impl EventStore {
         plan
     }
 
-    pub fn apply_seal(&mut self, plan: SealPlan) {
+    /// Turns the planned offsets into runs; gives back the index file body.
+    pub fn apply_seal(&mut self, plan: SealPlan) -> Vec<u32> {
         for (slot, run) in plan.runs {
             let events = &mut self.sessions[slot as usize];
             events.runs.push(run);
             events.active = Vec::new();
         }
         self.active_slots.clear();
+        plan.offsets
     }
 
     pub fn last_seq(&self, session_id: &str) -> u64 {

@@ -64,7 +64,7 @@ pub struct Wal {
     active_epoch: u64,
     write_pos: u64,
     /// The next segment, pre-written in the background while the active one fills.
-    next: Option<glommio::task::JoinHandle<io::Result<DmaFile>>>,
+    next: Option<glommio::task::JoinHandle<io::Result<()>>>,
     fsync_delay: Option<Duration>,
 }
 
@@ -121,10 +121,9 @@ impl Wal {
             }
             None => {
                 let epoch = resume.0.max(1);
-                let prewritten = prewrite_segment(dir.to_path_buf(), epoch, segment_bytes)
+                prewrite_segment(dir.to_path_buf(), epoch, segment_bytes)
                     .await
                     .map_err(|e| format!("create first segment in {}: {e}", dir.display()))?;
-                let _ = prewritten.close().await;
                 (epoch, 0, open_segment(dir, epoch).await?)
             }
         };
@@ -139,10 +138,6 @@ impl Wal {
         };
         wal.start_prewrite();
         Ok(wal)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn start_prewrite(&mut self) {
@@ -226,11 +221,9 @@ impl Wal {
     /// only ever be in the last segment.
     async fn roll(&mut self) {
         let next = self.next.take().expect("next segment is being prepared");
-        let prewritten = next
-            .await
+        next.await
             .expect("prewrite task finished")
             .unwrap_or_else(|e| panic!("pre-writing a log segment in {}: {e}", self.dir.display()));
-        let _ = prewritten.close().await;
         let file = open_segment(&self.dir, self.active_epoch + 1)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -450,27 +443,10 @@ async fn scan_file(
     visit: &mut impl FnMut(Replayed),
 ) -> Result<(u64, ScanOutcome), String> {
     let path = segment_path(dir, epoch);
-    let file = DmaFile::open(&path)
+    let bytes = read_file(&path)
         .await
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
-    let size = file
-        .file_size()
-        .await
-        .map_err(|e| format!("stat {}: {e}", path.display()))?;
-    let mut bytes = Vec::with_capacity(size as usize);
-    let mut pos = 0;
-    while pos < size {
-        let chunk = file
-            .read_at(pos, SCAN_CHUNK_BYTES.min((size - pos) as usize))
-            .await
-            .map_err(|e| format!("read {}: {e}", path.display()))?;
-        if chunk.is_empty() {
-            break;
-        }
-        bytes.extend_from_slice(&chunk);
-        pos += chunk.len() as u64;
-    }
-    let _ = file.close().await;
+        .map_err(|e| format!("read {}: {e}", path.display()))?
+        .ok_or_else(|| format!("{} vanished during recovery", path.display()))?;
     let scan = codec::scan_segment(&bytes, epoch);
     let epoch32 = u32::try_from(epoch).map_err(|_| "segment epoch too large".to_string())?;
     for rec in scan.records.into_iter().filter(|r| r.offset >= from) {
@@ -505,7 +481,22 @@ async fn zero_from(file: &DmaFile, from: u64, segment_bytes: u64) -> Result<(), 
 /// Writes a whole small file durably: temp file, write, fdatasync, rename, directory
 /// fsync. `bytes` must be a multiple of the block size (O_DIRECT).
 pub async fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let final_path = dir.join(name);
+    let fill = |chunk: &mut [u8], pos: usize| {
+        chunk.copy_from_slice(&bytes[pos..pos + chunk.len()]);
+    };
+    create_durably(dir, name, bytes.len(), fill, None).await
+}
+
+/// Creates `dir/name` of `len` bytes so that a crash never leaves it half-written under
+/// its name: chunks filled by `fill(chunk, offset)` go to a temp file (with `pause`
+/// between chunks, if any), then fdatasync, rename, directory fsync.
+async fn create_durably(
+    dir: &Path,
+    name: &str,
+    len: usize,
+    fill: impl Fn(&mut [u8], usize),
+    pause: Option<Duration>,
+) -> io::Result<()> {
     let tmp_path = dir.join(format!("{name}.tmp"));
     let file = OpenOptions::new()
         .write(true)
@@ -514,15 +505,18 @@ pub async fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Res
         .dma_open(&tmp_path)
         .await?;
     let mut pos = 0;
-    while pos < bytes.len() {
-        let len = PREWRITE_CHUNK_BYTES.min(bytes.len() - pos);
-        let mut buf = file.alloc_dma_buffer(len);
-        buf.as_bytes_mut().copy_from_slice(&bytes[pos..pos + len]);
+    while pos < len {
+        let chunk = PREWRITE_CHUNK_BYTES.min(len - pos);
+        let mut buf = file.alloc_dma_buffer(chunk);
+        fill(buf.as_bytes_mut(), pos);
         file.write_at(buf, pos as u64).await?;
-        pos += len;
+        pos += chunk;
+        if let Some(pause) = pause {
+            glommio::timer::sleep(pause).await;
+        }
     }
     file.fdatasync().await?;
-    file.rename(&final_path).await?;
+    file.rename(dir.join(name)).await?;
     let _ = file.close().await;
     let directory = glommio::io::Directory::open(dir).await?;
     directory.sync().await?;
@@ -552,31 +546,10 @@ pub async fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-/// Creates segment `epoch` full of zeros, fsynced, then renamed into place (and the
-/// directory fsynced) so a crash never leaves a half-prepared segment under its name.
-async fn prewrite_segment(dir: PathBuf, epoch: u64, segment_bytes: u64) -> io::Result<DmaFile> {
-    let final_path = segment_path(&dir, epoch);
-    let tmp_path = final_path.with_extension("seg.tmp");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .dma_open(&tmp_path)
-        .await?;
-    let mut pos = 0;
-    while pos < segment_bytes {
-        let len = PREWRITE_CHUNK_BYTES.min((segment_bytes - pos) as usize);
-        let mut buf = file.alloc_dma_buffer(len);
-        buf.as_bytes_mut().fill(0);
-        file.write_at(buf, pos).await?;
-        pos += len as u64;
-        glommio::timer::sleep(PREWRITE_PAUSE).await;
-    }
-    file.fdatasync().await?;
-    file.rename(&final_path).await?;
-    let directory = glommio::io::Directory::open(&dir).await?;
-    directory.sync().await?;
-    let _ = directory.close().await;
-    Ok(file)
+/// Creates segment `epoch` full of zeros, durably (see `create_durably`), pausing
+/// between chunks so the pre-write does not crowd out the appends' writes.
+async fn prewrite_segment(dir: PathBuf, epoch: u64, segment_bytes: u64) -> io::Result<()> {
+    let zero = |chunk: &mut [u8], _: usize| chunk.fill(0);
+    let len = usize::try_from(segment_bytes).expect("segment size fits usize");
+    create_durably(&dir, &segment_name(epoch), len, zero, Some(PREWRITE_PAUSE)).await
 }
