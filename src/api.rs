@@ -564,7 +564,9 @@ pub fn error_response(error: &ApiError) -> Response {
             let msg = format!("expected_seq {expected_seq} but the session is at {current_seq}");
             (409, "expected_seq_conflict", msg)
         }
-        ApiError::Unavailable => (503, "unavailable", "not applied; try again".into()),
+        ApiError::Unavailable | ApiError::NotLeader { .. } => {
+            (503, "unavailable", "not applied; try again".into())
+        }
         ApiError::Overloaded => (503, "overloaded", "a queue is full; not applied".into()),
         ApiError::CommitUnknown => (
             503,

@@ -50,6 +50,11 @@ pub enum Op {
     DebugGroup {
         group: u16,
     },
+    /// Asked of a leader node by a follower before a local read (a batched read
+    /// index): the commit index of each listed group this node leads.
+    ReadIndex {
+        groups: Vec<u16>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +83,8 @@ pub enum Reply {
     Stats(Box<crate::metrics::ShardStats>),
     /// Rendered JSON of a debug view.
     Debug(String),
+    /// `(group, commit index)` for each group of a `ReadIndex` this node leads.
+    ReadIndex(Vec<(u16, u64)>),
     Error(ApiError),
 }
 
@@ -109,4 +116,9 @@ pub enum ApiError {
     CommitUnknown,
     /// Reading stored events failed.
     Internal(String),
+    /// Between nodes only: the receiving node does not lead the group; `leader` is the
+    /// node it believes does. Never reaches a client (mapped to `unavailable`).
+    NotLeader {
+        leader: Option<u64>,
+    },
 }

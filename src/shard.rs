@@ -178,6 +178,7 @@ impl ShardCore {
             } => self.list(after.as_deref(), limit, archived, &filters),
             Op::Stats => Reply::Stats(Box::new(self.stats_snapshot())),
             Op::DebugGroup { group } => Reply::Debug(self.debug_group(group)),
+            Op::ReadIndex { .. } => Reply::ReadIndex(Vec::new()),
         }
     }
 
