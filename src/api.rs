@@ -31,6 +31,8 @@ pub enum Route {
     Events(String),
     Tail(String),
     DebugGroup(u16),
+    /// `PUT /debug/faults`, only with `STARCITE_TEST_FAULTS=1`.
+    DebugFaults,
 }
 
 impl Route {
@@ -49,6 +51,7 @@ impl Route {
             Route::Events(_) => "events",
             Route::Tail(_) => "tail",
             Route::DebugGroup(_) => "debug_group",
+            Route::DebugFaults => "debug_faults",
         }
     }
 }
@@ -114,6 +117,9 @@ pub fn route(method: &Method, path: &str) -> RouteMatch<Route> {
             }
         }
         _ => {}
+    }
+    if path == "/debug/faults" && faults_enabled() {
+        return only(matches!(method, Method::Put), Route::DebugFaults, "PUT");
     }
     if let Some(group) = path.strip_prefix("/debug/groups/") {
         return match group.parse::<u16>() {
@@ -184,7 +190,7 @@ impl Api {
         };
         let result = match route {
             Route::Live => Ok(Response::json(200, r#"{"status":"ok"}"#)),
-            Route::Ready => Ok(self.ready()),
+            Route::Ready => Ok(self.ready().await),
             Route::Metrics => Ok(self.metrics().await),
             Route::CreateSession => self.create(&req.body).await,
             Route::ListSessions => self.list(&req.query).await,
@@ -201,6 +207,7 @@ impl Api {
             Route::Events(id) => self.events(id, &req.query).await,
             Route::Tail(id) => return self.tail(id, &req).await,
             Route::DebugGroup(group) => Ok(self.debug_group(group).await),
+            Route::DebugFaults => debug_faults(&req.body),
         };
         Outcome::Respond(result.unwrap_or_else(|e| error_response(&e)))
     }
@@ -215,7 +222,7 @@ impl Api {
         }
     }
 
-    fn ready(&self) -> Response {
+    async fn ready(&self) -> Response {
         let shards = self.node.shards();
         if self.node.core.shutting_down.get() || self.shutdown.is_triggered() {
             let body = json!({"status": "degraded", "reason": "shutting_down"});
@@ -223,6 +230,22 @@ impl Api {
         }
         if !self.node.is_ready() {
             let body = json!({"status": "starting", "reason": "shards are recovering their logs"});
+            return Response::json(503, body.to_string());
+        }
+        let mut leaderless = Vec::new();
+        for reply in self.node.call_all(|| Op::Stats).await {
+            if let Reply::Stats(stats) = reply {
+                leaderless.extend_from_slice(&stats.leaderless);
+            }
+        }
+        leaderless.sort_unstable();
+        if !leaderless.is_empty() {
+            let body = json!({
+                "status": "degraded",
+                "reason": "some groups have no leader",
+                "groups_without_leader": leaderless,
+                "archive": {"enabled": false},
+            });
             return Response::json(503, body.to_string());
         }
         let body = json!({
@@ -585,6 +608,34 @@ pub fn error_response(error: &ApiError) -> Response {
     } else {
         response
     }
+}
+
+/// Fault injection for tests of a cluster: set by `STARCITE_TEST_FAULTS=1`.
+fn faults_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("STARCITE_TEST_FAULTS").is_ok_and(|v| v == "1"))
+}
+
+/// `PUT /debug/faults` `{"isolate": bool}`: cut this node off from (or reconnect it
+/// to) every other node.
+fn debug_faults(body: &[u8]) -> Result<Response, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+        ApiError::Invalid(shards::validate::FieldError::new(
+            shards::validate::INVALID_JSON,
+            None,
+            "the body is not JSON",
+        ))
+    })?;
+    let Some(isolate) = value.get("isolate").and_then(serde_json::Value::as_bool) else {
+        return Err(ApiError::Invalid(shards::validate::FieldError::new(
+            shards::validate::INVALID_JSON,
+            Some("isolate"),
+            "isolate must be a boolean",
+        )));
+    };
+    crate::shard::set_isolated(isolate);
+    tracing::warn!(isolate, "fault injection: peer traffic");
+    Ok(Response::empty(204))
 }
 
 /// Splits a query string into percent-decoded pairs (`+` is a space, as browsers send).

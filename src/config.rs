@@ -90,6 +90,32 @@ pub struct ServeConfig {
     /// Cluster id recorded in the data dir.
     #[arg(long, env = "STARCITE_CLUSTER_ID", default_value = "starcite-local")]
     pub cluster_id: String,
+
+    /// Where other nodes connect to this one (shard i listens on this port + i).
+    /// Defaults to this node's entry in --peers.
+    #[arg(long, env = "STARCITE_PEER_ADDR")]
+    pub peer_addr: Option<String>,
+
+    /// Every member of the cluster with its peer address, this node included:
+    /// `1=host:port,2=host:port,3=host:port`. Without it the node is a cluster of one.
+    #[arg(long, env = "STARCITE_PEERS")]
+    pub peers: Option<String>,
+
+    /// Raft entries each group keeps in memory after applying them; a follower further
+    /// behind than that catches up through a snapshot.
+    #[arg(long, env = "STARCITE_RAFT_LOG_ENTRIES", default_value_t = 4096)]
+    pub raft_log_entries: u64,
+
+    /// The Raft clock: heartbeats go out every 3 ticks, elections start after 15–30.
+    #[arg(long, env = "STARCITE_RAFT_TICK", default_value = "10ms", value_parser = parse_duration)]
+    pub raft_tick: Duration,
+}
+
+/// One member of the cluster as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    pub peer_addr: SocketAddr,
 }
 
 impl ServeConfig {
@@ -115,8 +141,68 @@ impl ServeConfig {
         if self.dedupe_keys_max == 0 || self.producers_max == 0 {
             return Err("dedupe bounds must be at least 1".into());
         }
+        if self.raft_log_entries == 0 {
+            return Err("--raft-log-entries must be at least 1".into());
+        }
+        if self.raft_tick < Duration::from_millis(1) || self.raft_tick > Duration::from_secs(1) {
+            return Err("--raft-tick must be between 1ms and 1s".into());
+        }
+        self.members()?;
         Ok(())
     }
+
+    /// The cluster's members from `--peers` (just this node when absent), in id order.
+    pub fn members(&self) -> Result<Vec<Member>, String> {
+        let Some(peers) = self.peers.as_deref().filter(|p| !p.trim().is_empty()) else {
+            return Ok(Vec::new());
+        };
+        let mut members = Vec::new();
+        for part in peers.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, addr) = part
+                .split_once('=')
+                .ok_or_else(|| format!("--peers: {part:?} is not id=host:port"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&id| id > 0)
+                .ok_or_else(|| format!("--peers: node id {id:?} is not a positive integer"))?;
+            let peer_addr = resolve(addr.trim()).map_err(|e| format!("--peers: {e}"))?;
+            if members.iter().any(|m: &Member| m.id == id) {
+                return Err(format!("--peers: node {id} is listed twice"));
+            }
+            members.push(Member { id, peer_addr });
+        }
+        members.sort_by_key(|m| m.id);
+        if !members.iter().any(|m| m.id == self.node_id) {
+            return Err(format!(
+                "--peers must include this node (--node-id {})",
+                self.node_id
+            ));
+        }
+        Ok(members)
+    }
+
+    /// Where this node listens for peers: --peer-addr, else its own --peers entry.
+    pub fn listen_peer_addr(&self, members: &[Member]) -> Result<SocketAddr, String> {
+        match &self.peer_addr {
+            Some(addr) => resolve(addr).map_err(|e| format!("--peer-addr: {e}")),
+            None => members
+                .iter()
+                .find(|m| m.id == self.node_id)
+                .map(|m| m.peer_addr)
+                .ok_or_else(|| "--peer-addr is needed without --peers".to_string()),
+        }
+    }
+}
+
+/// Resolves `host:port` (a name is looked up once, at start).
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
 }
 
 /// Parses `250ms`, `5s`, `2m` or a plain number of seconds.

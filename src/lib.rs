@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod datadir;
+pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod node;

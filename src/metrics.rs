@@ -75,6 +75,16 @@ pub struct ShardStats {
     pub sessions: u64,
     pub tail_subscribers: u64,
     pub commit_index_sum: u64,
+    pub groups_leading: u64,
+    pub groups_without_leader: u64,
+    pub elections_won: u64,
+    pub leaderships_lost: u64,
+    pub snapshots_sent: u64,
+    pub snapshots_installed: u64,
+    pub forwarded: u64,
+    pub peer_frames_dropped: u64,
+    /// Groups with a replica here that have had no leader for 3 s (or never had one).
+    pub leaderless: Vec<u16>,
 }
 
 impl ShardStats {
@@ -105,6 +115,15 @@ impl ShardStats {
         self.sessions += other.sessions;
         self.tail_subscribers += other.tail_subscribers;
         self.commit_index_sum += other.commit_index_sum;
+        self.groups_leading += other.groups_leading;
+        self.groups_without_leader += other.groups_without_leader;
+        self.elections_won += other.elections_won;
+        self.leaderships_lost += other.leaderships_lost;
+        self.snapshots_sent += other.snapshots_sent;
+        self.snapshots_installed += other.snapshots_installed;
+        self.forwarded += other.forwarded;
+        self.peer_frames_dropped += other.peer_frames_dropped;
+        self.leaderless.extend_from_slice(&other.leaderless);
     }
 }
 
@@ -141,6 +160,21 @@ pub fn render(per_shard: &[ShardStats]) -> String {
         ("starcite_hot_window_evictions_total", total.hot_evictions),
         ("starcite_log_fsyncs_total", total.fsyncs),
         ("starcite_log_bytes_written_total", total.log_bytes_written),
+        ("starcite_raft_elections_won_total", total.elections_won),
+        (
+            "starcite_raft_leaderships_lost_total",
+            total.leaderships_lost,
+        ),
+        ("starcite_raft_snapshots_sent_total", total.snapshots_sent),
+        (
+            "starcite_raft_snapshots_installed_total",
+            total.snapshots_installed,
+        ),
+        ("starcite_forwarded_requests_total", total.forwarded),
+        (
+            "starcite_peer_frames_dropped_total",
+            total.peer_frames_dropped,
+        ),
     ];
     for (name, value) in counters {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
@@ -149,11 +183,15 @@ pub fn render(per_shard: &[ShardStats]) -> String {
     total
         .fsync_latency
         .render(&mut out, "starcite_log_fsync_duration_seconds", "");
-    let gauges: [(&str, Gauge); 4] = [
+    let gauges: [(&str, Gauge); 6] = [
         ("starcite_hot_window_bytes", |s| s.hot_bytes),
         ("starcite_sessions", |s| s.sessions),
         ("starcite_tail_subscribers", |s| s.tail_subscribers),
         ("starcite_commit_index_sum", |s| s.commit_index_sum),
+        ("starcite_raft_groups_leading", |s| s.groups_leading),
+        ("starcite_raft_groups_without_leader", |s| {
+            s.groups_without_leader
+        }),
     ];
     for (name, get) in gauges {
         let _ = writeln!(out, "# TYPE {name} gauge");

@@ -18,12 +18,16 @@ use crate::config::ServeConfig;
 use crate::datadir::{DataDir, Identity, DATA_FORMAT_VERSION};
 use crate::http::{HttpConfig, Shutdown};
 use crate::node::{serve_peer, MeshMsg, Node, MESH_CHANNEL_CAPACITY};
-use crate::shard::{ShardCore, ShardSettings};
+use crate::shard::{start_transport, PeerSettings, RaftSettings, ShardCore, ShardSettings};
 
 /// Connections one shard serves at once, at most; more are closed on accept.
 const CONNECTIONS_PER_SHARD_MAX: usize = 16_384;
 /// Test-only: delay every fdatasync by this many milliseconds (proves acks wait for fsync).
 const FSYNC_DELAY_ENV: &str = "STARCITE_TEST_FSYNC_DELAY_MS";
+/// Followers campaign after 15–30 ticks without a leader (150–300 ms at the default
+/// 10 ms tick); leaders send heartbeats every 3 ticks.
+const ELECTION_TICKS: u32 = 15;
+const HEARTBEAT_TICKS: u32 = 3;
 
 /// Everything one shard's executor needs, moved into its thread.
 struct ShardBoot {
@@ -39,6 +43,16 @@ struct ShardBoot {
 /// Runs a node until it is asked to stop. Returns an error message for a failed start.
 pub fn run(config: ServeConfig) -> Result<(), String> {
     config.validate()?;
+    let members = config.members()?;
+    if !members.is_empty() {
+        let listen = config.listen_peer_addr(&members)?;
+        tracing::info!(
+            node = config.node_id,
+            peer_addr = %listen,
+            members = ?members.iter().map(|m| m.id).collect::<Vec<_>>(),
+            "cluster member"
+        );
+    }
     let shards = config.shard_count();
     let identity = Identity {
         format_version: DATA_FORMAT_VERSION,
@@ -163,6 +177,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
+    let members = config.members()?;
     let settings = ShardSettings {
         index,
         shards: config.shard_count(),
@@ -172,6 +187,32 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         },
         request_timeout: config.request_timeout,
         hot_bytes: config.hot_bytes_per_shard,
+        node_id: config.node_id,
+        members: members.iter().map(|m| m.id).collect(),
+        raft: RaftSettings {
+            tick: config.raft_tick,
+            election_ticks: ELECTION_TICKS,
+            heartbeat_ticks: HEARTBEAT_TICKS,
+            log_entries: config.raft_log_entries,
+        },
+    };
+    let peer_settings = if members.len() > 1 {
+        Some(PeerSettings {
+            cluster_id: config.cluster_id.clone(),
+            listen: config.listen_peer_addr(&members)?,
+            peers: members
+                .iter()
+                .filter(|m| m.id != config.node_id)
+                .map(|m| (m.id, m.peer_addr))
+                .collect(),
+            settings: shards::wire::ClusterSettings {
+                dedupe_keys_max: config.dedupe_keys_max as u64,
+                producers_max: config.producers_max as u64,
+                max_body_bytes: config.max_body_bytes as u64,
+            },
+        })
+    } else {
+        None
     };
     let started = Instant::now();
     let dir = boot.data_dir.shard_dir(index);
@@ -188,6 +229,9 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "log recovered"
     );
+    if let Some(peer_settings) = peer_settings {
+        start_transport(&core, peer_settings)?;
+    }
     for rx in peer_receivers {
         glommio::spawn_local(serve_peer(core.clone(), rx)).detach();
     }
@@ -283,6 +327,10 @@ async fn drain(core: &Rc<ShardCore>, http: &Rc<Shutdown>, limit: Duration) {
     while !core.idle() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    // Hand this node's groups to other voters so clients see no election timeout.
+    let left = deadline.saturating_duration_since(Instant::now());
+    core.transfer_leadership(left.min(Duration::from_secs(2)))
+        .await;
     core.shutting_down.set(true);
     core.wake_all_tails();
     // Give tails and connections a moment to send their close frames.

@@ -138,6 +138,45 @@ impl EventStore {
             events.active_epoch
         );
         events.active.push(offset);
+        self.push_hot(slot, seq, rendered);
+    }
+
+    /// Records committed event `seq` that sits in a segment sealed before it committed
+    /// (it was written, not yet committed, when the segment filled): the seal put its
+    /// offset at `index` of that segment's index file.
+    pub fn insert_sealed(
+        &mut self,
+        session_id: &str,
+        seq: u64,
+        epoch: u32,
+        index: u32,
+        rendered: Option<Arc<str>>,
+    ) {
+        let slot = self.slot(session_id);
+        let events = &mut self.sessions[slot as usize];
+        assert_eq!(
+            events.last_seq() + 1,
+            seq,
+            "events of {session_id} indexed in seq order"
+        );
+        assert!(
+            events.active.is_empty(),
+            "an event of sealed segment {epoch} commits after a later one of {session_id}"
+        );
+        match events.runs.last_mut() {
+            Some(run) if run.epoch == epoch && run.start + run.count == index => run.count += 1,
+            _ => events.runs.push(Run {
+                epoch,
+                first_seq: seq,
+                count: 1,
+                start: index,
+            }),
+        }
+        self.push_hot(slot, seq, rendered);
+    }
+
+    fn push_hot(&mut self, slot: u32, seq: u64, rendered: Option<Arc<str>>) {
+        let events = &mut self.sessions[slot as usize];
         match rendered {
             Some(text) => {
                 if events.hot.is_empty() {
@@ -155,6 +194,19 @@ impl EventStore {
                 "recovery inserts come before live ones"
             ),
         }
+    }
+
+    /// Log locations of events `after+1 ..= through` of a session (hot ones included),
+    /// for reading entries back from the log.
+    pub fn locations(&self, session_id: &str, after: u64, through: u64) -> Vec<(u64, Cold)> {
+        let Some(&slot) = self.ids.get(session_id) else {
+            return Vec::new();
+        };
+        let events = &self.sessions[slot as usize];
+        let end = events.last_seq().min(through);
+        (after.saturating_add(1)..=end)
+            .map(|seq| (seq, events.locate(seq)))
+            .collect()
     }
 
     fn evict(&mut self) {

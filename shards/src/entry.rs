@@ -30,6 +30,27 @@ pub enum Command {
     SetArchived(SetArchived),
     Append(AppendEntry),
     ArchiveProgress(ArchiveProgress),
+    /// Not a Raft entry and not part of any group's state machine: durable Raft state
+    /// written to the shard's log beside the entries, in a record with index 0.
+    Meta(MetaRecord),
+}
+
+/// Raft state a shard writes to its log besides entries (records with index 0). A
+/// history event (an event carried by a received snapshot) is a `Command::Append` in a
+/// record with index 0; it counts only once the group's `Snapshot` record follows it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum MetaRecord {
+    /// The group's term, vote (0: none) and commit index; the latest one counts.
+    HardState { term: u64, vote: u64, commit: u64 },
+    /// A snapshot received from the leader: the group's state through `index`. Every
+    /// entry of the group before this record is void.
+    Snapshot {
+        index: u64,
+        term: u64,
+        checksum: u64,
+        /// `GroupState::encode_snapshot` bytes.
+        state: Vec<u8>,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

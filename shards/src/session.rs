@@ -452,7 +452,7 @@ impl GroupState {
     /// entry contradicts that state: entries come only from `decide_*` against it.
     pub fn apply(&mut self, command: &Command) {
         match command {
-            Command::Noop => {}
+            Command::Noop | Command::Meta(_) => {}
             Command::CreateSession(create) => self.apply_create(create),
             Command::PatchSession(patch) => {
                 let pending = self.pending_for(&patch.session_id, command);
@@ -593,7 +593,7 @@ impl GroupState {
     /// state: that would mean replicas disagree or entries were skipped.
     pub fn commit(&mut self, command: &Command) {
         match command {
-            Command::Noop => return,
+            Command::Noop | Command::Meta(_) => return,
             Command::CreateSession(create) => self.commit_create(create),
             Command::PatchSession(patch) => {
                 let view = &mut self.committed_mut(&patch.session_id, command).view;
@@ -838,7 +838,7 @@ impl GroupState {
 /// The session a command is about (Noop has none).
 fn session_of(command: &Command) -> &str {
     match command {
-        Command::Noop => "",
+        Command::Noop | Command::Meta(_) => "",
         Command::CreateSession(c) => &c.session_id,
         Command::PatchSession(c) => &c.session_id,
         Command::SetArchived(c) => &c.session_id,

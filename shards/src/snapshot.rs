@@ -17,7 +17,8 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
-const SNAPSHOT_MAGIC: [u8; 8] = *b"SCSNAP01";
+const SNAPSHOT_MAGIC: [u8; 8] = *b"SCSNAP02";
+const TRANSFER_MAGIC: [u8; 8] = *b"SCXFER01";
 const SIDECAR_MAGIC: [u8; 8] = *b"SCIDX001";
 /// Sidecar header: magic, epoch u64, count u32, crc32 of the offsets u32, then padding.
 pub const SIDECAR_HEADER_BYTES: usize = 32;
@@ -52,6 +53,27 @@ pub struct GroupSnapshot {
     pub state: Vec<u8>,
     /// The group's rolling checksum of committed entries up to `committed_index`.
     pub checksum: u64,
+    /// The Raft term of the entry at `committed_index` (0 when it is 0).
+    pub committed_term: u64,
+    /// The group's Raft hard state when the snapshot was taken (vote 0: none).
+    pub hard_term: u64,
+    pub hard_vote: u64,
+    /// Entries on disk after `committed_index` when the snapshot was taken (possibly
+    /// before the resume position, so replay would not see them again).
+    pub entries: Vec<SnapshotEntry>,
+}
+
+/// A persisted, not yet applied entry, with where it lives in the log.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub index: u64,
+    pub term: u64,
+    pub command: crate::entry::Command,
+    pub epoch: u32,
+    pub offset: u32,
+    pub crc: u32,
+    /// Its place in the sealed segment's index file; `u32::MAX` when not sealed.
+    pub sealed: u32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -88,6 +110,44 @@ impl ShardSnapshot {
         aligned.extend_from_slice(body);
         rkyv::from_bytes::<ShardSnapshot, rkyv::rancor::Error>(&aligned)
             .map_err(|e| format!("shard snapshot does not decode: {e}"))
+    }
+}
+
+/// What a leader sends a follower that fell behind its log (Raft InstallSnapshot data):
+/// the group's committed state at the snapshot index, its rolling checksum there, and
+/// every event of the group's sessions up to that point, so the follower's history
+/// stays one contiguous range equal to the leader's.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct GroupTransfer {
+    pub state: Vec<u8>,
+    pub checksum: u64,
+    pub events: Vec<crate::entry::AppendEntry>,
+}
+
+impl GroupTransfer {
+    pub fn encode(&self) -> Vec<u8> {
+        let body = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serialising into memory");
+        let mut bytes = Vec::with_capacity(body.len() + 12);
+        bytes.extend_from_slice(&TRANSFER_MAGIC);
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+
+    /// Never panics on bad bytes.
+    pub fn decode(bytes: &[u8]) -> Result<GroupTransfer, String> {
+        if bytes.len() < 12 || bytes[..8] != TRANSFER_MAGIC {
+            return Err("not a group transfer (bad magic)".into());
+        }
+        let stored = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        let body = &bytes[12..];
+        if crc32fast::hash(body) != stored {
+            return Err("group transfer checksum mismatch".into());
+        }
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+        aligned.extend_from_slice(body);
+        rkyv::from_bytes::<GroupTransfer, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| format!("group transfer does not decode: {e}"))
     }
 }
 
@@ -186,6 +246,10 @@ mod tests {
                 committed_index: 42,
                 state: vec![1, 2, 3],
                 checksum: 7,
+                committed_term: 2,
+                hard_term: 3,
+                hard_vote: 1,
+                entries: Vec::new(),
             }],
             sessions: vec![SessionIndex {
                 session_id: "s".into(),

@@ -6,6 +6,8 @@
 //! panicking, in which case the tail of the server's stderr is printed.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -175,6 +175,11 @@ impl<T: Clone> RaftNode<T> {
     pub fn entry_term(&self, index: u64) -> Option<u64> {
         self.log.term(index)
     }
+    /// The entry at `index`, while the log holds it (not compacted, not truncated).
+    pub fn entry(&self, index: u64) -> Option<&super::Entry<T>> {
+        self.log.entry(index)
+    }
+
     pub fn hard_state(&self) -> HardState {
         HardState {
             term: self.term,

@@ -1,0 +1,1079 @@
+//! One shard: the Raft groups it holds a replica of, their session state machines, its
+//! write-ahead log and its event index. Everything here runs on one glommio executor;
+//! other shards reach it only by message (see `node`), other nodes through the
+//! shard's peer transport (see `replication`).
+//!
+//! The path of a write on the group's leader: decide against the state including
+//! in-flight entries (`GroupState::decide_*`), propose the entry to Raft and `apply` it
+//! to that state, hand the Ready to the shell (AppendEntries leave at once; the entry
+//! joins the shard's next log batch); the committer writes every queued record of
+//! every group in one batch with one fdatasync, reports it persisted; once a majority
+//! holds it, the entry is committed: `commit`ted to the state (visible to reads, tails
+//! woken) and the request waiting on that (index, term) is released. A request that
+//! arrives on a node that does not lead the group is forwarded to the leader's shard of
+//! the same index and answered by the node it arrived at.
+
+mod recovery;
+mod replication;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::channel::oneshot;
+use glommio::channels::local_channel::{self, LocalSender};
+use shards::entry::Command;
+use shards::raft::{Config as RaftConfig, RaftNode, Restored};
+use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits, PatchError};
+use shards::validate::{render_event, NewEvent, NewSession, PatchRequest};
+
+use crate::metrics::ShardStats;
+use crate::node::with_timeout;
+use crate::ops::{ApiError, ArchivedFilter, Op, Reply};
+use crate::store::{Cold, EventStore, ReadPlan};
+use crate::wal::{LogReader, RecordLocation, Wal};
+
+pub use replication::{set_isolated, start_transport, PeerSettings};
+
+/// Log records queued for the next batch, at most; past it writes answer 503 overloaded.
+const PENDING_RECORDS_MAX: usize = 65_536;
+/// Approximate bytes of log records queued for the next batch, at most (same answer).
+const PENDING_BYTES_MAX: usize = 64 << 20;
+/// `/health/ready` reports a group without a leader for this long (API.md: 3 s).
+const LEADERLESS_AFTER: Duration = Duration::from_secs(3);
+/// Requests from other nodes served at once, at most.
+const FORWARDED_IN_FLIGHT_MAX: usize = 16_384;
+
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// The Raft timing and log bounds of every group.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub tick: Duration,
+    pub election_ticks: u32,
+    pub heartbeat_ticks: u32,
+    /// Applied entries kept in memory per group (for followers that lag a little).
+    pub log_entries: u64,
+}
+
+pub struct ShardSettings {
+    pub index: usize,
+    pub shards: usize,
+    pub limits: Limits,
+    pub request_timeout: Duration,
+    pub hot_bytes: usize,
+    pub node_id: u64,
+    /// Every member's node id (just this node's for a cluster of one).
+    pub members: Vec<u64>,
+    pub raft: RaftSettings,
+}
+
+/// Where a persisted, not yet applied entry lives in the log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Persisted {
+    pub term: u64,
+    pub loc: RecordLocation,
+    pub crc: u32,
+    /// Set when its segment was sealed before the entry committed: its place in the
+    /// segment's index file.
+    pub sealed: Option<u32>,
+}
+
+/// A request waiting for the entry it proposed (`term` at that index) to commit.
+struct Waiter {
+    term: u64,
+    tx: oneshot::Sender<bool>,
+}
+
+/// This node's replica of one Raft group.
+pub(crate) struct Group {
+    raft: RaftNode<Command>,
+    state: GroupState,
+    /// The last entry applied to `state` (committed view), and its term.
+    applied: u64,
+    applied_term: u64,
+    /// Rolling checksum of committed entries (`shards::snapshot::fold_checksum`).
+    checksum: u64,
+    /// Entries on disk and not applied yet (their crc and location are needed then).
+    persisted: BTreeMap<u64, Persisted>,
+    waiters: BTreeMap<u64, Vec<Waiter>>,
+    /// This replica leads the group: `state` holds the in-flight overlay.
+    leading: bool,
+    /// A snapshot for a follower is being built (compaction waits for it).
+    building_snapshot: bool,
+    /// When this replica last knew a leader of the group (`/health/ready`).
+    leader_seen: Option<Instant>,
+}
+
+pub struct ShardCore {
+    pub index: usize,
+    pub shards: usize,
+    pub node_id: u64,
+    members: Vec<u64>,
+    limits: Limits,
+    request_timeout: Duration,
+    raft_settings: RaftSettings,
+    groups: RefCell<HashMap<u16, Group>>,
+    /// Ready writes waiting for the committer, in the order they were taken.
+    units: RefCell<VecDeque<replication::WriteUnit>>,
+    units_records: Cell<usize>,
+    units_bytes: Cell<usize>,
+    wake_committer: LocalSender<()>,
+    store: RefCell<EventStore>,
+    reader: LogReader,
+    pub stats: RefCell<ShardStats>,
+    /// Tails waiting for the next committed event of a session.
+    tail_waiters: RefCell<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    pub shutting_down: Cell<bool>,
+    dir: PathBuf,
+    /// Where the next batch will be written; every record not yet durable is after it.
+    durable_position: Cell<(u64, u64)>,
+    snapshot_log_bytes: u64,
+    snapshot_running: Cell<bool>,
+    /// Index files of sealed segments still being written (readers use these).
+    sealing: RefCell<HashMap<u32, Rc<Vec<u32>>>>,
+    peers: RefCell<replication::Peers>,
+}
+
+/// Ops that change state: after a forwarding timeout their outcome is unknown.
+fn is_write(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Create { .. } | Op::Patch { .. } | Op::SetArchived { .. } | Op::Append { .. }
+    )
+}
+
+/// The session an op is about, if it is about one.
+fn session_of(op: &Op) -> Option<&str> {
+    match op {
+        Op::Create { id, .. }
+        | Op::Get { id }
+        | Op::Patch { id, .. }
+        | Op::SetArchived { id, .. }
+        | Op::Append { id, .. }
+        | Op::Read { id, .. } => Some(id),
+        _ => None,
+    }
+}
+
+impl ShardCore {
+    /// Recovers the shard (snapshot, then the log after it), starts its committer and
+    /// its Raft clock. Peers are attached afterwards with [`start_transport`].
+    pub async fn start(
+        settings: ShardSettings,
+        dir: &Path,
+        segment_bytes: u64,
+        fsync_delay: Option<Duration>,
+        snapshot_log_bytes: u64,
+    ) -> Result<Rc<ShardCore>, String> {
+        let log_dir = dir.join("log");
+        std::fs::create_dir_all(&log_dir)
+            .map_err(|e| format!("create {}: {e}", log_dir.display()))?;
+        let snapshot = recovery::load_snapshot(dir).await?;
+        let mut recovery = recovery::Recovery::new(&settings, snapshot)?;
+        let resume = recovery.resume;
+        let mut replay_error = None;
+        let wal = Wal::open(&log_dir, segment_bytes, fsync_delay, resume, |item| {
+            if replay_error.is_none() {
+                if let Err(e) = recovery.replay(item) {
+                    replay_error = Some(e);
+                }
+            }
+        })
+        .await?;
+        if let Some(e) = replay_error {
+            return Err(e);
+        }
+        let (mut recovered, store, seals) = recovery.finish();
+        // Segments sealed during replay get their index files (again: an old one, if
+        // any, may be missing or may not match the runs replay just built).
+        for (epoch, offsets) in seals {
+            let bytes =
+                shards::snapshot::encode_sidecar(epoch, &offsets, shards::codec::BLOCK_BYTES);
+            wal.write_sidecar(epoch, &bytes).await;
+        }
+        let members = if settings.members.is_empty() {
+            vec![settings.node_id]
+        } else {
+            settings.members.clone()
+        };
+        let mut groups = HashMap::new();
+        for group in
+            (0..shards::GROUPS).filter(|&g| shards::shard_of(g, settings.shards) == settings.index)
+        {
+            let voters = shards::voters_of(group, &members);
+            if !voters.contains(&settings.node_id) {
+                continue;
+            }
+            let seed = (settings.node_id << 16 | u64::from(group)) ^ now_us() as u64;
+            let (raft, state, applied, applied_term, checksum, persisted) =
+                match recovered.remove(&group) {
+                    Some(r) => {
+                        let restored = Restored {
+                            hard_state: r.hard_state,
+                            snapshot: recovery::snapshot_meta(&r),
+                            entries: r.entries,
+                        };
+                        let raft = RaftNode::new(
+                            raft_config(&settings.raft),
+                            settings.node_id,
+                            voters,
+                            seed,
+                            Some(restored),
+                        );
+                        (
+                            raft,
+                            r.state,
+                            r.applied,
+                            r.applied_term,
+                            r.checksum,
+                            r.persisted,
+                        )
+                    }
+                    None => (
+                        RaftNode::new(
+                            raft_config(&settings.raft),
+                            settings.node_id,
+                            voters,
+                            seed,
+                            None,
+                        ),
+                        GroupState::new(settings.limits),
+                        0,
+                        0,
+                        0,
+                        BTreeMap::new(),
+                    ),
+                };
+            groups.insert(
+                group,
+                Group {
+                    raft: raft.with_entry_bytes(command_bytes),
+                    state,
+                    applied,
+                    applied_term,
+                    checksum,
+                    persisted,
+                    waiters: BTreeMap::new(),
+                    leading: false,
+                    building_snapshot: false,
+                    leader_seen: None,
+                },
+            );
+        }
+        let (wake_committer, wake_rx) = local_channel::new_bounded(1);
+        let core = Rc::new(ShardCore {
+            index: settings.index,
+            shards: settings.shards,
+            node_id: settings.node_id,
+            members,
+            limits: settings.limits,
+            request_timeout: settings.request_timeout,
+            raft_settings: settings.raft.clone(),
+            dir: dir.to_path_buf(),
+            groups: RefCell::new(groups),
+            units: RefCell::new(VecDeque::new()),
+            units_records: Cell::new(0),
+            units_bytes: Cell::new(0),
+            wake_committer,
+            store: RefCell::new(store),
+            reader: wal.reader(),
+            stats: RefCell::new(ShardStats::default()),
+            tail_waiters: RefCell::new(HashMap::new()),
+            shutting_down: Cell::new(false),
+            durable_position: Cell::new(wal.durable_position()),
+            snapshot_log_bytes,
+            snapshot_running: Cell::new(false),
+            sealing: RefCell::new(HashMap::new()),
+            peers: RefCell::new(replication::Peers::default()),
+        });
+        glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
+        core.start_raft().await;
+        Ok(core)
+    }
+
+    /// Runs one operation for a session owned by this shard: here when this node leads
+    /// the session's group, else on the leader's shard (forwarded).
+    pub async fn execute(&self, op: Op) -> Reply {
+        match op {
+            Op::Stats => Reply::Stats(Box::new(self.stats_snapshot())),
+            Op::DebugGroup { group } => Reply::Debug(self.debug_group(group)),
+            Op::ReadIndex { groups } => Reply::ReadIndex(self.read_index(&groups)),
+            Op::List {
+                after,
+                limit,
+                archived,
+                filters,
+            } => {
+                self.catch_up_with_leaders().await;
+                self.list(after.as_deref(), limit, archived, &filters)
+            }
+            // Tails read this replica's committed prefix (forwarded only when this node
+            // holds no replica of the group).
+            Op::Read {
+                ref id,
+                wait: Some(_),
+                ..
+            } if self.replicates(shards::group_of(id)) => self.execute_local(op).await,
+            op => self.route(op).await,
+        }
+    }
+
+    fn replicates(&self, group: u16) -> bool {
+        self.groups.borrow().contains_key(&group)
+    }
+
+    /// Runs a session op where the group's leader is, retrying while leadership moves,
+    /// until the request timeout.
+    async fn route(&self, op: Op) -> Reply {
+        let Some(id) = session_of(&op) else {
+            return Reply::Error(ApiError::Internal(format!("op without a session: {op:?}")));
+        };
+        let group = shards::group_of(id);
+        let deadline = Instant::now() + self.request_timeout;
+        let mut hint: Option<u64> = None;
+        let mut encoded: Option<Vec<u8>> = None;
+        let mut attempt = 0usize;
+        loop {
+            let leader = hint.take().or_else(|| self.leader_of(group, attempt));
+            attempt += 1;
+            match leader {
+                Some(leader) if leader == self.node_id => return self.execute_local(op).await,
+                Some(leader) => {
+                    if encoded.is_none() {
+                        match crate::forward::encode_op(&op) {
+                            Ok(bytes) => encoded = Some(bytes),
+                            Err(e) => return Reply::Error(ApiError::Internal(e)),
+                        }
+                    }
+                    let body = encoded.as_deref().expect("encoded");
+                    match self.forward(leader, body, deadline).await {
+                        Ok(Reply::Error(ApiError::NotLeader { leader: next })) => {
+                            hint = next.filter(|&n| n != leader);
+                        }
+                        Ok(reply) => return reply,
+                        Err(replication::ForwardError::TimedOut) => {
+                            return Reply::Error(if is_write(&op) {
+                                ApiError::CommitUnknown
+                            } else {
+                                ApiError::Unavailable
+                            });
+                        }
+                        Err(replication::ForwardError::NotSent) => {}
+                    }
+                }
+                None => {}
+            }
+            if self.shutting_down.get() || Instant::now() + self.raft_settings.tick >= deadline {
+                return Reply::Error(ApiError::Unavailable);
+            }
+            if hint.is_none() {
+                glommio::timer::sleep(self.raft_settings.tick).await;
+            }
+        }
+    }
+
+    /// The node to send a group's requests to: its leader as this replica knows it, or
+    /// (no replica here) one of its voters in turn, which answers with the leader.
+    fn leader_of(&self, group: u16, attempt: usize) -> Option<u64> {
+        if let Some(g) = self.groups.borrow().get(&group) {
+            return g.raft.leader();
+        }
+        let voters = shards::voters_of(group, &self.members);
+        voters.get(attempt % voters.len().max(1)).copied()
+    }
+
+    /// Runs an op on this replica (sent here by `route`, locally or from another node).
+    /// Writes and read-your-writes reads need this node to lead the group.
+    pub(crate) async fn execute_local(&self, op: Op) -> Reply {
+        if let Some(id) = session_of(&op) {
+            let group = shards::group_of(id);
+            let tail = matches!(op, Op::Read { wait: Some(_), .. });
+            let leader = self
+                .groups
+                .borrow()
+                .get(&group)
+                .map(|g| (g.leading, g.raft.leader()));
+            match leader {
+                None => return Reply::Error(ApiError::NotLeader { leader: None }),
+                Some((false, leader)) if !tail => {
+                    return Reply::Error(ApiError::NotLeader { leader })
+                }
+                _ => {}
+            }
+        }
+        match op {
+            Op::Create {
+                id,
+                title,
+                metadata,
+            } => self.create(id, title, metadata).await,
+            Op::Get { id } => self.get(&id).await,
+            Op::Patch { id, patch } => self.patch(&id, &patch).await,
+            Op::SetArchived { id, archived } => self.set_archived(&id, archived).await,
+            Op::Append { id, event } => self.append(&id, &event).await,
+            Op::Read {
+                id,
+                after,
+                max_events,
+                max_bytes,
+                wait,
+            } => self.read(&id, after, max_events, max_bytes, wait).await,
+            other => Box::pin(self.execute(other)).await,
+        }
+    }
+
+    /// `(group, commit index)` of each listed group this node leads (a read index).
+    fn read_index(&self, groups: &[u16]) -> Vec<(u16, u64)> {
+        let all = self.groups.borrow();
+        groups
+            .iter()
+            .filter_map(|g| {
+                all.get(g)
+                    .filter(|r| r.leading)
+                    .map(|r| (*g, r.raft.commit_index()))
+            })
+            .collect()
+    }
+
+    /// Before a listing on a follower: asks each leader node (one request per node, for
+    /// all the groups it leads here) for its commit indexes and waits until this
+    /// replica has applied them, so the listing reflects every acknowledged write.
+    async fn catch_up_with_leaders(&self) {
+        let mut by_leader: BTreeMap<u64, Vec<u16>> = BTreeMap::new();
+        for (&group, g) in self.groups.borrow().iter() {
+            match g.raft.leader() {
+                Some(leader) if leader != self.node_id => {
+                    by_leader.entry(leader).or_default().push(group)
+                }
+                _ => {}
+            }
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        for (leader, groups) in by_leader {
+            let Ok(body) = crate::forward::encode_op(&Op::ReadIndex { groups }) else {
+                continue;
+            };
+            let Ok(Reply::ReadIndex(indexes)) = self.forward(leader, &body, deadline).await else {
+                continue;
+            };
+            for (group, commit) in indexes {
+                while Instant::now() < deadline
+                    && self
+                        .groups
+                        .borrow()
+                        .get(&group)
+                        .is_some_and(|g| g.applied < commit)
+                {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Proposes `command` (decided against the leader's state) and applies it to that
+    /// state; returns its (index, term).
+    fn propose(&self, group: u16, command: Command) -> Result<(u64, u64), ApiError> {
+        if self.shutting_down.get() {
+            return Err(ApiError::Unavailable);
+        }
+        let bytes = command_bytes(&command);
+        if self.units_records.get() >= PENDING_RECORDS_MAX
+            || (self.units_bytes.get() > 0 && self.units_bytes.get() + bytes > PENDING_BYTES_MAX)
+        {
+            return Err(ApiError::Overloaded);
+        }
+        let proposed = {
+            let mut groups = self.groups.borrow_mut();
+            let g = groups
+                .get_mut(&group)
+                .ok_or(ApiError::NotLeader { leader: None })?;
+            if !g.leading {
+                return Err(ApiError::NotLeader {
+                    leader: g.raft.leader(),
+                });
+            }
+            match g.raft.propose(command.clone()) {
+                Ok(index) => {
+                    g.state.apply(&command);
+                    Ok((index, g.raft.term()))
+                }
+                Err(shards::raft::ProposeError::NotLeader { leader_hint }) => {
+                    Err(ApiError::NotLeader {
+                        leader: leader_hint,
+                    })
+                }
+                Err(shards::raft::ProposeError::TransferInProgress { .. }) => {
+                    Err(ApiError::Unavailable)
+                }
+                Err(shards::raft::ProposeError::Backpressure { .. }) => Err(ApiError::Overloaded),
+            }
+        };
+        if proposed.is_ok() {
+            self.process(group);
+            self.flush_outbox();
+        }
+        proposed
+    }
+
+    /// Waits until entry `index` of `term` is committed. A timeout, or the entry being
+    /// replaced, leaves the outcome unknown.
+    async fn wait_commit(&self, group: u16, index: u64, term: u64) -> Result<(), ApiError> {
+        let rx = {
+            let mut groups = self.groups.borrow_mut();
+            let Some(g) = groups.get_mut(&group) else {
+                return Err(ApiError::CommitUnknown);
+            };
+            if g.applied >= index {
+                return if g.applied_term >= term || g.raft.entry_term(index) == Some(term) {
+                    Ok(())
+                } else {
+                    Err(ApiError::CommitUnknown)
+                };
+            }
+            let (tx, rx) = oneshot::channel();
+            g.waiters
+                .entry(index)
+                .or_default()
+                .push(Waiter { term, tx });
+            rx
+        };
+        match with_timeout(self.request_timeout, rx).await {
+            Some(Ok(true)) => Ok(()),
+            // Replaced entries, lost leadership, shutdown and timeouts all leave the
+            // outcome unknown.
+            _ => Err(ApiError::CommitUnknown),
+        }
+    }
+
+    /// A reply decided against in-flight entries is sent only once they are committed,
+    /// so a client never sees a result that a failure could take back (API.md).
+    async fn settle(&self, group: u16) -> Result<(), ApiError> {
+        let last = {
+            let groups = self.groups.borrow();
+            let Some(g) = groups.get(&group) else {
+                return Err(ApiError::Unavailable);
+            };
+            let last = g.raft.last_index();
+            (last, g.raft.entry_term(last).unwrap_or(0))
+        };
+        self.wait_commit(group, last.0, last.1).await
+    }
+
+    async fn propose_and_wait(&self, group: u16, command: Command) -> Result<(), ApiError> {
+        let (index, term) = self.propose(group, command)?;
+        self.wait_commit(group, index, term).await
+    }
+
+    fn with_group<T>(&self, group: u16, f: impl FnOnce(&mut Group) -> T) -> Result<T, ApiError> {
+        let mut groups = self.groups.borrow_mut();
+        match groups.get_mut(&group) {
+            Some(g) if g.leading => Ok(f(g)),
+            Some(g) => Err(ApiError::NotLeader {
+                leader: g.raft.leader(),
+            }),
+            None => Err(ApiError::NotLeader { leader: None }),
+        }
+    }
+
+    fn render_view(&self, group: u16, id: &str) -> Reply {
+        match self.groups.borrow().get(&group).map(|g| g.state.view(id)) {
+            Some(Some(view)) => Reply::Session(shards::session::render_session(view)),
+            _ => Reply::Error(ApiError::SessionNotFound),
+        }
+    }
+
+    async fn create(&self, id: String, title: Option<String>, metadata: String) -> Reply {
+        let group = shards::group_of(&id);
+        let request = NewSession {
+            id: Some(id.clone()),
+            title,
+            metadata,
+        };
+        let decided = match self.with_group(group, |g| {
+            g.state.decide_create(&request, id.clone(), now_us())
+        }) {
+            Ok(d) => d,
+            Err(e) => return Reply::Error(e),
+        };
+        let result = match decided {
+            Ok(command) => self.propose_and_wait(group, command).await,
+            Err(CreateError::SessionExists) => {
+                self.settle(group).await.and(Err(ApiError::SessionExists))
+            }
+        };
+        match result {
+            Ok(()) => self.render_view(group, &id),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    async fn get(&self, id: &str) -> Reply {
+        let group = shards::group_of(id);
+        // Read-your-writes: the leader's committed state after its in-flight entries.
+        if let Err(e) = self.settle(group).await {
+            return Reply::Error(e);
+        }
+        self.render_view(group, id)
+    }
+
+    async fn patch(&self, id: &str, patch: &PatchRequest) -> Reply {
+        let group = shards::group_of(id);
+        let decided = match self.with_group(group, |g| g.state.decide_patch(id, patch, now_us())) {
+            Ok(d) => d,
+            Err(e) => return Reply::Error(e),
+        };
+        let result = match decided {
+            Ok(command) => self.propose_and_wait(group, command).await,
+            Err(e) => {
+                let error = match e {
+                    PatchError::NotFound => ApiError::SessionNotFound,
+                    PatchError::VersionConflict { current } => ApiError::VersionConflict {
+                        current_version: current,
+                    },
+                    PatchError::Invalid(field) => ApiError::Invalid(field),
+                };
+                self.settle(group).await.and(Err(error))
+            }
+        };
+        match result {
+            Ok(()) => self.render_view(group, id),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    async fn set_archived(&self, id: &str, archived: bool) -> Reply {
+        let group = shards::group_of(id);
+        let decided = match self.with_group(group, |g| {
+            g.state.decide_set_archived(id, archived, now_us())
+        }) {
+            Ok(d) => d,
+            Err(e) => return Reply::Error(e),
+        };
+        let result = match decided {
+            Ok(Some(command)) => self.propose_and_wait(group, command).await,
+            Ok(None) => self.settle(group).await,
+            Err(_) => self.settle(group).await.and(Err(ApiError::SessionNotFound)),
+        };
+        match result {
+            Ok(()) => self.render_view(group, id),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    async fn append(&self, id: &str, event: &NewEvent) -> Reply {
+        let group = shards::group_of(id);
+        let decided = match self.with_group(group, |g| g.state.decide_append(id, event, now_us())) {
+            Ok(d) => d,
+            Err(e) => return Reply::Error(e),
+        };
+        let (seq, deduped) = match decided {
+            Ok(AppendDecision::Append(command)) => {
+                let Command::Append(entry) = &command else {
+                    unreachable!("decide_append proposes appends")
+                };
+                let seq = entry.seq;
+                if let Err(e) = self.propose_and_wait(group, command).await {
+                    return Reply::Error(e);
+                }
+                self.stats.borrow_mut().appends += 1;
+                (seq, false)
+            }
+            Ok(AppendDecision::Deduped { seq }) => {
+                if let Err(e) = self.settle(group).await {
+                    return Reply::Error(e);
+                }
+                self.stats.borrow_mut().dedupes += 1;
+                (seq, true)
+            }
+            Err(e) => {
+                let settled = self.settle(group).await;
+                self.stats.borrow_mut().conflicts += 1;
+                return Reply::Error(settled.err().unwrap_or_else(|| append_error(e)));
+            }
+        };
+        match self
+            .groups
+            .borrow()
+            .get(&group)
+            .and_then(|g| g.state.view(id))
+        {
+            Some(view) => Reply::Appended {
+                seq,
+                last_seq: view.last_seq,
+                deduped,
+                archived_seq: view.archived_seq,
+            },
+            None => Reply::Error(ApiError::SessionNotFound),
+        }
+    }
+
+    async fn read(
+        &self,
+        id: &str,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+        wait: Option<Duration>,
+    ) -> Reply {
+        let group = shards::group_of(id);
+        let mut waited = false;
+        loop {
+            let last_seq = self
+                .groups
+                .borrow()
+                .get(&group)
+                .and_then(|g| g.state.view(id))
+                .map(|v| v.last_seq);
+            let Some(last_seq) = last_seq else {
+                return Reply::Error(ApiError::SessionNotFound);
+            };
+            let plan = self.store.borrow().plan_read(id, after, max_events);
+            if plan.cold.is_empty() && plan.hot.is_empty() && !waited {
+                if let Some(wait) = wait {
+                    self.wait_for_event(id, wait).await;
+                    waited = true;
+                    continue;
+                }
+            }
+            return match self.materialize(id, plan, max_bytes).await {
+                Ok(events) => Reply::Events { events, last_seq },
+                Err(e) => Reply::Error(e),
+            };
+        }
+    }
+
+    async fn wait_for_event(&self, id: &str, wait: Duration) {
+        if self.shutting_down.get() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tail_waiters
+            .borrow_mut()
+            .entry(id.to_string())
+            .or_default()
+            .push(tx);
+        let _ = with_timeout(wait, rx).await;
+        // A waiter that timed out is dropped here, so idle sessions collect no garbage.
+        let mut waiters = self.tail_waiters.borrow_mut();
+        if let Some(list) = waiters.get_mut(id) {
+            list.retain(|tx| !tx.is_canceled());
+            if list.is_empty() {
+                waiters.remove(id);
+            }
+        }
+    }
+
+    /// Wakes every tail waiting on any session (shutdown).
+    pub fn wake_all_tails(&self) {
+        self.tail_waiters.borrow_mut().clear();
+    }
+
+    /// Turns a read plan into rendered events: cold ones are read back from the log.
+    /// Stops before `max_bytes` would be passed (but returns at least one event).
+    async fn materialize(
+        &self,
+        id: &str,
+        plan: ReadPlan,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Arc<str>)>, ApiError> {
+        let mut events = Vec::with_capacity(plan.cold.len() + plan.hot.len());
+        let mut bytes = 0;
+        let fits = |bytes: usize, len: usize, events: &Vec<_>| {
+            events.is_empty() || bytes + len <= max_bytes
+        };
+        let mut i = 0;
+        while i < plan.cold.len() {
+            // Consecutive events of one sealed run share one read of the index file.
+            let run = sealed_run(&plan.cold[i..]);
+            let locations = self.resolve(&plan.cold[i..i + run]).await?;
+            for (seq, loc) in locations {
+                let text = self.read_cold(id, seq, loc).await?;
+                if !fits(bytes, text.len(), &events) {
+                    return Ok(events);
+                }
+                bytes += text.len();
+                events.push((seq, text));
+            }
+            i += run;
+        }
+        for (seq, text) in plan.hot {
+            if !fits(bytes, text.len(), &events) {
+                break;
+            }
+            bytes += text.len();
+            events.push((seq, text));
+        }
+        Ok(events)
+    }
+
+    /// Log locations of cold events (all Active, or one sealed run).
+    async fn resolve(&self, cold: &[(u64, Cold)]) -> Result<Vec<(u64, RecordLocation)>, ApiError> {
+        match cold[0].1 {
+            Cold::Active { .. } => Ok(cold
+                .iter()
+                .map(|&(seq, c)| match c {
+                    Cold::Active { epoch, offset } => (seq, RecordLocation { epoch, offset }),
+                    Cold::Sealed { .. } => unreachable!("sealed_run keeps runs apart"),
+                })
+                .collect()),
+            Cold::Sealed { epoch, index } => {
+                let pending = self.sealing.borrow().get(&epoch).cloned();
+                if let Some(offsets) = pending {
+                    let start = index as usize;
+                    let Some(slice) = offsets.get(start..start + cold.len()) else {
+                        return Err(ApiError::Internal(format!("index of segment {epoch}")));
+                    };
+                    return Ok(cold
+                        .iter()
+                        .zip(slice)
+                        .map(|(&(seq, _), &offset)| (seq, RecordLocation { epoch, offset }))
+                        .collect());
+                }
+                let offsets = self
+                    .reader
+                    .read_offsets(epoch, index, cold.len() as u32)
+                    .map_err(|e| ApiError::Internal(format!("index of segment {epoch}: {e}")))?;
+                Ok(cold
+                    .iter()
+                    .zip(offsets)
+                    .map(|(&(seq, _), offset)| (seq, RecordLocation { epoch, offset }))
+                    .collect())
+            }
+        }
+    }
+
+    async fn read_cold(
+        &self,
+        id: &str,
+        seq: u64,
+        loc: RecordLocation,
+    ) -> Result<Arc<str>, ApiError> {
+        let record = self.reader.read(loc).await.map_err(|e| {
+            ApiError::Internal(format!("reading event {seq} of {id} at {loc:?}: {e}"))
+        })?;
+        match record.command {
+            Command::Append(e) if e.session_id == id && e.seq == seq => {
+                Ok(Arc::from(render_event(&e)))
+            }
+            _ => Err(ApiError::Internal(format!(
+                "log record at {loc:?} is not event {seq} of {id}"
+            ))),
+        }
+    }
+
+    fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        archived: ArchivedFilter,
+        filters: &[(String, String)],
+    ) -> Reply {
+        let groups = self.groups.borrow();
+        let wanted = |view: &&shards::session::SessionView| {
+            let flag = match archived {
+                ArchivedFilter::Active => !view.archived,
+                ArchivedFilter::Archived => view.archived,
+                ArchivedFilter::All => true,
+            };
+            flag && shards::session::metadata_matches(view, filters)
+        };
+        // Each group's sessions are in id order: at most `limit + 1` from each can make
+        // the page, so a page costs groups × limit, not the number of sessions.
+        let mut found: Vec<(String, String)> = Vec::new();
+        for group in groups.values() {
+            let page = group
+                .state
+                .views_after(after)
+                .filter(wanted)
+                .take(limit + 1);
+            found.extend(page.map(|view| (view.id.clone(), String::new())));
+        }
+        found.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        found.truncate(limit + 1);
+        for (id, rendered) in found.iter_mut() {
+            let group = &groups[&shards::group_of(id)];
+            *rendered = shards::session::render_session(group.state.view(id).expect("listed"));
+        }
+        Reply::Sessions(found)
+    }
+
+    /// `GET /debug/groups/:g`: this replica's view of one group, for tests that compare
+    /// replicas directly (served locally, never forwarded).
+    fn debug_group(&self, group: u16) -> String {
+        let groups = self.groups.borrow();
+        let Some(g) = groups.get(&group) else {
+            return serde_json::json!({
+                "group": group,
+                "shard": self.index,
+                "role": "none",
+                "voters": shards::voters_of(group, &self.members),
+            })
+            .to_string();
+        };
+        let mut sessions = serde_json::Map::new();
+        for view in g.state.views() {
+            sessions.insert(view.id.clone(), view.last_seq.into());
+        }
+        let role = match g.raft.role() {
+            shards::raft::Role::Leader => "leader",
+            shards::raft::Role::Follower => "follower",
+            shards::raft::Role::Candidate => "candidate",
+            shards::raft::Role::PreCandidate => "precandidate",
+        };
+        serde_json::json!({
+            "group": group,
+            "shard": self.index,
+            "node": self.node_id,
+            "role": role,
+            "term": g.raft.term(),
+            "leader": g.raft.leader(),
+            "voters": g.raft.voters(),
+            "commit_index": g.raft.commit_index(),
+            "applied_index": g.applied,
+            "last_index": g.raft.last_index(),
+            "snapshot_index": g.raft.snapshot_index(),
+            "checksum": format!("{:016x}", g.checksum),
+            "sessions": sessions,
+        })
+        .to_string()
+    }
+
+    /// Groups with a replica here that have had no leader for `LEADERLESS_AFTER` (or
+    /// never had one since start).
+    fn groups_without_leader(&self) -> Vec<u16> {
+        let now = Instant::now();
+        let mut out: Vec<u16> = self
+            .groups
+            .borrow()
+            .iter()
+            .filter(|(_, g)| match g.leader_seen {
+                None => true,
+                Some(seen) => {
+                    g.raft.leader().is_none() && now.duration_since(seen) >= LEADERLESS_AFTER
+                }
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn stats_snapshot(&self) -> ShardStats {
+        let mut stats = self.stats.borrow().clone();
+        let store = self.store.borrow();
+        stats.hot_bytes = store.hot_bytes() as u64;
+        stats.hot_evictions = store.evicted_events;
+        let groups = self.groups.borrow();
+        stats.sessions = groups
+            .values()
+            .map(|g| g.state.views().count() as u64)
+            .sum();
+        stats.dedupe_evictions = groups.values().map(|g| g.state.evictions()).sum();
+        stats.commit_index_sum = groups.values().map(|g| g.applied).sum();
+        stats.groups_leading = groups.values().filter(|g| g.leading).count() as u64;
+        stats.groups_without_leader = groups
+            .values()
+            .filter(|g| g.raft.leader().is_none())
+            .count() as u64;
+        drop(groups);
+        stats.leaderless = self.groups_without_leader();
+        stats
+    }
+
+    /// True when nothing is queued or being written, and every group this node leads
+    /// has committed all of its entries.
+    pub fn idle(&self) -> bool {
+        self.units.borrow().is_empty()
+            && self
+                .groups
+                .borrow()
+                .values()
+                .all(|g| !g.leading || g.raft.commit_index() == g.raft.last_index())
+    }
+}
+
+fn raft_config(settings: &RaftSettings) -> RaftConfig {
+    RaftConfig {
+        election_ticks: settings.election_ticks,
+        heartbeat_ticks: settings.heartbeat_ticks,
+        max_inflight: 64,
+        max_entries_per_msg: 512,
+        max_bytes_per_msg: 1 << 20,
+        snapshot_chunk_bytes: 1 << 20,
+        max_uncommitted_entries: PENDING_RECORDS_MAX as u64,
+        pre_vote: true,
+        check_quorum: true,
+    }
+}
+
+fn sealed_run(cold: &[(u64, Cold)]) -> usize {
+    let mut n = 1;
+    while n < cold.len() {
+        let same = match (cold[n - 1].1, cold[n].1) {
+            (Cold::Active { .. }, Cold::Active { .. }) => true,
+            (Cold::Sealed { epoch: a, index: i }, Cold::Sealed { epoch: b, index: j }) => {
+                a == b && j == i + 1
+            }
+            _ => false,
+        };
+        if !same {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Roughly the bytes a command takes in the log (its variable-size fields).
+pub(crate) fn command_bytes(command: &Command) -> usize {
+    const FIXED_BYTES: usize = 64;
+    FIXED_BYTES
+        + match command {
+            Command::Append(e) => {
+                e.session_id.len()
+                    + e.event_type.len()
+                    + e.payload.len()
+                    + e.metadata.len()
+                    + e.refs.len()
+                    + e.actor.as_ref().map_or(0, String::len)
+                    + e.source.as_ref().map_or(0, String::len)
+                    + e.idempotency_key.as_ref().map_or(0, String::len)
+                    + e.producer_id.as_ref().map_or(0, String::len)
+            }
+            Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
+            Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
+            Command::SetArchived(a) => a.session_id.len(),
+            Command::ArchiveProgress(a) => a.session_id.len(),
+            Command::Noop => 0,
+            Command::Meta(shards::entry::MetaRecord::Snapshot { state, .. }) => state.len(),
+            Command::Meta(_) => 0,
+        }
+}
+
+fn append_error(e: AppendError) -> ApiError {
+    match e {
+        AppendError::SessionNotFound => ApiError::SessionNotFound,
+        AppendError::IdempotencyConflict { seq } => ApiError::IdempotencyConflict { seq },
+        AppendError::ProducerSeqConflict {
+            expected_producer_seq,
+        } => ApiError::ProducerSeqConflict {
+            expected_producer_seq,
+        },
+        AppendError::ExpectedSeqConflict {
+            expected_seq,
+            current_seq,
+        } => ApiError::ExpectedSeqConflict {
+            expected_seq,
+            current_seq,
+        },
+    }
+}

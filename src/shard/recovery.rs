@@ -1,0 +1,372 @@
+//! Rebuilding a shard at start: the shard snapshot, then every log record after its
+//! resume position, into each group's state machine, Raft log and hard state, and the
+//! shard's event index.
+//!
+//! Replay rules (the log holds Raft entries, so a suffix may be rewritten):
+//! - An entry record `(group, index)` replaces every earlier record of that group with
+//!   an index `>= index` (the follower's log was truncated by a conflict, §5.3).
+//! - A `HardState` record replaces the group's previous one.
+//! - A `Snapshot` record replaces the group's state and voids every earlier entry of
+//!   the group; the history events (index-0 appends) written just before it become
+//!   the group's events. History without its `Snapshot` record (a crash during the
+//!   install) is ignored.
+//! - Events of entries the snapshot's state already holds are indexed at the end of
+//!   replay (once truncation can no longer change them); later entries go back to Raft,
+//!   which hands the committed ones out again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use shards::entry::{Command, MetaRecord};
+use shards::raft::{Entry, HardState, Payload, SnapshotMeta};
+use shards::session::{GroupState, Limits};
+use shards::snapshot::ShardSnapshot;
+
+use super::{Persisted, ShardSettings};
+use crate::store::EventStore;
+use crate::wal::{RecordLocation, Replayed};
+
+pub(super) const SNAPSHOT_FILE: &str = "snapshot";
+
+/// Reads the shard's snapshot, if there is one. A snapshot that does not decode is an
+/// error: starting from the log alone could miss sealed segments' runs.
+pub(super) async fn load_snapshot(dir: &Path) -> Result<Option<ShardSnapshot>, String> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let Some(bytes) = crate::wal::read_file(&path)
+        .await
+        .map_err(|e| format!("read {}: {e}", path.display()))?
+    else {
+        return Ok(None);
+    };
+    let trailer = bytes
+        .len()
+        .checked_sub(8)
+        .ok_or_else(|| format!("{} is truncated", path.display()))?;
+    let len = u64::from_le_bytes(bytes[trailer..].try_into().expect("8 bytes")) as usize;
+    let body = bytes
+        .get(..len)
+        .ok_or_else(|| format!("{} is truncated", path.display()))?;
+    ShardSnapshot::decode(body)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// An entry record seen during replay, with the event it carries (if any).
+struct Seen {
+    persisted: Persisted,
+    event: Option<(String, u64)>,
+}
+
+/// A history event seen during replay (waiting for its group's `Snapshot` record).
+struct History {
+    session: String,
+    seq: u64,
+    loc: RecordLocation,
+    sealed: Option<u32>,
+}
+
+/// What replay hands back: each group, the event index, and the segments sealed
+/// during replay with their index file bodies.
+pub(super) type Recovered = (
+    HashMap<u16, RecoveredGroup>,
+    EventStore,
+    Vec<(u64, Vec<u32>)>,
+);
+
+/// One group as recovered.
+pub(super) struct RecoveredGroup {
+    pub state: GroupState,
+    /// The last index the state holds, and its term.
+    pub applied: u64,
+    pub applied_term: u64,
+    pub checksum: u64,
+    pub hard_state: HardState,
+    /// Log entries after `applied`, in index order (Raft's restored log).
+    pub entries: Vec<Entry<Command>>,
+    /// Where those entries are on disk.
+    pub persisted: BTreeMap<u64, Persisted>,
+}
+
+struct ReplayGroup {
+    state: GroupState,
+    applied: u64,
+    applied_term: u64,
+    checksum: u64,
+    hard_state: HardState,
+    entries: Vec<Entry<Command>>,
+    seen: BTreeMap<u64, Seen>,
+    history: Vec<History>,
+}
+
+impl ReplayGroup {
+    /// An entry record: it replaces every entry at or after its index.
+    fn add_entry(&mut self, index: u64, term: u64, command: Command, persisted: Persisted) {
+        self.seen.split_off(&index);
+        let event = match &command {
+            Command::Append(e) => Some((e.session_id.clone(), e.seq)),
+            _ => None,
+        };
+        self.seen.insert(index, Seen { persisted, event });
+        let keep = self.entries.partition_point(|e| e.index < index);
+        self.entries.truncate(keep);
+        if index <= self.applied {
+            return;
+        }
+        let contiguous = match self.entries.last() {
+            Some(last) => last.index + 1 == index,
+            None => index == self.applied + 1,
+        };
+        if !contiguous {
+            tracing::warn!(
+                index,
+                applied = self.applied,
+                "log entry after a gap ignored"
+            );
+            return;
+        }
+        self.entries.push(Entry {
+            term,
+            index,
+            payload: match command {
+                Command::Noop => Payload::Noop,
+                command => Payload::Data(command),
+            },
+        });
+    }
+
+    fn new(limits: Limits) -> ReplayGroup {
+        ReplayGroup {
+            state: GroupState::new(limits),
+            applied: 0,
+            applied_term: 0,
+            checksum: 0,
+            hard_state: HardState::default(),
+            entries: Vec::new(),
+            seen: BTreeMap::new(),
+            history: Vec::new(),
+        }
+    }
+}
+
+pub(super) struct Recovery {
+    shard: usize,
+    shards: usize,
+    limits: Limits,
+    pub resume: (u64, u64),
+    groups: HashMap<u16, ReplayGroup>,
+    pub store: EventStore,
+    /// Segments whose end replay passed, with their index file bodies (written after
+    /// replay, before the shard serves).
+    pub seals: Vec<(u64, Vec<u32>)>,
+}
+
+impl Recovery {
+    pub fn new(
+        settings: &ShardSettings,
+        snapshot: Option<ShardSnapshot>,
+    ) -> Result<Recovery, String> {
+        let mut recovery = Recovery {
+            shard: settings.index,
+            shards: settings.shards,
+            limits: settings.limits,
+            resume: (1, 0),
+            groups: HashMap::new(),
+            store: EventStore::new(settings.hot_bytes),
+            seals: Vec::new(),
+        };
+        if let Some(snapshot) = snapshot {
+            recovery.resume = (snapshot.resume_epoch, snapshot.resume_offset);
+            for g in snapshot.groups {
+                let state = GroupState::decode_snapshot(&g.state, settings.limits)
+                    .map_err(|e| format!("snapshot of group {}: {e}", g.group))?;
+                let mut group = ReplayGroup::new(settings.limits);
+                group.state = state;
+                group.applied = g.committed_index;
+                group.applied_term = g.committed_term;
+                group.checksum = g.checksum;
+                group.hard_state = HardState {
+                    term: g.hard_term,
+                    vote: (g.hard_vote != 0).then_some(g.hard_vote),
+                    commit: g.committed_index,
+                };
+                for e in g.entries {
+                    let loc = RecordLocation {
+                        epoch: e.epoch,
+                        offset: e.offset,
+                    };
+                    let persisted = Persisted {
+                        term: e.term,
+                        loc,
+                        crc: e.crc,
+                        sealed: (e.sealed != u32::MAX).then_some(e.sealed),
+                    };
+                    group.add_entry(e.index, e.term, e.command, persisted);
+                }
+                recovery.groups.insert(g.group, group);
+            }
+            recovery.store.restore(snapshot.sessions);
+        }
+        Ok(recovery)
+    }
+
+    pub fn replay(&mut self, item: Replayed) -> Result<(), String> {
+        let (loc, crc, rec) = match item {
+            Replayed::Record(loc, crc, rec) => (loc, crc, rec),
+            Replayed::SegmentEnd(epoch) => {
+                self.seal(epoch);
+                return Ok(());
+            }
+        };
+        if shards::shard_of(rec.group, self.shards) != self.shard {
+            return Err(format!(
+                "log record of group {} in shard {}'s log at {loc:?}",
+                rec.group, self.shard
+            ));
+        }
+        let limits = self.limits;
+        let group = self
+            .groups
+            .entry(rec.group)
+            .or_insert_with(|| ReplayGroup::new(limits));
+        let rec = *rec;
+        if rec.index == 0 {
+            match rec.command {
+                Command::Append(e) => group.history.push(History {
+                    session: e.session_id,
+                    seq: e.seq,
+                    loc,
+                    sealed: None,
+                }),
+                Command::Meta(MetaRecord::HardState { term, vote, commit }) => {
+                    // A record older than the snapshot's hard state never rolls it back.
+                    let h = &mut group.hard_state;
+                    if term > h.term {
+                        h.term = term;
+                        h.vote = None;
+                    }
+                    if term == h.term && h.vote.is_none() && vote != 0 {
+                        h.vote = Some(vote);
+                    }
+                    h.commit = h.commit.max(commit);
+                }
+                Command::Meta(MetaRecord::Snapshot {
+                    index,
+                    term,
+                    checksum,
+                    state,
+                }) => {
+                    group.state = GroupState::decode_snapshot(&state, limits).map_err(|e| {
+                        format!("snapshot record of group {} at {loc:?}: {e}", rec.group)
+                    })?;
+                    group.applied = index;
+                    group.applied_term = term;
+                    group.checksum = checksum;
+                    group.entries.clear();
+                    group.seen.clear();
+                    group.hard_state.commit = group.hard_state.commit.max(index);
+                    for h in std::mem::take(&mut group.history) {
+                        index_event(&mut self.store, &h.session, h.seq, h.loc, h.sealed);
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "log record at {loc:?} has index 0 but holds {other:?}"
+                    ))
+                }
+            }
+            return Ok(());
+        }
+        let persisted = Persisted {
+            term: rec.term,
+            loc,
+            crc,
+            sealed: None,
+        };
+        group.add_entry(rec.index, rec.term, rec.command, persisted);
+        Ok(())
+    }
+
+    /// A segment ended: its events get their index file, including entries not yet
+    /// known to be committed (their offsets go at the end, for `insert_sealed`).
+    fn seal(&mut self, epoch: u64) {
+        let mut plan = self.store.plan_seal(epoch as u32);
+        let mut ids: Vec<u16> = self.groups.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let group = self.groups.get_mut(&id).expect("listed");
+            for seen in group.seen.values_mut() {
+                let p = &mut seen.persisted;
+                if u64::from(p.loc.epoch) == epoch && p.sealed.is_none() {
+                    p.sealed = Some(plan.offsets.len() as u32);
+                    plan.offsets.push(p.loc.offset);
+                }
+            }
+            for h in group.history.iter_mut() {
+                if u64::from(h.loc.epoch) == epoch && h.sealed.is_none() {
+                    h.sealed = Some(plan.offsets.len() as u32);
+                    plan.offsets.push(h.loc.offset);
+                }
+            }
+        }
+        let offsets = self.store.apply_seal(plan);
+        self.seals.push((epoch, offsets));
+    }
+
+    /// Ends replay: indexes the events the states hold and hands back each group.
+    pub fn finish(mut self) -> Recovered {
+        let mut out = HashMap::new();
+        let mut ids: Vec<u16> = self.groups.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let mut g = self.groups.remove(&id).expect("listed");
+            let later = g.seen.split_off(&(g.applied + 1));
+            for seen in g.seen.values() {
+                if let Some((session, seq)) = &seen.event {
+                    let p = &seen.persisted;
+                    index_event(&mut self.store, session, *seq, p.loc, p.sealed);
+                }
+            }
+            let persisted = later.into_iter().map(|(i, s)| (i, s.persisted)).collect();
+            let last = g.entries.last().map_or(g.applied, |e| e.index);
+            g.hard_state.commit = g.hard_state.commit.clamp(g.applied, last);
+            out.insert(
+                id,
+                RecoveredGroup {
+                    state: g.state,
+                    applied: g.applied,
+                    applied_term: g.applied_term,
+                    checksum: g.checksum,
+                    hard_state: g.hard_state,
+                    entries: g.entries,
+                    persisted,
+                },
+            );
+        }
+        (out, self.store, self.seals)
+    }
+}
+
+/// Indexes a replayed event the state holds (unless the index already has it).
+fn index_event(
+    store: &mut EventStore,
+    session: &str,
+    seq: u64,
+    loc: RecordLocation,
+    sealed: Option<u32>,
+) {
+    if seq != store.last_seq(session) + 1 {
+        return;
+    }
+    match sealed {
+        Some(index) => store.insert_sealed(session, seq, loc.epoch, index, None),
+        None => store.insert(session, seq, loc.epoch, loc.offset, None),
+    }
+}
+
+/// The Raft snapshot a recovered group restarts from (what its state holds).
+pub(super) fn snapshot_meta(g: &RecoveredGroup) -> SnapshotMeta {
+    SnapshotMeta {
+        index: g.applied,
+        term: g.applied_term,
+    }
+}

@@ -1,0 +1,1007 @@
+//! The Raft shell of a shard: it performs every group's `Ready` (see
+//! `shards::raft` for the rules), runs the shard's one committer (one log batch and one
+//! durable write for the records of every group), the Raft clock, the peer transport
+//! and the requests forwarded between nodes.
+//!
+//! Messages to one peer node are gathered while a turn of work runs and sent at its
+//! end ([`ShardCore::flush_outbox`]); heartbeats of all groups to one peer become one
+//! frame. AppendEntries leave before the leader's own write of the same entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::channel::oneshot;
+use glommio::channels::local_channel::LocalReceiver;
+use shards::entry::{Command, LogRecord, MetaRecord};
+use shards::peer::{HeartbeatAck, HeartbeatItem, PeerFrame};
+use shards::raft::{Body, Entry, Message, Payload, Ready, Role, SnapshotMeta};
+use shards::session::GroupState;
+use shards::snapshot::{fold_checksum, GroupTransfer};
+use shards::validate::render_event;
+use shards::wire::{ClusterSettings, Handshake, WIRE_VERSION};
+
+use super::{command_bytes, Group, Persisted, ShardCore, FORWARDED_IN_FLIGHT_MAX};
+use crate::node::with_timeout;
+use crate::ops::{ApiError, Reply};
+use crate::transport::{shard_peer_addr, Incoming, Transport, TransportConfig};
+use crate::wal::{RecordLocation, Wal};
+
+/// Bytes of events one snapshot for a follower may carry, at most.
+const SNAPSHOT_TRANSFER_BYTES_MAX: usize = 512 << 20;
+/// Bound of one peer's send queue.
+const SEND_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// Frames' payload size we aim under (a heartbeat frame is split past it).
+const HEARTBEATS_PER_FRAME_MAX: usize = 4096;
+
+/// How this node reaches the others.
+#[derive(Debug, Clone)]
+pub struct PeerSettings {
+    pub cluster_id: String,
+    /// This node's shard-0 peer address (shard i listens on its port + i).
+    pub listen: SocketAddr,
+    /// Every OTHER member's shard-0 peer address.
+    pub peers: Vec<(u64, SocketAddr)>,
+    pub settings: ClusterSettings,
+}
+
+/// Log records of one Ready, and what to do once they are durable.
+pub(super) struct WriteUnit {
+    group: u16,
+    records: Vec<LogRecord>,
+    /// The installed snapshot, reported persisted first.
+    snapshot: Option<SnapshotMeta>,
+    /// The last entry written, reported persisted.
+    last_entry: Option<(u64, u64)>,
+    /// Sent once durable.
+    messages: Vec<Message<Command>>,
+}
+
+/// Messages gathered for one peer node during a turn.
+#[derive(Default)]
+struct Outbox {
+    frames: Vec<PeerFrame>,
+    heartbeats: Vec<HeartbeatItem>,
+    acks: Vec<HeartbeatAck>,
+}
+
+#[derive(Default)]
+pub(super) struct Peers {
+    me: Weak<ShardCore>,
+    transport: Option<Rc<Transport>>,
+    outbox: BTreeMap<u64, Outbox>,
+    forwards: HashMap<u64, oneshot::Sender<Reply>>,
+    next_forward: u64,
+    forwarded_in_flight: usize,
+}
+
+/// Fault injection (`PUT /debug/faults`, test builds of a cluster): while set, every
+/// shard of this process drops every frame to and from other nodes.
+static ISOLATED: AtomicBool = AtomicBool::new(false);
+
+pub fn set_isolated(isolated: bool) {
+    ISOLATED.store(isolated, Ordering::Relaxed);
+}
+
+fn isolated() -> bool {
+    ISOLATED.load(Ordering::Relaxed)
+}
+
+pub(super) enum ForwardError {
+    /// Never left this node (no connection, full queue): safe to retry.
+    NotSent,
+    /// No answer in time: the outcome is unknown.
+    TimedOut,
+}
+
+/// Starts the shard's peer transport and the task that serves what arrives on it.
+pub fn start_transport(core: &Rc<ShardCore>, peer: PeerSettings) -> Result<(), String> {
+    let shard = core.index as u32;
+    let mut members: Vec<u64> = peer.peers.iter().map(|p| p.0).collect();
+    members.push(core.node_id);
+    let config = TransportConfig {
+        node_id: core.node_id,
+        shard,
+        shards: core.shards as u32,
+        listen: shard_peer_addr(peer.listen, shard),
+        peers: peer
+            .peers
+            .iter()
+            .map(|&(id, addr)| (id, shard_peer_addr(addr, shard)))
+            .collect(),
+        members,
+        handshake: Handshake {
+            wire_version: WIRE_VERSION,
+            cluster_id: peer.cluster_id,
+            node_id: core.node_id,
+            shards: core.shards as u32,
+            shard,
+            settings: peer.settings,
+        },
+        send_queue_bytes_max: SEND_QUEUE_BYTES_MAX,
+        reconnect_backoff_min: Duration::from_millis(20),
+        reconnect_backoff_max: Duration::from_millis(500),
+    };
+    let (transport, incoming) = Transport::start(config)?;
+    core.peers.borrow_mut().transport = Some(transport);
+    glommio::spawn_local(core.clone().run_incoming(incoming)).detach();
+    Ok(())
+}
+
+impl ShardCore {
+    /// Starts the Raft clock and hands out what recovery left committed. A group with
+    /// one voter elects itself at once.
+    pub(super) async fn start_raft(self: &Rc<Self>) {
+        self.peers.borrow_mut().me = Rc::downgrade(self);
+        let ids = self.group_ids();
+        for &group in &ids {
+            self.process(group);
+        }
+        let election_ticks = self.raft_settings.election_ticks;
+        for &group in &ids {
+            let alone = self
+                .groups
+                .borrow()
+                .get(&group)
+                .is_some_and(|g| g.raft.voters().len() == 1);
+            if !alone {
+                continue;
+            }
+            for _ in 0..election_ticks * 4 {
+                let leading = {
+                    let mut groups = self.groups.borrow_mut();
+                    let g = groups.get_mut(&group).expect("listed");
+                    g.raft.tick();
+                    let leading = g.raft.role() == Role::Leader;
+                    if leading {
+                        g.leader_seen = Some(Instant::now());
+                    }
+                    leading
+                };
+                self.process(group);
+                if leading {
+                    break;
+                }
+            }
+        }
+        glommio::spawn_local(self.clone().run_clock()).detach();
+    }
+
+    fn group_ids(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self.groups.borrow().keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Ticks every group, compacts applied Raft logs, sends what that produced.
+    async fn run_clock(self: Rc<Self>) {
+        let tick = self.raft_settings.tick;
+        let keep = self.raft_settings.log_entries;
+        let ids = self.group_ids();
+        let mut next = Instant::now() + tick;
+        loop {
+            let now = Instant::now();
+            if next > now {
+                glommio::timer::sleep(next - now).await;
+            }
+            next += tick;
+            if Instant::now() > next + tick * 10 {
+                next = Instant::now() + tick; // far behind (a stall): do not burst
+            }
+            for &group in &ids {
+                {
+                    let mut groups = self.groups.borrow_mut();
+                    let g = groups.get_mut(&group).expect("listed");
+                    g.raft.tick();
+                    if g.raft.leader().is_some() {
+                        g.leader_seen = Some(Instant::now());
+                    }
+                    compact(g, keep);
+                }
+                self.process(group);
+            }
+            self.flush_outbox();
+        }
+    }
+
+    /// Takes and performs every Ready the group has.
+    pub(super) fn process(&self, group: u16) {
+        loop {
+            let mut groups = self.groups.borrow_mut();
+            let Some(g) = groups.get_mut(&group) else {
+                return;
+            };
+            if !g.raft.has_ready() {
+                return;
+            }
+            let ready = g.raft.ready();
+            self.perform(group, g, ready);
+        }
+    }
+
+    fn perform(&self, group: u16, g: &mut Group, ready: Ready<Command>) {
+        let mut became_leader = false;
+        if let Some(soft) = ready.soft_state {
+            if soft.role == Role::Leader && !g.leading {
+                became_leader = true;
+                self.stats.borrow_mut().elections_won += 1;
+            } else if soft.role != Role::Leader && g.leading {
+                g.leading = false;
+                g.state.discard_uncommitted();
+                fail_waiters(g);
+                self.stats.borrow_mut().leaderships_lost += 1;
+            }
+        }
+        for peer in ready.snapshot_requests {
+            if g.building_snapshot {
+                continue;
+            }
+            match self.peers.borrow().me.upgrade() {
+                Some(me) => {
+                    g.building_snapshot = true;
+                    glommio::spawn_local(me.build_snapshot(group, peer)).detach();
+                }
+                None => g.raft.snapshot_failed(peer),
+            }
+        }
+        for msg in ready.messages {
+            self.queue_message(group, msg);
+        }
+        let mut unit = WriteUnit {
+            group,
+            records: Vec::new(),
+            snapshot: None,
+            last_entry: None,
+            messages: ready.persisted_messages,
+        };
+        if let Some((meta, data)) = ready.snapshot_to_install {
+            self.install_snapshot(group, g, meta, &data, &mut unit);
+        }
+        for e in ready.entries_to_persist {
+            unit.last_entry = Some((e.index, e.term));
+            unit.records.push(LogRecord {
+                group,
+                term: e.term,
+                index: e.index,
+                command: match e.payload {
+                    Payload::Noop => Command::Noop,
+                    Payload::Data(command) => command,
+                },
+            });
+        }
+        if let Some(h) = ready.hard_state {
+            unit.records.push(LogRecord {
+                group,
+                term: h.term,
+                index: 0,
+                command: Command::Meta(MetaRecord::HardState {
+                    term: h.term,
+                    vote: h.vote.unwrap_or(0),
+                    commit: h.commit,
+                }),
+            });
+        }
+        if !unit.records.is_empty() || !unit.messages.is_empty() || unit.snapshot.is_some() {
+            self.queue_unit(unit);
+        }
+        for e in ready.committed_entries {
+            self.apply_committed(group, g, e);
+        }
+        if became_leader {
+            // Decide from now on against the committed state plus the log's uncommitted
+            // suffix (entries of earlier terms this leader will commit).
+            g.leading = true;
+            g.state.discard_uncommitted();
+            for index in g.applied + 1..=g.raft.last_index() {
+                if let Some(Entry {
+                    payload: Payload::Data(command),
+                    ..
+                }) = g.raft.entry(index)
+                {
+                    g.state.apply(command);
+                }
+            }
+        }
+    }
+
+    fn queue_unit(&self, unit: WriteUnit) {
+        let bytes: usize = unit.records.iter().map(|r| command_bytes(&r.command)).sum();
+        self.units_records
+            .set(self.units_records.get() + unit.records.len());
+        self.units_bytes.set(self.units_bytes.get() + bytes);
+        self.units.borrow_mut().push_back(unit);
+        let _ = self.wake_committer.try_send(());
+    }
+
+    /// A committed entry joins the committed state; its event becomes readable, tails
+    /// wake, and the request that proposed it is answered.
+    fn apply_committed(&self, group: u16, g: &mut Group, e: Entry<Command>) {
+        if e.index <= g.applied {
+            return; // a snapshot already covers it
+        }
+        let stale = g.persisted.split_off(&e.index);
+        g.persisted = stale;
+        let persisted = g.persisted.remove(&e.index);
+        let persisted = match persisted {
+            Some(p) if p.term == e.term => Some(p),
+            _ => {
+                tracing::error!(
+                    shard = self.index,
+                    group,
+                    index = e.index,
+                    "committed entry has no log location"
+                );
+                None
+            }
+        };
+        g.checksum = fold_checksum(g.checksum, persisted.map_or(0, |p| p.crc));
+        if let Payload::Data(command) = &e.payload {
+            g.state.commit(command);
+            if let (Command::Append(a), Some(p)) = (command, persisted) {
+                let text: Arc<str> = Arc::from(render_event(a));
+                let mut store = self.store.borrow_mut();
+                if a.seq == store.last_seq(&a.session_id) + 1 {
+                    match p.sealed {
+                        Some(index) => store.insert_sealed(
+                            &a.session_id,
+                            a.seq,
+                            p.loc.epoch,
+                            index,
+                            Some(text),
+                        ),
+                        None => store.insert(
+                            &a.session_id,
+                            a.seq,
+                            p.loc.epoch,
+                            p.loc.offset,
+                            Some(text),
+                        ),
+                    }
+                }
+                drop(store);
+                self.wake_tails(&a.session_id);
+            }
+        }
+        g.applied = e.index;
+        g.applied_term = e.term;
+        let later = g.waiters.split_off(&(e.index + 1));
+        let released = std::mem::replace(&mut g.waiters, later);
+        for (index, waiters) in released {
+            for w in waiters {
+                let _ = w.tx.send(index == e.index && w.term == e.term);
+            }
+        }
+    }
+
+    pub(super) fn wake_tails(&self, session: &str) {
+        if let Some(waiters) = self.tail_waiters.borrow_mut().remove(session) {
+            for tx in waiters {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// A follower takes the leader's snapshot: its state at once, and the records that
+    /// make it durable (the group's history, then the snapshot record).
+    fn install_snapshot(
+        &self,
+        group: u16,
+        g: &mut Group,
+        meta: SnapshotMeta,
+        data: &[u8],
+        unit: &mut WriteUnit,
+    ) {
+        let transfer = match GroupTransfer::decode(data) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(shard = self.index, group, error = %e, "snapshot refused");
+                return;
+            }
+        };
+        let state = match GroupState::decode_snapshot(&transfer.state, self.limits) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!(shard = self.index, group, error = %e, "snapshot state refused");
+                return;
+            }
+        };
+        tracing::info!(
+            shard = self.index,
+            group,
+            index = meta.index,
+            events = transfer.events.len(),
+            "installing snapshot"
+        );
+        g.state = state;
+        g.applied = meta.index;
+        g.applied_term = meta.term;
+        g.checksum = transfer.checksum;
+        g.persisted.clear();
+        g.leading = false;
+        fail_waiters(g);
+        for e in transfer.events {
+            unit.records.push(LogRecord {
+                group,
+                term: 0,
+                index: 0,
+                command: Command::Append(e),
+            });
+        }
+        unit.records.push(LogRecord {
+            group,
+            term: meta.term,
+            index: 0,
+            command: Command::Meta(MetaRecord::Snapshot {
+                index: meta.index,
+                term: meta.term,
+                checksum: transfer.checksum,
+                state: transfer.state,
+            }),
+        });
+        unit.snapshot = Some(meta);
+        self.stats.borrow_mut().snapshots_installed += 1;
+    }
+
+    /// Leader: reads the group's state and history and hands them to Raft for `peer`.
+    async fn build_snapshot(self: Rc<Self>, group: u16, peer: u64) {
+        // Spawned from inside `process` (which holds the groups): start on a later turn.
+        futures_lite::future::yield_now().await;
+        let captured = {
+            let groups = self.groups.borrow();
+            let Some(g) = groups.get(&group) else { return };
+            let sessions: Vec<(String, u64)> = g
+                .state
+                .views()
+                .map(|v| (v.id.clone(), v.last_seq))
+                .collect();
+            (
+                SnapshotMeta {
+                    index: g.applied,
+                    term: g.applied_term,
+                },
+                g.state.encode_snapshot(),
+                g.checksum,
+                sessions,
+            )
+        };
+        let (meta, state, checksum, sessions) = captured;
+        let events = self.read_history(&sessions).await;
+        let mut groups = self.groups.borrow_mut();
+        let Some(g) = groups.get_mut(&group) else {
+            return;
+        };
+        g.building_snapshot = false;
+        let sent = match events {
+            Ok(events) => {
+                let data = GroupTransfer {
+                    state,
+                    checksum,
+                    events,
+                }
+                .encode();
+                g.raft
+                    .send_snapshot(peer, meta, data)
+                    .map_err(|e| format!("{e:?}"))
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => self.stats.borrow_mut().snapshots_sent += 1,
+            Err(e) => {
+                tracing::warn!(shard = self.index, group, peer, error = %e, "no snapshot sent");
+                g.raft.snapshot_failed(peer);
+            }
+        }
+        drop(groups);
+        self.process(group);
+        self.flush_outbox();
+    }
+
+    /// Every event of the given sessions up to the given seqs, read back from the log.
+    async fn read_history(
+        &self,
+        sessions: &[(String, u64)],
+    ) -> Result<Vec<shards::entry::AppendEntry>, String> {
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        for (id, last) in sessions {
+            let locations = self.store.borrow().locations(id, 0, *last);
+            if locations.len() as u64 != *last {
+                return Err(format!(
+                    "{id}: {} of {last} events indexed",
+                    locations.len()
+                ));
+            }
+            let mut i = 0;
+            while i < locations.len() {
+                let run = super::sealed_run(&locations[i..]);
+                let resolved = self
+                    .resolve(&locations[i..i + run])
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                for (seq, loc) in resolved {
+                    let record = self
+                        .reader
+                        .read(loc)
+                        .await
+                        .map_err(|e| format!("event {seq} of {id}: {e}"))?;
+                    match record.command {
+                        Command::Append(e) if e.session_id == *id && e.seq == seq => {
+                            bytes += command_bytes(&Command::Append(e.clone()));
+                            events.push(e);
+                        }
+                        _ => return Err(format!("log record at {loc:?} is not {id}/{seq}")),
+                    }
+                }
+                if bytes > SNAPSHOT_TRANSFER_BYTES_MAX {
+                    return Err(format!("history over {SNAPSHOT_TRANSFER_BYTES_MAX} bytes"));
+                }
+                i += run;
+            }
+        }
+        Ok(events)
+    }
+
+    // ---- the committer ----
+
+    /// One batch write (one durable write) for every record queued while the previous
+    /// batch was being written, then each Ready's persisted report and messages.
+    pub(super) async fn run_committer(self: Rc<Self>, mut wal: Wal, wake: LocalReceiver<()>) {
+        let mut bytes_since_snapshot = 0u64;
+        while wake.recv().await.is_some() {
+            loop {
+                let mut units: Vec<WriteUnit> = self.units.borrow_mut().drain(..).collect();
+                self.units_records.set(0);
+                self.units_bytes.set(0);
+                if units.is_empty() {
+                    break;
+                }
+                let mut records = Vec::new();
+                for unit in units.iter_mut() {
+                    records.append(&mut unit.records);
+                }
+                let mut done = 0;
+                while done < records.len() {
+                    let written = wal.write(&records[done..]).await;
+                    if let Some(epoch) = written.sealed {
+                        self.seal(&wal, epoch).await;
+                    }
+                    self.durable_position.set(wal.durable_position());
+                    self.record_write(&written);
+                    bytes_since_snapshot += written.bytes as u64;
+                    let placed = written.locations.iter().zip(&written.crcs);
+                    for (record, (loc, crc)) in records[done..].iter().zip(placed) {
+                        self.on_record_durable(record, *loc, *crc);
+                    }
+                    done += written.taken;
+                }
+                for unit in units {
+                    self.complete_unit(unit);
+                }
+                self.flush_outbox();
+                if bytes_since_snapshot >= self.snapshot_log_bytes && !self.snapshot_running.get() {
+                    bytes_since_snapshot = 0;
+                    self.snapshot_running.set(true);
+                    let resume = self.durable_position.get();
+                    let sessions = self.store.borrow().capture();
+                    glommio::spawn_local(self.clone().write_snapshot(resume, sessions)).detach();
+                }
+            }
+        }
+    }
+
+    fn record_write(&self, written: &crate::wal::Written) {
+        let mut stats = self.stats.borrow_mut();
+        stats.fsyncs += 1;
+        stats.fsync_latency.record(written.fsync_us);
+        stats.log_bytes_written += written.bytes as u64;
+    }
+
+    /// A record is durable: an entry's place is remembered until it commits; a history
+    /// event (snapshot install) is indexed at once.
+    fn on_record_durable(&self, record: &LogRecord, loc: RecordLocation, crc: u32) {
+        if record.index > 0 {
+            let mut groups = self.groups.borrow_mut();
+            let Some(g) = groups.get_mut(&record.group) else {
+                return;
+            };
+            if record.index <= g.applied {
+                return;
+            }
+            g.persisted.split_off(&record.index);
+            g.persisted.insert(
+                record.index,
+                Persisted {
+                    term: record.term,
+                    loc,
+                    crc,
+                    sealed: None,
+                },
+            );
+            return;
+        }
+        if let Command::Append(e) = &record.command {
+            let mut store = self.store.borrow_mut();
+            if e.seq == store.last_seq(&e.session_id) + 1 {
+                let text: Arc<str> = Arc::from(render_event(e));
+                store.insert(&e.session_id, e.seq, loc.epoch, loc.offset, Some(text));
+            }
+            drop(store);
+            self.wake_tails(&e.session_id);
+        }
+    }
+
+    fn complete_unit(&self, unit: WriteUnit) {
+        {
+            let mut groups = self.groups.borrow_mut();
+            if let Some(g) = groups.get_mut(&unit.group) {
+                if let Some(meta) = unit.snapshot {
+                    g.raft.on_persisted(meta.index, meta.term);
+                }
+                if let Some((index, term)) = unit.last_entry {
+                    g.raft.on_persisted(index, term);
+                }
+            }
+        }
+        for msg in unit.messages {
+            self.queue_message(unit.group, msg);
+        }
+        self.process(unit.group);
+    }
+
+    /// Seals segment `epoch`: its index file lists the committed events' offsets, then
+    /// those of entries written there and not committed yet (they are indexed through
+    /// their place in the file when they commit). The store switches at once; readers
+    /// use the in-memory offsets until the file is durable.
+    async fn seal(&self, wal: &Wal, epoch: u64) {
+        let offsets = {
+            let mut store = self.store.borrow_mut();
+            let mut plan = store.plan_seal(epoch as u32);
+            let mut groups = self.groups.borrow_mut();
+            let mut ids: Vec<u16> = groups.keys().copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                let g = groups.get_mut(&id).expect("listed");
+                for p in g.persisted.values_mut() {
+                    if u64::from(p.loc.epoch) == epoch && p.sealed.is_none() {
+                        p.sealed = Some(plan.offsets.len() as u32);
+                        plan.offsets.push(p.loc.offset);
+                    }
+                }
+            }
+            Rc::new(store.apply_seal(plan))
+        };
+        self.sealing
+            .borrow_mut()
+            .insert(epoch as u32, offsets.clone());
+        let bytes = shards::snapshot::encode_sidecar(epoch, &offsets, shards::codec::BLOCK_BYTES);
+        wal.write_sidecar(epoch, &bytes).await;
+        self.sealing.borrow_mut().remove(&(epoch as u32));
+    }
+
+    /// Writes a shard snapshot: the event index and resume position (captured by the
+    /// committer between batches), then each group's committed state and its entries
+    /// not applied yet, one group per step so the shard keeps serving.
+    async fn write_snapshot(
+        self: Rc<Self>,
+        resume: (u64, u64),
+        sessions: Vec<shards::snapshot::SessionIndex>,
+    ) {
+        let started = Instant::now();
+        let ids = self.group_ids();
+        let mut groups = Vec::with_capacity(ids.len());
+        for group in ids {
+            if let Some(snap) = self.group_snapshot(group) {
+                groups.push(snap);
+            }
+            futures_lite::future::yield_now().await;
+        }
+        let snapshot = shards::snapshot::ShardSnapshot {
+            resume_epoch: resume.0,
+            resume_offset: resume.1,
+            groups,
+            sessions,
+        };
+        let mut bytes = snapshot.encode();
+        let len = bytes.len() as u64;
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.resize(bytes.len().next_multiple_of(4096), 0);
+        // The length trailer sits at the end of the padded file: see `load_snapshot`.
+        let total = bytes.len();
+        bytes[total - 8..].copy_from_slice(&len.to_le_bytes());
+        match crate::wal::write_file_durably(&self.dir, super::recovery::SNAPSHOT_FILE, &bytes)
+            .await
+        {
+            Ok(()) => tracing::info!(
+                shard = self.index,
+                bytes = total,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "snapshot written"
+            ),
+            Err(e) => tracing::error!(shard = self.index, error = %e, "snapshot failed"),
+        }
+        self.snapshot_running.set(false);
+    }
+
+    fn group_snapshot(&self, group: u16) -> Option<shards::snapshot::GroupSnapshot> {
+        let groups = self.groups.borrow();
+        let g = groups.get(&group)?;
+        let hard = g.raft.hard_state();
+        let entries = g
+            .persisted
+            .iter()
+            .filter_map(|(&index, p)| {
+                let entry = g.raft.entry(index).filter(|e| e.term == p.term)?;
+                Some(shards::snapshot::SnapshotEntry {
+                    index,
+                    term: p.term,
+                    command: match &entry.payload {
+                        Payload::Noop => Command::Noop,
+                        Payload::Data(c) => c.clone(),
+                    },
+                    epoch: p.loc.epoch,
+                    offset: p.loc.offset,
+                    crc: p.crc,
+                    sealed: p.sealed.unwrap_or(u32::MAX),
+                })
+            })
+            .collect();
+        Some(shards::snapshot::GroupSnapshot {
+            group,
+            committed_index: g.applied,
+            state: g.state.encode_snapshot(),
+            checksum: g.checksum,
+            committed_term: g.applied_term,
+            hard_term: hard.term,
+            hard_vote: hard.vote.unwrap_or(0),
+            entries,
+        })
+    }
+
+    // ---- peers ----
+
+    fn queue_message(&self, group: u16, msg: Message<Command>) {
+        let mut peers = self.peers.borrow_mut();
+        let to = msg.to;
+        let outbox = peers.outbox.entry(to).or_default();
+        match msg.body {
+            Body::Heartbeat { commit } => outbox.heartbeats.push(HeartbeatItem {
+                group,
+                term: msg.term,
+                commit,
+            }),
+            Body::HeartbeatResponse => outbox.acks.push(HeartbeatAck {
+                group,
+                term: msg.term,
+            }),
+            _ => outbox.frames.push(PeerFrame::Raft { group, msg }),
+        }
+    }
+
+    /// Sends everything gathered for each peer (heartbeats as one frame per peer).
+    pub(super) fn flush_outbox(&self) {
+        let mut peers = self.peers.borrow_mut();
+        if peers.outbox.is_empty() {
+            return;
+        }
+        let outboxes = std::mem::take(&mut peers.outbox);
+        let Some(transport) = peers.transport.clone() else {
+            return;
+        };
+        let isolated = isolated();
+        drop(peers);
+        let mut dropped = 0u64;
+        for (to, outbox) in outboxes {
+            let mut frames = outbox.frames;
+            for items in outbox.heartbeats.chunks(HEARTBEATS_PER_FRAME_MAX) {
+                frames.push(PeerFrame::Heartbeats {
+                    from: self.node_id,
+                    to,
+                    items: items.to_vec(),
+                });
+            }
+            for items in outbox.acks.chunks(HEARTBEATS_PER_FRAME_MAX) {
+                frames.push(PeerFrame::HeartbeatAcks {
+                    from: self.node_id,
+                    to,
+                    items: items.to_vec(),
+                });
+            }
+            for frame in frames {
+                if isolated || transport.send(to, shards::peer::encode(&frame)).is_err() {
+                    dropped += 1;
+                }
+            }
+        }
+        if dropped > 0 {
+            self.stats.borrow_mut().peer_frames_dropped += dropped;
+        }
+    }
+
+    /// Sends a request to `to` (same shard index) and waits for its reply until
+    /// `deadline`.
+    pub(super) async fn forward(
+        &self,
+        to: u64,
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<Reply, ForwardError> {
+        let (id, rx, transport) = {
+            let mut peers = self.peers.borrow_mut();
+            let Some(transport) = peers.transport.clone() else {
+                return Err(ForwardError::NotSent);
+            };
+            if isolated() {
+                return Err(ForwardError::NotSent);
+            }
+            peers.next_forward += 1;
+            let id = peers.next_forward;
+            let (tx, rx) = oneshot::channel();
+            peers.forwards.insert(id, tx);
+            (id, rx, transport)
+        };
+        let frame = PeerFrame::Request {
+            id,
+            body: body.to_vec(),
+        };
+        if transport.send(to, shards::peer::encode(&frame)).is_err() {
+            self.peers.borrow_mut().forwards.remove(&id);
+            return Err(ForwardError::NotSent);
+        }
+        self.stats.borrow_mut().forwarded += 1;
+        let limit = deadline.saturating_duration_since(Instant::now());
+        let answer = with_timeout(limit, rx).await;
+        self.peers.borrow_mut().forwards.remove(&id);
+        match answer {
+            Some(Ok(reply)) => Ok(reply),
+            _ => Err(ForwardError::TimedOut),
+        }
+    }
+
+    /// Serves frames from other nodes.
+    async fn run_incoming(self: Rc<Self>, incoming: LocalReceiver<Incoming>) {
+        while let Some(frame) = incoming.recv().await {
+            if isolated() {
+                self.stats.borrow_mut().peer_frames_dropped += 1;
+                continue;
+            }
+            let decoded = match shards::peer::decode(&frame.payload) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    tracing::warn!(shard = self.index, from = frame.from, error = %e, "bad peer frame");
+                    continue;
+                }
+            };
+            match decoded {
+                PeerFrame::Raft { group, msg } => self.step(group, msg),
+                PeerFrame::Heartbeats { from, to, items } => {
+                    for item in items {
+                        self.step(item.group, item.to_message(from, to));
+                    }
+                }
+                PeerFrame::HeartbeatAcks { from, to, items } => {
+                    for item in items {
+                        self.step(item.group, item.to_message(from, to));
+                    }
+                }
+                PeerFrame::Request { id, body } => self.serve_request(frame.from, id, body),
+                PeerFrame::Response { id, body } => {
+                    let reply = crate::forward::decode_reply(&body)
+                        .unwrap_or_else(|e| Reply::Error(ApiError::Internal(e)));
+                    if let Some(tx) = self.peers.borrow_mut().forwards.remove(&id) {
+                        let _ = tx.send(reply);
+                    }
+                }
+            }
+            self.flush_outbox();
+        }
+    }
+
+    fn step(&self, group: u16, msg: Message<Command>) {
+        {
+            let mut groups = self.groups.borrow_mut();
+            let Some(g) = groups.get_mut(&group) else {
+                return;
+            };
+            if msg.to != self.node_id || !g.raft.voters().contains(&msg.from) {
+                return;
+            }
+            g.raft.step(msg);
+        }
+        self.process(group);
+    }
+
+    fn serve_request(&self, from: u64, id: u64, body: Vec<u8>) {
+        let Some(me) = self.peers.borrow().me.upgrade() else {
+            return;
+        };
+        let busy = {
+            let mut peers = self.peers.borrow_mut();
+            if peers.forwarded_in_flight >= FORWARDED_IN_FLIGHT_MAX {
+                true
+            } else {
+                peers.forwarded_in_flight += 1;
+                false
+            }
+        };
+        glommio::spawn_local(async move {
+            let reply = if busy {
+                Reply::Error(ApiError::Overloaded)
+            } else {
+                let reply = match crate::forward::decode_op(&body) {
+                    Ok(op) => me.execute_local(op).await,
+                    Err(e) => Reply::Error(ApiError::Internal(format!("bad request: {e}"))),
+                };
+                me.peers.borrow_mut().forwarded_in_flight -= 1;
+                reply
+            };
+            let body = crate::forward::encode_reply(&reply).unwrap_or_else(|e| {
+                crate::forward::encode_reply(&Reply::Error(ApiError::Internal(e)))
+                    .expect("an error reply encodes")
+            });
+            let frame = PeerFrame::Response { id, body };
+            let transport = me.peers.borrow().transport.clone();
+            if let Some(transport) = transport {
+                if !isolated() {
+                    let _ = transport.send(from, shards::peer::encode(&frame));
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Graceful shutdown: hands each group this node leads to another voter, and waits
+    /// (bounded) until it leads none.
+    pub async fn transfer_leadership(&self, limit: Duration) {
+        let ids = self.group_ids();
+        for &group in &ids {
+            {
+                let mut groups = self.groups.borrow_mut();
+                let g = groups.get_mut(&group).expect("listed");
+                if !g.leading {
+                    continue;
+                }
+                let Some(&to) = g.raft.voters().iter().find(|&&v| v != self.node_id) else {
+                    continue;
+                };
+                let _ = g.raft.transfer_leader(to);
+            }
+            self.process(group);
+        }
+        self.flush_outbox();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline
+            && self
+                .groups
+                .borrow()
+                .values()
+                .any(|g| g.leading && g.raft.voters().len() > 1)
+        {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Every request waiting on this group learns its outcome is unknown.
+fn fail_waiters(g: &mut Group) {
+    for (_, waiters) in std::mem::take(&mut g.waiters) {
+        for w in waiters {
+            let _ = w.tx.send(false);
+        }
+    }
+}
+
+/// Drops applied Raft entries beyond the `keep` most recent (they stay in the log
+/// files; a follower that needs them gets a snapshot).
+fn compact(g: &mut Group, keep: u64) {
+    if g.building_snapshot || g.applied < g.raft.snapshot_index() + 2 * keep {
+        return;
+    }
+    let index = g.applied - keep;
+    if let Some(term) = g.raft.entry_term(index) {
+        let _ = g.raft.compact(SnapshotMeta { index, term });
+    }
+}
