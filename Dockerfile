@@ -23,7 +23,7 @@ USER starcite
 ENV STARCITE_HTTP_ADDR=0.0.0.0:4000 \
     STARCITE_DATA_DIR=/var/lib/starcite/data
 VOLUME /var/lib/starcite
-EXPOSE 4000
+EXPOSE 4000 4100
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=5s --timeout=2s --start-period=30s \
   CMD curl -fsS http://127.0.0.1:4000/health/ready || exit 1

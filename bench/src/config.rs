@@ -6,10 +6,13 @@ use std::time::Duration;
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 
-/// The one server address the benchmark talks to.
+/// One server address the benchmark talks to.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// Resolved once at start-up; every connection goes to exactly this address.
+    /// The URL exactly as given (for display).
+    pub url: String,
+    /// Resolved once at start-up; every connection to this target goes to exactly this
+    /// address.
     pub addr: SocketAddr,
     /// Value of the `Host` header (the authority as given in the URL).
     pub host: String,
@@ -40,9 +43,49 @@ impl Target {
             .next()
             .ok_or_else(|| format!("{authority} resolved to no address"))?;
         Ok(Target {
+            url: url.to_string(),
             addr,
             host: authority.to_string(),
         })
+    }
+
+    /// Parses a comma-separated list of targets (`http://a:1,http://b:2`); whitespace
+    /// around an item is ignored. A value without a comma is exactly [`Target::parse`].
+    /// The result is never empty; duplicates are kept (they weight that target).
+    pub fn parse_list(list: &str) -> Result<Vec<Target>, String> {
+        if !list.contains(',') {
+            return Target::parse(list).map(|t| vec![t]);
+        }
+        let items: Vec<&str> = list.split(',').map(str::trim).collect();
+        let n = items.len();
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                if item.is_empty() {
+                    return Err(format!(
+                        "target {} of {n} in the URL list {list:?} is empty \
+                         (expected http://host:port,http://host:port,...)",
+                        i + 1
+                    ));
+                }
+                Target::parse(item)
+                    .map_err(|e| format!("target {} of {n} in the URL list: {e}", i + 1))
+            })
+            .collect()
+    }
+}
+
+/// Human-readable target list for the run header: `url (addr)` for one target (as
+/// before multi-target support), `n targets [url (addr), ...]` for several.
+pub fn describe_targets(targets: &[Target]) -> String {
+    let each: Vec<String> = targets
+        .iter()
+        .map(|t| format!("{} ({})", t.url, t.addr))
+        .collect();
+    match each.as_slice() {
+        [one] => one.clone(),
+        many => format!("{} targets [{}]", many.len(), many.join(", ")),
     }
 }
 
@@ -120,7 +163,8 @@ pub fn validate_prefix(prefix: &str) -> Result<(), String> {
 /// Everything a load run needs (the rate is passed separately so find-max can step it).
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
-    pub target: Target,
+    /// Never empty. Connection `i` (load and setup alike) talks to `targets[i % n]`.
+    pub targets: Vec<Target>,
     pub duration: Duration,
     pub warmup: Duration,
     pub sessions: u64,
@@ -135,6 +179,11 @@ pub struct LoadConfig {
 impl LoadConfig {
     pub fn session_id(&self, n: u64) -> String {
         format!("{}-{}", self.session_prefix, n)
+    }
+
+    /// The target of connection `i`: round-robin over the targets.
+    pub fn target(&self, i: usize) -> &Target {
+        &self.targets[i % self.targets.len()]
     }
 }
 
@@ -166,6 +215,91 @@ mod tests {
         assert!(Target::parse("https://127.0.0.1:4000").is_err());
         assert!(Target::parse("http://127.0.0.1:4000/v1").is_err());
         assert!(Target::parse("http://127.0.0.1:notaport").is_err());
+    }
+
+    #[test]
+    fn url_lists() {
+        // One URL: exactly Target::parse (no trimming, url kept verbatim).
+        let one = Target::parse_list("http://127.0.0.1:4000").unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].url, "http://127.0.0.1:4000");
+        assert_eq!(one[0].addr, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(
+            Target::parse_list("http://127.0.0.1:4000/v1").unwrap_err(),
+            Target::parse("http://127.0.0.1:4000/v1").unwrap_err()
+        );
+        assert!(Target::parse_list("").is_err());
+
+        let three =
+            Target::parse_list("http://127.0.0.1:4001, http://127.0.0.1:4002 ,127.0.0.1:4003/")
+                .unwrap();
+        let ports: Vec<u16> = three.iter().map(|t| t.addr.port()).collect();
+        assert_eq!(ports, [4001, 4002, 4003]);
+        assert_eq!(three[1].url, "http://127.0.0.1:4002");
+        assert_eq!(three[2].host, "127.0.0.1:4003");
+        assert_eq!(
+            describe_targets(&three[..1]),
+            "http://127.0.0.1:4001 (127.0.0.1:4001)"
+        );
+        assert_eq!(
+            describe_targets(&three),
+            "3 targets [http://127.0.0.1:4001 (127.0.0.1:4001), \
+             http://127.0.0.1:4002 (127.0.0.1:4002), 127.0.0.1:4003/ (127.0.0.1:4003)]"
+        );
+
+        for (list, bad) in [
+            (
+                "http://127.0.0.1:4001,,http://127.0.0.1:4003",
+                "target 2 of 3",
+            ),
+            ("http://127.0.0.1:4001,", "target 2 of 2"),
+            (",http://127.0.0.1:4001", "target 1 of 2"),
+            (
+                "http://127.0.0.1:4001, ,http://127.0.0.1:4003",
+                "target 2 of 3",
+            ),
+            (",", "target 1 of 2"),
+        ] {
+            let e = Target::parse_list(list).unwrap_err();
+            assert!(e.contains(bad) && e.contains("is empty"), "{list:?}: {e}");
+        }
+        for (list, bad) in [
+            (
+                "http://127.0.0.1:4001,https://127.0.0.1:4002",
+                "target 2 of 2",
+            ),
+            (
+                "http://127.0.0.1:4001,http://127.0.0.1:4002/v1",
+                "target 2 of 2",
+            ),
+            (
+                "http://127.0.0.1:nope,http://127.0.0.1:4002",
+                "target 1 of 2",
+            ),
+        ] {
+            let e = Target::parse_list(list).unwrap_err();
+            assert!(
+                e.starts_with(bad) && e.contains("127.0.0.1"),
+                "{list:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn connections_round_robin() {
+        let cfg = LoadConfig {
+            targets: Target::parse_list("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3").unwrap(),
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            sessions: 1,
+            connections: 7,
+            payload_bytes: 0,
+            session_prefix: "t".into(),
+            idempotency: false,
+            timeout: Duration::from_secs(1),
+        };
+        let ports: Vec<u16> = (0..7).map(|i| cfg.target(i).addr.port()).collect();
+        assert_eq!(ports, [1, 2, 3, 1, 2, 3, 1]);
     }
 
     #[test]

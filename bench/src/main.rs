@@ -4,7 +4,9 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 
-use starcite_bench::config::{parse_duration, random_prefix, validate_prefix, LoadConfig, Target};
+use starcite_bench::config::{
+    describe_targets, parse_duration, random_prefix, validate_prefix, LoadConfig, Target,
+};
 use starcite_bench::runner::{find_max, run_load, setup_sessions};
 use starcite_bench::selftest;
 
@@ -12,7 +14,8 @@ use starcite_bench::selftest;
 #[derive(Parser, Debug)]
 #[command(name = "starcite-bench", version)]
 struct Cli {
-    /// Server address: http://host:port (plain http only).
+    /// Server address: http://host:port (plain http only), or a comma-separated list of
+    /// them (e.g. the nodes of a cluster); connection i uses target i % n.
     #[arg(long, default_value = "http://127.0.0.1:4000")]
     url: String,
     /// Target appends per second (constant arrival rate); the start rate for --find-max.
@@ -128,8 +131,17 @@ fn bench(cli: &Cli) -> Result<(), String> {
     }
     let prefix = cli.session_prefix.clone().unwrap_or_else(random_prefix);
     validate_prefix(&prefix)?;
+    let targets = Target::parse_list(&cli.url)?;
+    if cli.connections < targets.len() {
+        return Err(format!(
+            "--connections ({}) must be at least the number of --url targets ({}) so that \
+             every target gets a connection",
+            cli.connections,
+            targets.len()
+        ));
+    }
     let cfg = LoadConfig {
-        target: Target::parse(&cli.url)?,
+        targets,
         duration: cli.duration,
         warmup: cli.warmup,
         sessions: cli.sessions,
@@ -141,9 +153,8 @@ fn bench(cli: &Cli) -> Result<(), String> {
     };
 
     println!(
-        "starcite-bench: {} ({}), {} sessions '{}-N', {} connections, payload ~{} B{}",
-        cli.url,
-        cfg.target.addr,
+        "starcite-bench: {}, {} sessions '{}-N', {} connections, payload ~{} B{}",
+        describe_targets(&cfg.targets),
         cfg.sessions,
         cfg.session_prefix,
         cfg.connections,

@@ -28,7 +28,8 @@ pub struct SetupReport {
 }
 
 /// Creates sessions `<prefix>-0 .. <prefix>-(n-1)` with up to `connections` parallel
-/// connections; 409 counts as existing. Any other outcome fails the setup.
+/// connections (setup connection `w` talks to target `w % n`, like the load connections);
+/// 409 counts as existing. Any other outcome fails the setup.
 pub fn setup_sessions(cfg: &LoadConfig) -> Result<SetupReport, String> {
     let next = AtomicU64::new(0);
     let created = AtomicU64::new(0);
@@ -38,11 +39,14 @@ pub fn setup_sessions(cfg: &LoadConfig) -> Result<SetupReport, String> {
     let workers = (cfg.connections as u64).min(cfg.sessions).max(1);
 
     thread::scope(|s| {
-        for _ in 0..workers {
+        for w in 0..workers as usize {
+            let (next, created, existing, failed, first_error) =
+                (&next, &created, &existing, &failed, &first_error);
             thread::Builder::new()
                 .stack_size(WORKER_STACK)
-                .spawn_scoped(s, || {
-                    let mut client = Client::new(cfg.target.addr, &cfg.target.host, cfg.timeout);
+                .spawn_scoped(s, move || {
+                    let target = cfg.target(w);
+                    let mut client = Client::new(target.addr, &target.host, cfg.timeout);
                     while !failed.load(Ordering::Relaxed) {
                         let n = next.fetch_add(1, Ordering::Relaxed);
                         if n >= cfg.sessions {
@@ -138,9 +142,11 @@ pub fn run_load(cfg: &LoadConfig, rate: f64) -> Summary {
     let max_latency = cfg.warmup + cfg.duration + cfg.timeout + Duration::from_secs(60);
 
     // Connect up front so that connection setup is not charged to the first requests.
+    // Connection i talks to target i % n, so the connections spread evenly over the targets.
     let clients: Vec<Client> = (0..cfg.connections)
-        .map(|_| {
-            let mut c = Client::new(cfg.target.addr, &cfg.target.host, cfg.timeout);
+        .map(|i| {
+            let target = cfg.target(i);
+            let mut c = Client::new(target.addr, &target.host, cfg.timeout);
             let _ = c.connect(); // a failure is retried (and counted) by the first request
             c
         })

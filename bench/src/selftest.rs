@@ -37,7 +37,7 @@ pub fn run() -> Result<SelfTestOutcome, String> {
     .map_err(|e| format!("cannot start stub server: {e}"))?;
     let target = Target::parse(&format!("http://{}", stub.addr()))?;
     let cfg = LoadConfig {
-        target,
+        targets: vec![target],
         duration: DURATION,
         warmup: WARMUP,
         sessions: 64,

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -46,6 +46,7 @@ struct Shared {
     stall: Mutex<StallState>,
     stop: AtomicBool,
     conns: Mutex<Vec<JoinHandle<()>>>,
+    accepted: AtomicU64,
 }
 
 pub struct StubServer {
@@ -75,6 +76,7 @@ impl StubServer {
             stall: Mutex::new(StallState::default()),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
+            accepted: AtomicU64::new(0),
         });
         let s = shared.clone();
         let acceptor = thread::Builder::new()
@@ -89,6 +91,16 @@ impl StubServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Append requests received so far.
+    pub fn appends(&self) -> u64 {
+        self.shared.stall.lock().unwrap().appends
     }
 
     /// When the stall started, if it has.
@@ -119,6 +131,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             break;
         }
         let Ok(stream) = stream else { continue };
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
         let s = shared.clone();
         if let Ok(h) = thread::Builder::new()
             .name("stub-conn".into())

@@ -9,7 +9,7 @@ use starcite_bench::stub::{StubConfig, StubServer};
 
 fn config(url: &str, duration_ms: u64) -> LoadConfig {
     LoadConfig {
-        target: Target::parse(url).unwrap(),
+        targets: Target::parse_list(url).unwrap(),
         duration: Duration::from_millis(duration_ms),
         warmup: Duration::from_millis(100),
         sessions: 16,
@@ -79,4 +79,36 @@ fn a_server_stalled_past_the_end_leaves_requests_unsent() {
     assert_eq!(s.errors, s.errors_by_kind["timeout"]);
     assert!(s.unsent > 0, "{s:?}");
     assert_eq!(s.issued + s.unsent, s.scheduled);
+}
+
+#[test]
+fn connections_spread_over_targets() {
+    let stubs: Vec<StubServer> = (0..2)
+        .map(|_| {
+            StubServer::start(StubConfig {
+                stall_after_appends: None,
+                stall_for: Duration::ZERO,
+            })
+            .unwrap()
+        })
+        .collect();
+    let mut cfg = config(
+        &format!("http://{}, http://{}", stubs[0].addr(), stubs[1].addr()),
+        400,
+    );
+    cfg.warmup = Duration::ZERO;
+    cfg.connections = 6;
+    // Setup works over several targets (which worker takes which session races).
+    assert_eq!(setup_sessions(&cfg).unwrap().created, 16);
+    let before: Vec<u64> = stubs.iter().map(|s| s.connections_accepted()).collect();
+    let s = run_load(&cfg, 500.0);
+    assert_eq!(s.errors, 0, "{:?}", s.errors_by_kind);
+    assert_eq!(s.ok, 200);
+    let appends: Vec<u64> = stubs.iter().map(|s| s.appends()).collect();
+    assert_eq!(appends.iter().sum::<u64>(), s.ok);
+    for (stub, before) in stubs.iter().zip(before) {
+        // Connections 0, 2, 4 go to the first stub and 1, 3, 5 to the second.
+        assert_eq!(stub.connections_accepted() - before, 3);
+        assert!(stub.appends() > 0, "{appends:?}");
+    }
 }

@@ -343,7 +343,18 @@ impl ShardCore {
             if let (Command::Append(a), Some(p)) = (command, persisted) {
                 let text: Arc<str> = Arc::from(render_event(a));
                 let mut store = self.store.borrow_mut();
-                if a.seq == store.last_seq(&a.session_id) + 1 {
+                let indexed = store.last_seq(&a.session_id);
+                if a.seq > indexed + 1 {
+                    tracing::error!(
+                        shard = self.index,
+                        group,
+                        session = %a.session_id,
+                        seq = a.seq,
+                        indexed,
+                        "event index has a gap"
+                    );
+                }
+                if a.seq == indexed + 1 {
                     match p.sealed {
                         Some(index) => store.insert_sealed(
                             &a.session_id,
@@ -587,7 +598,9 @@ impl ShardCore {
                     self.snapshot_running.set(true);
                     let resume = self.durable_position.get();
                     let sessions = self.store.borrow().capture();
-                    glommio::spawn_local(self.clone().write_snapshot(resume, sessions)).detach();
+                    let entries = self.capture_entries();
+                    let task = self.clone().write_snapshot(resume, sessions, entries);
+                    glommio::spawn_local(task).detach();
                 }
             }
         }
@@ -682,19 +695,21 @@ impl ShardCore {
         self.sealing.borrow_mut().remove(&(epoch as u32));
     }
 
-    /// Writes a shard snapshot: the event index and resume position (captured by the
-    /// committer between batches), then each group's committed state and its entries
-    /// not applied yet, one group per step so the shard keeps serving.
+    /// Writes a shard snapshot: the event index, the resume position and the entries not
+    /// applied yet (captured together by the committer between batches), then each
+    /// group's committed state, one group per step so the shard keeps serving.
     async fn write_snapshot(
         self: Rc<Self>,
         resume: (u64, u64),
         sessions: Vec<shards::snapshot::SessionIndex>,
+        mut entries: HashMap<u16, Vec<shards::snapshot::SnapshotEntry>>,
     ) {
         let started = Instant::now();
         let ids = self.group_ids();
         let mut groups = Vec::with_capacity(ids.len());
         for group in ids {
-            if let Some(snap) = self.group_snapshot(group) {
+            let captured = entries.remove(&group).unwrap_or_default();
+            if let Some(snap) = self.group_snapshot(group, captured) {
                 groups.push(snap);
             }
             futures_lite::future::yield_now().await;
@@ -726,29 +741,47 @@ impl ShardCore {
         self.snapshot_running.set(false);
     }
 
-    fn group_snapshot(&self, group: u16) -> Option<shards::snapshot::GroupSnapshot> {
+    /// Every group's entries on disk and not applied yet, with their places: captured
+    /// with the event index and the resume position, so that an entry written before
+    /// that position and applied later is in the snapshot either way.
+    fn capture_entries(&self) -> HashMap<u16, Vec<shards::snapshot::SnapshotEntry>> {
+        let groups = self.groups.borrow();
+        let mut out = HashMap::new();
+        for (&group, g) in groups.iter() {
+            let entries: Vec<_> = g
+                .persisted
+                .iter()
+                .filter_map(|(&index, p)| {
+                    let entry = g.raft.entry(index).filter(|e| e.term == p.term)?;
+                    Some(shards::snapshot::SnapshotEntry {
+                        index,
+                        term: p.term,
+                        command: match &entry.payload {
+                            Payload::Noop => Command::Noop,
+                            Payload::Data(c) => c.clone(),
+                        },
+                        epoch: p.loc.epoch,
+                        offset: p.loc.offset,
+                        crc: p.crc,
+                        sealed: p.sealed.unwrap_or(u32::MAX),
+                    })
+                })
+                .collect();
+            if !entries.is_empty() {
+                out.insert(group, entries);
+            }
+        }
+        out
+    }
+
+    fn group_snapshot(
+        &self,
+        group: u16,
+        entries: Vec<shards::snapshot::SnapshotEntry>,
+    ) -> Option<shards::snapshot::GroupSnapshot> {
         let groups = self.groups.borrow();
         let g = groups.get(&group)?;
         let hard = g.raft.hard_state();
-        let entries = g
-            .persisted
-            .iter()
-            .filter_map(|(&index, p)| {
-                let entry = g.raft.entry(index).filter(|e| e.term == p.term)?;
-                Some(shards::snapshot::SnapshotEntry {
-                    index,
-                    term: p.term,
-                    command: match &entry.payload {
-                        Payload::Noop => Command::Noop,
-                        Payload::Data(c) => c.clone(),
-                    },
-                    epoch: p.loc.epoch,
-                    offset: p.loc.offset,
-                    crc: p.crc,
-                    sealed: p.sealed.unwrap_or(u32::MAX),
-                })
-            })
-            .collect();
         Some(shards::snapshot::GroupSnapshot {
             group,
             committed_index: g.applied,

@@ -296,6 +296,12 @@ impl Cluster {
         self.node_mut(i).restart();
     }
 
+    /// Starts a killed node i again without waiting for it (a node alone is not ready
+    /// until a quorum of its groups' replicas is back).
+    pub fn spawn_again(&mut self, i: usize) {
+        self.node_mut(i).spawn();
+    }
+
     /// Starts a stopped node i again with `extra` flags appended to its arguments from
     /// now on, and waits until it is ready.
     pub fn restart_with_args(&mut self, i: usize, extra: &[&str]) {
@@ -418,6 +424,22 @@ impl Cluster {
         }
     }
 
+    /// Panics when a node logged one of the errors that mean its replica is damaged
+    /// (they are logged instead of crashing the node).
+    pub fn assert_no_integrity_errors(&self) {
+        const DAMAGE: [&str; 3] = [
+            "event index has a gap",
+            "committed entry has no log location",
+            "snapshot refused",
+        ];
+        for i in self.ids() {
+            let log = self.node(i).stderr();
+            for needle in DAMAGE {
+                assert!(!log.contains(needle), "node {i} logged {needle:?}:\n{log}");
+            }
+        }
+    }
+
     /// Waits until every running node reports, for each group of `groups`, the same
     /// commit_index, applied_index (equal to commit_index), checksum and sessions.
     /// Returns one converged view per group; panics with every view on timeout.
@@ -430,6 +452,7 @@ impl Cluster {
                 .map(|&g| live.iter().map(|&i| self.try_debug_group(i, g)).collect())
                 .collect();
             if views.iter().all(|per_node| converged(per_node)) {
+                self.assert_no_integrity_errors();
                 return views
                     .into_iter()
                     .map(|mut per_node| per_node.remove(0).expect("a view"))
