@@ -103,7 +103,7 @@ pub struct ServeConfig {
 
     /// Raft entries each group keeps in memory after applying them; a follower further
     /// behind than that catches up through a snapshot.
-    #[arg(long, env = "STARCITE_RAFT_LOG_ENTRIES", default_value_t = 4096)]
+    #[arg(long, env = "STARCITE_RAFT_LOG_ENTRIES", default_value_t = 1024)]
     pub raft_log_entries: u64,
 
     /// The Raft clock: heartbeats go out every 3 ticks, elections start after 15–30.

@@ -65,6 +65,9 @@ fn slow_reader_gets_every_seq_and_server_memory_stays_within_the_subscriber_budg
     let server = Server::start(
         Opts::new("slow_reader_memory")
             .arg("--hot-bytes-per-shard", "1048576")
+            // Applied Raft entries kept for followers are memory too (bounded per group);
+            // keep few so that they do not hide what we measure.
+            .arg("--raft-log-entries", "64")
             .arg("--tail-buffer-bytes", &TAIL_BUDGET_BYTES.to_string()),
     );
     server.create_session("slow");

@@ -111,6 +111,8 @@ pub(crate) struct Group {
     building_snapshot: bool,
     /// When this replica last knew a leader of the group (`/health/ready`).
     leader_seen: Option<Instant>,
+    /// Bytes (`command_bytes`) of applied entries Raft still holds in memory.
+    retained_bytes: u64,
 }
 
 pub struct ShardCore {
@@ -266,6 +268,7 @@ impl ShardCore {
                     leading: false,
                     building_snapshot: false,
                     leader_seen: None,
+                    retained_bytes: 0,
                 },
             );
         }
@@ -306,7 +309,7 @@ impl ShardCore {
         match op {
             Op::Stats => Reply::Stats(Box::new(self.stats_snapshot())),
             Op::DebugGroup { group } => Reply::Debug(self.debug_group(group)),
-            Op::ReadIndex { groups } => Reply::ReadIndex(self.read_index(&groups)),
+            Op::ReadIndex { groups } => Reply::ReadIndex(self.read_index(&groups).await),
             Op::List {
                 after,
                 limit,
@@ -314,6 +317,16 @@ impl ShardCore {
                 filters,
             } => {
                 self.catch_up_with_leaders().await;
+                let leading: Vec<u16> = self
+                    .groups
+                    .borrow()
+                    .iter()
+                    .filter(|(_, g)| g.leading)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for group in leading {
+                    let _ = self.read_barrier(group).await;
+                }
                 self.list(after.as_deref(), limit, archived, &filters)
             }
             // Tails read this replica's committed prefix (forwarded only when this node
@@ -426,22 +439,31 @@ impl ShardCore {
                 max_events,
                 max_bytes,
                 wait,
-            } => self.read(&id, after, max_events, max_bytes, wait).await,
+            } => {
+                if wait.is_none() {
+                    if let Err(e) = self.read_barrier(shards::group_of(&id)).await {
+                        return Reply::Error(e);
+                    }
+                }
+                self.read(&id, after, max_events, max_bytes, wait).await
+            }
             other => Box::pin(self.execute(other)).await,
         }
     }
 
-    /// `(group, commit index)` of each listed group this node leads (a read index).
-    fn read_index(&self, groups: &[u16]) -> Vec<(u16, u64)> {
-        let all = self.groups.borrow();
-        groups
-            .iter()
-            .filter_map(|g| {
-                all.get(g)
-                    .filter(|r| r.leading)
-                    .map(|r| (*g, r.raft.commit_index()))
-            })
-            .collect()
+    /// `(group, commit index)` of each listed group this node leads (a read index),
+    /// once it has committed an entry of its term (see `read_barrier`).
+    async fn read_index(&self, groups: &[u16]) -> Vec<(u16, u64)> {
+        let mut out = Vec::with_capacity(groups.len());
+        for &group in groups {
+            if self.read_barrier(group).await.is_err() {
+                continue;
+            }
+            if let Some(g) = self.groups.borrow().get(&group) {
+                out.push((group, g.raft.commit_index()));
+            }
+        }
+        out
     }
 
     /// Before a listing on a follower: asks each leader node (one request per node, for
@@ -618,11 +640,40 @@ impl ShardCore {
 
     async fn get(&self, id: &str) -> Reply {
         let group = shards::group_of(id);
-        // Read-your-writes: the leader's committed state after its in-flight entries.
-        if let Err(e) = self.settle(group).await {
+        if let Err(e) = self.read_barrier(group).await {
             return Reply::Error(e);
         }
         self.render_view(group, id)
+    }
+
+    /// Before a leader serves a read: it has committed an entry of its own term, so its
+    /// committed state holds every acknowledged write (Raft §8; a new leader learns what
+    /// its predecessors committed only by committing its own no-op).
+    async fn read_barrier(&self, group: u16) -> Result<(), ApiError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let state = self
+                .groups
+                .borrow()
+                .get(&group)
+                .map(|g| (g.leading, g.applied_term == g.raft.term()));
+            match state {
+                Some((true, true)) => return Ok(()),
+                Some((true, false)) if Instant::now() < deadline && !self.shutting_down.get() => {
+                    glommio::timer::sleep(Duration::from_micros(500)).await;
+                }
+                Some((true, false)) => return Err(ApiError::Unavailable),
+                Some((false, _)) => {
+                    let leader = self
+                        .groups
+                        .borrow()
+                        .get(&group)
+                        .and_then(|g| g.raft.leader());
+                    return Err(ApiError::NotLeader { leader });
+                }
+                None => return Err(ApiError::NotLeader { leader: None }),
+            }
+        }
     }
 
     async fn patch(&self, id: &str, patch: &PatchRequest) -> Reply {

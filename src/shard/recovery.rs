@@ -370,3 +370,212 @@ pub(super) fn snapshot_meta(g: &RecoveredGroup) -> SnapshotMeta {
         term: g.applied_term,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::RaftSettings;
+    use shards::entry::{AppendEntry, CreateSession, LogRecord};
+    use std::time::Duration;
+
+    fn settings() -> ShardSettings {
+        ShardSettings {
+            index: 0,
+            shards: 1,
+            limits: Limits {
+                dedupe_keys_max: 100,
+                producers_max: 100,
+            },
+            request_timeout: Duration::from_secs(1),
+            hot_bytes: 1 << 20,
+            node_id: 1,
+            members: vec![1, 2, 3],
+            raft: RaftSettings {
+                tick: Duration::from_millis(10),
+                election_ticks: 10,
+                heartbeat_ticks: 2,
+                log_entries: 100,
+            },
+        }
+    }
+
+    const G: u16 = 5;
+
+    fn create(id: &str) -> Command {
+        Command::CreateSession(CreateSession {
+            session_id: id.into(),
+            title: None,
+            metadata: "{}".into(),
+            at_us: 1,
+        })
+    }
+
+    fn append(id: &str, seq: u64, payload: &str) -> Command {
+        Command::Append(AppendEntry {
+            session_id: id.into(),
+            seq,
+            inserted_at_us: 2,
+            event_type: "t".into(),
+            payload: payload.into(),
+            actor: None,
+            source: None,
+            metadata: "{}".into(),
+            refs: "{}".into(),
+            idempotency_key: None,
+            producer_id: None,
+            producer_seq: None,
+            digest: [0; 16],
+        })
+    }
+
+    /// Feeds records at consecutive offsets of segment 1.
+    struct Feed {
+        recovery: Recovery,
+        offset: u32,
+    }
+
+    impl Feed {
+        fn new() -> Feed {
+            Feed {
+                recovery: Recovery::new(&settings(), None).unwrap(),
+                offset: 0,
+            }
+        }
+
+        fn record(&mut self, term: u64, index: u64, command: Command) {
+            let rec = LogRecord {
+                group: G,
+                term,
+                index,
+                command,
+            };
+            let loc = RecordLocation {
+                epoch: 1,
+                offset: self.offset,
+            };
+            self.offset += 64;
+            self.recovery
+                .replay(Replayed::Record(loc, self.offset, Box::new(rec)))
+                .unwrap();
+        }
+
+        fn hard(&mut self, term: u64, vote: u64, commit: u64) {
+            self.record(
+                term,
+                0,
+                Command::Meta(MetaRecord::HardState { term, vote, commit }),
+            );
+        }
+    }
+
+    fn terms(g: &RecoveredGroup) -> Vec<(u64, u64)> {
+        g.entries.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    #[test]
+    fn a_rewritten_entry_replaces_it_and_everything_after_it() {
+        let mut f = Feed::new();
+        f.record(1, 1, Command::Noop);
+        f.record(1, 2, create("s"));
+        f.record(1, 3, append("s", 1, "1"));
+        f.record(1, 4, append("s", 2, "2"));
+        // A new leader of term 2 overwrote the suffix from index 3.
+        f.record(2, 3, append("s", 1, "\"other\""));
+        let (groups, store, _) = f.recovery.finish();
+        let g = &groups[&G];
+        assert_eq!(terms(g), vec![(1, 1), (2, 1), (3, 2)]);
+        assert_eq!(
+            g.persisted.keys().copied().collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(g.persisted[&3].term, 2);
+        // Nothing is indexed before it commits.
+        assert_eq!(store.last_seq("s"), 0);
+    }
+
+    #[test]
+    fn an_older_hard_state_never_rolls_back_term_or_vote() {
+        let mut f = Feed::new();
+        f.hard(3, 2, 0);
+        f.hard(2, 1, 0);
+        f.hard(3, 0, 0);
+        let (groups, _, _) = f.recovery.finish();
+        let h = groups[&G].hard_state;
+        assert_eq!((h.term, h.vote), (3, Some(2)));
+    }
+
+    #[test]
+    fn the_commit_index_is_clamped_to_the_entries_on_disk() {
+        let mut f = Feed::new();
+        f.record(1, 1, Command::Noop);
+        f.hard(1, 1, 9);
+        let (groups, _, _) = f.recovery.finish();
+        assert_eq!(groups[&G].hard_state.commit, 1);
+    }
+
+    #[test]
+    fn a_snapshot_record_replaces_the_state_and_indexes_its_history() {
+        let mut f = Feed::new();
+        f.record(1, 1, Command::Noop);
+        f.record(1, 2, append("stale", 1, "1")); // voided by the snapshot
+        let mut state = GroupState::new(settings().limits);
+        state.apply(&create("s"));
+        state.commit(&create("s"));
+        for seq in 1..=2 {
+            state.apply(&append("s", seq, "0"));
+            state.commit(&append("s", seq, "0"));
+        }
+        f.record(0, 0, append("s", 1, "0"));
+        f.record(0, 0, append("s", 2, "0"));
+        f.record(
+            4,
+            0,
+            Command::Meta(MetaRecord::Snapshot {
+                index: 10,
+                term: 4,
+                checksum: 77,
+                state: state.encode_snapshot(),
+            }),
+        );
+        f.record(4, 11, append("s", 3, "0"));
+        let (groups, store, _) = f.recovery.finish();
+        let g = &groups[&G];
+        assert_eq!((g.applied, g.applied_term, g.checksum), (10, 4, 77));
+        assert_eq!(g.state.view("s").unwrap().last_seq, 2);
+        assert_eq!(terms(g), vec![(11, 4)]);
+        assert_eq!(store.last_seq("s"), 2);
+        assert_eq!(store.last_seq("stale"), 0);
+        assert!(g.hard_state.commit >= 10);
+    }
+
+    #[test]
+    fn history_without_its_snapshot_record_is_ignored() {
+        let mut f = Feed::new();
+        f.record(0, 0, append("s", 1, "0"));
+        f.record(0, 0, append("s", 2, "0"));
+        let (groups, store, _) = f.recovery.finish();
+        assert_eq!(store.last_seq("s"), 0);
+        assert_eq!(groups[&G].applied, 0);
+    }
+
+    #[test]
+    fn a_record_of_another_shards_group_refuses_the_log() {
+        let mut s = settings();
+        s.shards = 2;
+        s.index = 0;
+        let mut recovery = Recovery::new(&s, None).unwrap();
+        let rec = LogRecord {
+            group: 1,
+            term: 1,
+            index: 1,
+            command: Command::Noop,
+        };
+        let loc = RecordLocation {
+            epoch: 1,
+            offset: 0,
+        };
+        assert!(recovery
+            .replay(Replayed::Record(loc, 0, Box::new(rec)))
+            .is_err());
+    }
+}

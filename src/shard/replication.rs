@@ -30,6 +30,9 @@ use crate::ops::{ApiError, Reply};
 use crate::transport::{shard_peer_addr, Incoming, Transport, TransportConfig};
 use crate::wal::{RecordLocation, Wal};
 
+/// Bytes of applied entries each group keeps in memory, at most (on top of the
+/// `--raft-log-entries` count): a follower further behind gets a snapshot.
+const RAFT_LOG_BYTES_PER_GROUP: u64 = 2 << 20;
 /// Bytes of events one snapshot for a follower may carry, at most.
 const SNAPSHOT_TRANSFER_BYTES_MAX: usize = 512 << 20;
 /// Bound of one peer's send queue.
@@ -375,6 +378,9 @@ impl ShardCore {
                 drop(store);
                 self.wake_tails(&a.session_id);
             }
+        }
+        if let Payload::Data(command) = &e.payload {
+            g.retained_bytes += command_bytes(command) as u64;
         }
         g.applied = e.index;
         g.applied_term = e.term;
@@ -1029,12 +1035,31 @@ fn fail_waiters(g: &mut Group) {
 
 /// Drops applied Raft entries beyond the `keep` most recent (they stay in the log
 /// files; a follower that needs them gets a snapshot).
+/// Applied entries are dropped from memory past `keep` entries or
+/// `RAFT_LOG_BYTES_PER_GROUP` bytes (a little hysteresis on the count, so compaction is
+/// not a per-entry cost).
 fn compact(g: &mut Group, keep: u64) {
-    if g.building_snapshot || g.applied < g.raft.snapshot_index() + 2 * keep {
+    let first = g.raft.snapshot_index();
+    let over_count = g.applied > first + keep + keep / 8;
+    let over_bytes = g.retained_bytes > RAFT_LOG_BYTES_PER_GROUP;
+    if g.building_snapshot || !(over_count || over_bytes) {
         return;
     }
-    let index = g.applied - keep;
+    let mut index = first;
+    let mut bytes = g.retained_bytes;
+    while index < g.applied && (g.applied - index > keep || bytes > RAFT_LOG_BYTES_PER_GROUP / 2) {
+        index += 1;
+        if let Some(Entry {
+            payload: Payload::Data(command),
+            ..
+        }) = g.raft.entry(index)
+        {
+            bytes = bytes.saturating_sub(command_bytes(command) as u64);
+        }
+    }
     if let Some(term) = g.raft.entry_term(index) {
-        let _ = g.raft.compact(SnapshotMeta { index, term });
+        if g.raft.compact(SnapshotMeta { index, term }).is_ok() {
+            g.retained_bytes = bytes;
+        }
     }
 }
