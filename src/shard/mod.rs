@@ -368,7 +368,7 @@ impl ShardCore {
                         }
                     }
                     let body = encoded.as_deref().expect("encoded");
-                    match self.forward(leader, body, deadline).await {
+                    match self.forward(leader, Some(group), body, deadline).await {
                         Ok(Reply::Error(ApiError::NotLeader { leader: next })) => {
                             hint = next.filter(|&n| n != leader);
                         }
@@ -380,7 +380,12 @@ impl ShardCore {
                                 ApiError::Unavailable
                             });
                         }
-                        Err(replication::ForwardError::NotSent) => {}
+                        // A write that may have reached the old leader must not be sent
+                        // again: the client retries (with its idempotency key).
+                        Err(replication::ForwardError::Abandoned) if is_write(&op) => {
+                            return Reply::Error(ApiError::CommitUnknown);
+                        }
+                        Err(_) => {}
                     }
                 }
                 None => {}
@@ -484,7 +489,8 @@ impl ShardCore {
             let Ok(body) = crate::forward::encode_op(&Op::ReadIndex { groups }) else {
                 continue;
             };
-            let Ok(Reply::ReadIndex(indexes)) = self.forward(leader, &body, deadline).await else {
+            let Ok(Reply::ReadIndex(indexes)) = self.forward(leader, None, &body, deadline).await
+            else {
                 continue;
             };
             for (group, commit) in indexes {

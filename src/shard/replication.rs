@@ -98,6 +98,9 @@ pub(super) enum ForwardError {
     NotSent,
     /// No answer in time: the outcome is unknown.
     TimedOut,
+    /// The target went away or stopped leading while the request was out: the outcome
+    /// is unknown.
+    Abandoned,
 }
 
 /// Starts the shard's peer transport and the task that serves what arrives on it.
@@ -861,19 +864,22 @@ impl ShardCore {
     }
 
     /// Sends a request to `to` (same shard index) and waits for its reply until
-    /// `deadline`.
+    /// `deadline`. Gives up early, as `Abandoned`, when the connection to `to` drops or
+    /// this node learns that `to` no longer leads `group`: a write's outcome is then
+    /// unknown, a read can be sent again elsewhere.
     pub(super) async fn forward(
         &self,
         to: u64,
+        group: Option<u16>,
         body: &[u8],
         deadline: Instant,
     ) -> Result<Reply, ForwardError> {
-        let (id, rx, transport) = {
+        let (id, mut rx, transport) = {
             let mut peers = self.peers.borrow_mut();
             let Some(transport) = peers.transport.clone() else {
                 return Err(ForwardError::NotSent);
             };
-            if isolated() {
+            if isolated() || !transport.is_connected(to) {
                 return Err(ForwardError::NotSent);
             }
             peers.next_forward += 1;
@@ -891,13 +897,28 @@ impl ShardCore {
             return Err(ForwardError::NotSent);
         }
         self.stats.borrow_mut().forwarded += 1;
-        let limit = deadline.saturating_duration_since(Instant::now());
-        let answer = with_timeout(limit, rx).await;
+        let local_leader = |g: u16| self.groups.borrow().get(&g).and_then(|r| r.raft.leader());
+        let seen = group.and_then(local_leader);
+        let answer = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(ForwardError::TimedOut);
+            }
+            let slice = left.min(self.raft_settings.tick * 2);
+            match with_timeout(slice, &mut rx).await {
+                Some(Ok(reply)) => break Ok(reply),
+                Some(Err(_)) => break Err(ForwardError::TimedOut),
+                None => {}
+            }
+            // This replica saw a new leader elected since the request left.
+            let now = group.and_then(local_leader);
+            let moved = now.is_some_and(|l| l != to && Some(l) != seen);
+            if moved || !transport.is_connected(to) {
+                break Err(ForwardError::Abandoned);
+            }
+        };
         self.peers.borrow_mut().forwards.remove(&id);
-        match answer {
-            Some(Ok(reply)) => Ok(reply),
-            _ => Err(ForwardError::TimedOut),
-        }
+        answer
     }
 
     /// Serves frames from other nodes.

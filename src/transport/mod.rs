@@ -268,6 +268,15 @@ impl Transport {
         Ok(())
     }
 
+    /// True while `peer` has an established (handshaken) connection.
+    pub fn is_connected(&self, peer: u64) -> bool {
+        self.shared
+            .peers
+            .borrow()
+            .get(&peer)
+            .is_some_and(|p| p.conn.is_some())
+    }
+
     /// The peers with an established (handshaken) connection, in id order.
     pub fn connected_peers(&self) -> Vec<u64> {
         let peers = self.shared.peers.borrow();
