@@ -728,3 +728,78 @@ fn killing_every_node_at_once_loses_no_acknowledged_append() {
         acks.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Tails across a leader change
+// ---------------------------------------------------------------------------------------
+
+/// A tail on a node that survives follows the session across the death of the group's
+/// leader: every seq once, in order, including those acknowledged by the new leader.
+#[test]
+fn a_tail_continues_across_a_leader_change_without_gap_or_duplicate() {
+    let mut cluster =
+        Cluster::start(ClusterOpts::new("cl-tail-failover").arg("--request-timeout", "2s"));
+    let session = "tail-fo".to_string();
+    let group = shards::group_of(&session);
+    cluster.create_session(1, &session);
+    let leader = cluster.wait_leader(group, LEADER_TIMEOUT);
+    let watcher = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    let mut ws = Ws::connect(
+        cluster.addr(watcher),
+        &format!("/v1/sessions/{session}/tail?cursor=0"),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let live: Vec<SocketAddr> = cluster
+        .ids()
+        .into_iter()
+        .filter(|&i| i != leader)
+        .map(|i| cluster.addr(i))
+        .collect();
+    let writer = spawn_writer(
+        live,
+        session.clone(),
+        "t".into(),
+        stop.clone(),
+        acks.clone(),
+    );
+    thread::sleep(Duration::from_millis(500));
+    cluster.kill9(leader);
+    let new_leader = loop {
+        let l = cluster.wait_leader(group, LEADER_TIMEOUT);
+        if l != leader {
+            break l;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer panicked");
+    let acks = acks.lock().unwrap().clone();
+    let last = acks
+        .iter()
+        .map(|a| a.seq)
+        .max()
+        .expect("appends acknowledged");
+    assert!(
+        acks.iter()
+            .any(|a| a.acked_at > Instant::now() - Duration::from_millis(700)),
+        "appends acknowledged by the new leader {new_leader}"
+    );
+    let events = ws.collect_until(last, Duration::from_secs(20));
+    let tailed = seqs(&events);
+    assert_eq!(
+        tailed,
+        (1..=tailed.len() as u64).collect::<Vec<_>>(),
+        "tail on node {watcher}: every seq once, in order"
+    );
+    for ack in &acks {
+        let e = &events[ack.seq as usize - 1];
+        assert_eq!(e["idempotency_key"], ack.key.as_str(), "seq {}", ack.seq);
+    }
+    println!(
+        "tail on node {watcher} followed {} events across the death of leader {leader}",
+        tailed.len()
+    );
+}

@@ -143,6 +143,9 @@ pub struct ShardCore {
     /// Index files of sealed segments still being written (readers use these).
     sealing: RefCell<HashMap<u32, Rc<Vec<u32>>>>,
     peers: RefCell<replication::Peers>,
+    /// Groups with proposals not yet handed to Raft's Ready (see `run_driver`).
+    proposed: RefCell<std::collections::BTreeSet<u16>>,
+    wake_driver: LocalSender<()>,
 }
 
 /// Ops that change state: after a forwarding timeout their outcome is unknown.
@@ -273,6 +276,7 @@ impl ShardCore {
             );
         }
         let (wake_committer, wake_rx) = local_channel::new_bounded(1);
+        let (wake_driver, driver_rx) = local_channel::new_bounded(1);
         let core = Rc::new(ShardCore {
             index: settings.index,
             shards: settings.shards,
@@ -297,7 +301,10 @@ impl ShardCore {
             snapshot_running: Cell::new(false),
             sealing: RefCell::new(HashMap::new()),
             peers: RefCell::new(replication::Peers::default()),
+            proposed: RefCell::new(std::collections::BTreeSet::new()),
+            wake_driver,
         });
+        glommio::spawn_local(core.clone().run_driver(driver_rx)).detach();
         glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
         core.start_raft().await;
         Ok(core)
@@ -546,8 +553,11 @@ impl ShardCore {
             }
         };
         if proposed.is_ok() {
-            self.process(group);
-            self.flush_outbox();
+            // Proposals of this turn of the executor leave together (one Ready per group,
+            // one AppendEntries per follower, one send per peer).
+            if self.proposed.borrow_mut().insert(group) {
+                let _ = self.wake_driver.try_send(());
+            }
         }
         proposed
     }

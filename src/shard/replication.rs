@@ -176,6 +176,18 @@ impl ShardCore {
         glommio::spawn_local(self.clone().run_clock()).detach();
     }
 
+    /// Hands the proposals of each executor turn to Raft, group by group, and sends
+    /// what that produced.
+    pub(super) async fn run_driver(self: Rc<Self>, wake: LocalReceiver<()>) {
+        while wake.recv().await.is_some() {
+            let groups = std::mem::take(&mut *self.proposed.borrow_mut());
+            for group in groups {
+                self.process(group);
+            }
+            self.flush_outbox();
+        }
+    }
+
     fn group_ids(&self) -> Vec<u16> {
         let mut ids: Vec<u16> = self.groups.borrow().keys().copied().collect();
         ids.sort_unstable();

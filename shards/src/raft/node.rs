@@ -46,6 +46,8 @@ pub struct RaftNode<T> {
     pub(super) snapshot_requests: BTreeSet<NodeId>,
     last_hard_state: HardState,
     last_soft_state: SoftState,
+    /// Proposals were appended since the last Ready: AppendEntries go out with it.
+    broadcast_pending: bool,
     /// Test-only deliberate bugs (all off): see [`PlantedBugs`].
     pub(super) planted: PlantedBugs,
 }
@@ -113,6 +115,7 @@ impl<T: Clone> RaftNode<T> {
             messages: Vec::new(),
             persisted_messages: Vec::new(),
             snapshot_requests: BTreeSet::new(),
+            broadcast_pending: false,
             last_hard_state: HardState::default(),
             last_soft_state: SoftState {
                 role: Role::Follower,
@@ -254,7 +257,8 @@ impl<T: Clone> RaftNode<T> {
             return Err(ProposeError::Backpressure { uncommitted });
         }
         let index = self.append_local(Payload::Data(data));
-        self.broadcast_append();
+        // Sent with the next Ready: proposals made together leave in one AppendEntries.
+        self.broadcast_pending = true;
         Ok(index)
     }
 
@@ -326,6 +330,9 @@ impl<T: Clone> RaftNode<T> {
     /// Everything the shell must do now. Taking it hands it over: the next call returns
     /// only what happened since.
     pub fn ready(&mut self) -> Ready<T> {
+        if std::mem::take(&mut self.broadcast_pending) && self.role == Role::Leader {
+            self.broadcast_append();
+        }
         if self.role == Role::Leader {
             self.propagate_commit();
         }

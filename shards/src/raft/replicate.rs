@@ -291,12 +291,18 @@ impl<T: Clone> RaftNode<T> {
     }
 
     fn on_accepted(&mut self, from: NodeId, match_index: u64) {
-        assert!(
+        // Only a peer that broke Raft's assumptions (lost its durable state and rejoined
+        // under the same id, or a bug) can claim more than we sent: ignore it rather than
+        // let remote input crash this node.
+        debug_assert!(
             match_index <= self.log.last_index(),
             "node {}: follower {from} matched {match_index} beyond our last index {}",
             self.id,
             self.log.last_index()
         );
+        if match_index > self.log.last_index() {
+            return;
+        }
         let p = self.progress_mut(from);
         let news = p.accepted(match_index);
         if let Mode::Snapshot(t) = &p.mode {
