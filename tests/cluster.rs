@@ -803,3 +803,57 @@ fn a_tail_continues_across_a_leader_change_without_gap_or_duplicate() {
         tailed.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Five nodes: each group on 3 of them
+// ---------------------------------------------------------------------------------------
+
+/// With 5 members every group has 3 replicas (rendezvous hashing); a node that holds no
+/// replica of a group still serves its writes, reads and tails (forwarded).
+#[test]
+fn five_nodes_place_each_group_on_three_and_every_node_serves_every_session() {
+    let mut opts = ClusterOpts::new("cl-five");
+    opts.nodes = 5;
+    let mut cluster = Cluster::start(opts);
+    let sessions: Vec<String> = (0..8).map(|n| format!("five-{n}")).collect();
+    for s in &sessions {
+        cluster.create_session(1, s);
+    }
+    for (n, s) in sessions.iter().enumerate() {
+        for via in cluster.ids() {
+            let body = append_body(&format!("{s}-{via}"));
+            let (status, reply) = cluster.append(via, s, &body);
+            assert_eq!(status, 201, "append to {s} via node {via}: {reply}");
+        }
+        let g = shards::group_of(s);
+        let replicas: Vec<usize> = cluster
+            .ids()
+            .into_iter()
+            .filter(|&i| cluster.debug_group(i, g)["role"] != "none")
+            .collect();
+        assert_eq!(replicas.len(), 3, "group {g} of {s}: replicas {replicas:?}");
+        // Reads and a tail through a node without a replica.
+        let outsider = cluster
+            .ids()
+            .into_iter()
+            .find(|i| !replicas.contains(i))
+            .expect("a node without a replica");
+        let events = cluster.events(outsider, s);
+        assert_eq!(
+            seqs(&events),
+            (1..=5).collect::<Vec<_>>(),
+            "{s} via {outsider}"
+        );
+        let mut ws = Ws::connect(
+            cluster.addr(outsider),
+            &format!("/v1/sessions/{s}/tail?cursor=2"),
+        );
+        let tailed = ws.collect_until(5, Duration::from_secs(10));
+        assert_eq!(
+            seqs(&tailed),
+            vec![3, 4, 5],
+            "tail of {s} via {outsider} ({n})"
+        );
+    }
+    cluster.wait_converged(&groups_of(&sessions), CONVERGE_TIMEOUT);
+}

@@ -455,7 +455,13 @@ impl Cluster {
                 self.assert_no_integrity_errors();
                 return views
                     .into_iter()
-                    .map(|mut per_node| per_node.remove(0).expect("a view"))
+                    .map(|per_node| {
+                        per_node
+                            .into_iter()
+                            .flatten()
+                            .find(|v| v["role"] != "none")
+                            .expect("a replica's view")
+                    })
                     .collect();
             }
             if Instant::now() > deadline {
@@ -508,6 +514,11 @@ impl Cluster {
 
 /// True when every node answered and the views agree on what replicas must agree on.
 fn converged(views: &[Option<Value>]) -> bool {
+    // Nodes that hold no replica of the group (5+ node clusters) report role "none".
+    let views: Vec<&Option<Value>> = views
+        .iter()
+        .filter(|v| v.as_ref().is_none_or(|v| v["role"] != "none"))
+        .collect();
     let Some(Some(first)) = views.first() else {
         return false;
     };
