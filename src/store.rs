@@ -110,6 +110,17 @@ impl EventStore {
         slot
     }
 
+    /// The session's slot, checking that `seq` is its next event.
+    fn next_slot(&mut self, session_id: &str, seq: u64) -> u32 {
+        let slot = self.slot(session_id);
+        assert_eq!(
+            self.sessions[slot as usize].last_seq() + 1,
+            seq,
+            "events of {session_id} indexed in seq order"
+        );
+        slot
+    }
+
     /// Records committed event `seq` at `offset` of segment `epoch`. `rendered` goes to
     /// the hot window (recovery passes None: replayed history is read from the log).
     pub fn insert(
@@ -120,13 +131,8 @@ impl EventStore {
         offset: u32,
         rendered: Option<Arc<str>>,
     ) {
-        let slot = self.slot(session_id);
+        let slot = self.next_slot(session_id, seq);
         let events = &mut self.sessions[slot as usize];
-        assert_eq!(
-            events.last_seq() + 1,
-            seq,
-            "events of {session_id} indexed in seq order"
-        );
         if events.active.is_empty() {
             events.active_epoch = epoch;
             events.active_first_seq = seq;
@@ -152,13 +158,8 @@ impl EventStore {
         index: u32,
         rendered: Option<Arc<str>>,
     ) {
-        let slot = self.slot(session_id);
+        let slot = self.next_slot(session_id, seq);
         let events = &mut self.sessions[slot as usize];
-        assert_eq!(
-            events.last_seq() + 1,
-            seq,
-            "events of {session_id} indexed in seq order"
-        );
         assert!(
             events.active.is_empty(),
             "an event of sealed segment {epoch} commits after a later one of {session_id}"

@@ -89,28 +89,43 @@ impl ShardSnapshot {
     /// `SNAPSHOT_MAGIC`, crc32 of the rest (u32 LE), rkyv bytes.
     pub fn encode(&self) -> Vec<u8> {
         let body = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serialising into memory");
-        let mut bytes = Vec::with_capacity(body.len() + 12);
-        bytes.extend_from_slice(&SNAPSHOT_MAGIC);
-        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        bytes
+        framed(&SNAPSHOT_MAGIC, &body)
     }
 
     /// Never panics on bad bytes.
     pub fn decode(bytes: &[u8]) -> Result<ShardSnapshot, String> {
-        if bytes.len() < 12 || bytes[..8] != SNAPSHOT_MAGIC {
-            return Err("not a shard snapshot (bad magic)".into());
-        }
-        let stored = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        let body = &bytes[12..];
-        if crc32fast::hash(body) != stored {
-            return Err("shard snapshot checksum mismatch".into());
-        }
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
-        aligned.extend_from_slice(body);
+        let aligned = unframed(&SNAPSHOT_MAGIC, bytes, "shard snapshot")?;
         rkyv::from_bytes::<ShardSnapshot, rkyv::rancor::Error>(&aligned)
             .map_err(|e| format!("shard snapshot does not decode: {e}"))
     }
+}
+
+/// `magic`, crc32 of `body` (u32 LE), `body`.
+fn framed(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(body.len() + 12);
+    bytes.extend_from_slice(magic);
+    bytes.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// The checked body of [`framed`] bytes, copied into an aligned buffer for rkyv.
+fn unframed(
+    magic: &[u8; 8],
+    bytes: &[u8],
+    what: &str,
+) -> Result<rkyv::util::AlignedVec<16>, String> {
+    if bytes.len() < 12 || bytes[..8] != magic[..] {
+        return Err(format!("not a {what} (bad magic)"));
+    }
+    let stored = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    let body = &bytes[12..];
+    if crc32fast::hash(body) != stored {
+        return Err(format!("{what} checksum mismatch"));
+    }
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+    aligned.extend_from_slice(body);
+    Ok(aligned)
 }
 
 /// What a leader sends a follower that fell behind its log (Raft InstallSnapshot data):
@@ -127,25 +142,12 @@ pub struct GroupTransfer {
 impl GroupTransfer {
     pub fn encode(&self) -> Vec<u8> {
         let body = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serialising into memory");
-        let mut bytes = Vec::with_capacity(body.len() + 12);
-        bytes.extend_from_slice(&TRANSFER_MAGIC);
-        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        bytes
+        framed(&TRANSFER_MAGIC, &body)
     }
 
     /// Never panics on bad bytes.
     pub fn decode(bytes: &[u8]) -> Result<GroupTransfer, String> {
-        if bytes.len() < 12 || bytes[..8] != TRANSFER_MAGIC {
-            return Err("not a group transfer (bad magic)".into());
-        }
-        let stored = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        let body = &bytes[12..];
-        if crc32fast::hash(body) != stored {
-            return Err("group transfer checksum mismatch".into());
-        }
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
-        aligned.extend_from_slice(body);
+        let aligned = unframed(&TRANSFER_MAGIC, bytes, "group transfer")?;
         rkyv::from_bytes::<GroupTransfer, rkyv::rancor::Error>(&aligned)
             .map_err(|e| format!("group transfer does not decode: {e}"))
     }
