@@ -206,6 +206,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
                 .map(|m| (m.id, m.peer_addr))
                 .collect(),
             settings: shards::wire::ClusterSettings {
+                members: members.iter().map(|m| m.id).collect(),
                 dedupe_keys_max: config.dedupe_keys_max as u64,
                 producers_max: config.producers_max as u64,
                 max_body_bytes: config.max_body_bytes as u64,

@@ -83,6 +83,9 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
 /// Settings that shape replicated state: equal on every node of a cluster.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
+    /// Every member's node id, in id order: replica sets are computed from it, so two
+    /// nodes with different member lists must not talk.
+    pub members: Vec<u64>,
     pub dedupe_keys_max: u64,
     pub producers_max: u64,
     pub max_body_bytes: u64,
@@ -225,6 +228,7 @@ mod tests {
             shards: 2,
             shard: 0,
             settings: ClusterSettings {
+                members: vec![1, 2, 3],
                 dedupe_keys_max: 10_000,
                 producers_max: 10_000,
                 max_body_bytes: 1 << 20,
@@ -314,6 +318,13 @@ mod tests {
         settings.settings.dedupe_keys_max = 5;
         assert!(matches!(
             ours().accept(&settings, &members),
+            Err(HandshakeError::Settings { .. })
+        ));
+        // A node configured with another member list computes other replica sets.
+        let mut other_members = peer.clone();
+        other_members.settings.members = vec![1, 2, 3, 4];
+        assert!(matches!(
+            ours().accept(&other_members, &members),
             Err(HandshakeError::Settings { .. })
         ));
         let itself = ours();

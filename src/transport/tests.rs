@@ -32,6 +32,7 @@ fn handshake(node_id: u64, cluster_id: &str, shards: u32) -> Handshake {
         shards,
         shard: 0,
         settings: ClusterSettings {
+            members: vec![1, 2, 3],
             dedupe_keys_max: 1000,
             producers_max: 1000,
             max_body_bytes: 1 << 20,
