@@ -536,9 +536,16 @@ impl ShardCore {
                     leader: g.raft.leader(),
                 });
             }
-            match g.raft.propose(command.clone()) {
+            match g.raft.propose(command) {
                 Ok(index) => {
-                    g.state.apply(&command);
+                    // The entry Raft now holds is the command: apply that one (no copy).
+                    if let Some(shards::raft::Entry {
+                        payload: shards::raft::Payload::Data(command),
+                        ..
+                    }) = g.raft.entry(index)
+                    {
+                        g.state.apply(command);
+                    }
                     Ok((index, g.raft.term()))
                 }
                 Err(shards::raft::ProposeError::NotLeader { leader_hint }) => {
