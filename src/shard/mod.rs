@@ -358,7 +358,12 @@ impl ShardCore {
             return Reply::Error(ApiError::Internal(format!("op without a session: {op:?}")));
         };
         let group = shards::group_of(id);
-        let deadline = Instant::now() + self.request_timeout;
+        // A long-poll read forwarded to a replica may wait that long before answering.
+        let waits = match &op {
+            Op::Read { wait: Some(w), .. } => *w,
+            _ => Duration::ZERO,
+        };
+        let deadline = Instant::now() + self.request_timeout + waits;
         let mut hint: Option<u64> = None;
         let mut encoded: Option<Vec<u8>> = None;
         let mut attempt = 0usize;
