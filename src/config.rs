@@ -228,6 +228,46 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    fn serve(args: &[&str]) -> Result<ServeConfig, String> {
+        use clap::Parser;
+        let mut argv = vec!["starcite", "serve"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Serve(config) = cli.command;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn peers_list_every_member_and_must_include_this_node() {
+        let config = serve(&[
+            "--node-id",
+            "2",
+            "--peers",
+            "3=127.0.0.1:7003, 1=127.0.0.1:7001,2=127.0.0.1:7002",
+        ])
+        .unwrap();
+        let members = config.members().unwrap();
+        let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        assert_eq!(
+            config.listen_peer_addr(&members).unwrap(),
+            "127.0.0.1:7002".parse::<SocketAddr>().unwrap()
+        );
+        let err = serve(&["--node-id", "4", "--peers", "1=127.0.0.1:7001"]).unwrap_err();
+        assert!(err.contains("must include this node"), "{err}");
+        let err = serve(&["--peers", "1=127.0.0.1:7001,1=127.0.0.1:7002"]).unwrap_err();
+        assert!(err.contains("listed twice"), "{err}");
+        let err = serve(&["--peers", "1:127.0.0.1:7001"]).unwrap_err();
+        assert!(err.contains("id=host:port"), "{err}");
+        let err = serve(&["--peers", "0=127.0.0.1:7001"]).unwrap_err();
+        assert!(err.contains("positive integer"), "{err}");
+        let err = serve(&["--peers", "1=127.0.0.1"]).unwrap_err();
+        assert!(err.contains("cannot resolve"), "{err}");
+        // No --peers: a cluster of one.
+        assert!(serve(&[]).unwrap().members().unwrap().is_empty());
+    }
+
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
