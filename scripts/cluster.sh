@@ -27,6 +27,10 @@ readonly ROOT
 CLUSTER_DIR="$(realpath -m "${STARCITE_CLUSTER_DIR:-$ROOT/cluster-data}")"
 readonly CLUSTER_DIR
 readonly BIN="${STARCITE_BIN:-$ROOT/target/release/starcite}"
+# Three nodes share this machine's cores: spinning before parking (the single-node
+# default of 50 us) steals CPU from the other nodes. Measured on 2 cores at 4,000
+# appends/s: p99 22-29 ms without spinning vs 61-1,208 ms with it (docs/benchmarks.md).
+export STARCITE_SPIN_BEFORE_PARK_US="${STARCITE_SPIN_BEFORE_PARK_US:-0}"
 
 http_port() { echo "400$1"; }
 peer_addr() { echo "127.0.0.1:4${1}01"; }
