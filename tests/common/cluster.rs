@@ -54,7 +54,9 @@ impl ClusterOpts {
             nodes: 3,
             shards: 1,
             args: Vec::new(),
-            env: Vec::new(),
+            // Several nodes share the test machine's cores: no spinning before parking
+            // (as scripts/cluster.sh).
+            env: vec![("STARCITE_SPIN_BEFORE_PARK_US".into(), "0".into())],
             per_node_env: Vec::new(),
         }
     }
