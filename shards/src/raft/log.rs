@@ -6,13 +6,16 @@
 //! `persisted <= last_index()`, entry terms never decrease along the log, and
 //! committed entries are never truncated.
 
+use std::collections::VecDeque;
+
 use super::{Entry, SnapshotMeta};
 
 #[derive(Debug)]
 pub(crate) struct RaftLog<T> {
     /// The last entry covered by the snapshot; `entries[0]` is `snapshot.index + 1`.
     pub snapshot: SnapshotMeta,
-    pub entries: Vec<Entry<T>>,
+    /// A deque: compaction drops from the front without moving what stays.
+    pub entries: VecDeque<Entry<T>>,
     pub commit: u64,
     /// Last entry handed to the shell in `committed_entries` (or covered by a snapshot).
     pub applied: u64,
@@ -39,7 +42,7 @@ impl<T: Clone> RaftLog<T> {
         let last = snapshot.index + entries.len() as u64;
         let log = RaftLog {
             snapshot,
-            entries,
+            entries: entries.into(),
             commit: commit.max(snapshot.index).min(last),
             applied: snapshot.index,
             persisted: last,
@@ -58,7 +61,7 @@ impl<T: Clone> RaftLog<T> {
     }
 
     pub fn last_term(&self) -> u64 {
-        self.entries.last().map_or(self.snapshot.term, |e| e.term)
+        self.entries.back().map_or(self.snapshot.term, |e| e.term)
     }
 
     /// The term of the entry at `index`, if this log still knows it.
@@ -112,7 +115,7 @@ impl<T: Clone> RaftLog<T> {
             self.last_term(),
             entry.index
         );
-        self.entries.push(entry);
+        self.entries.push_back(entry);
     }
 
     /// §5.3: drop `index` and everything after it (a conflict with the leader's log).

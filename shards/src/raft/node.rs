@@ -695,7 +695,7 @@ impl<T: Clone> RaftNode<T> {
     }
 
     #[cfg(test)]
-    pub(super) fn log_entries(&self) -> &[super::Entry<T>] {
+    pub(super) fn log_entries(&self) -> &std::collections::VecDeque<super::Entry<T>> {
         &self.log.entries
     }
 }
