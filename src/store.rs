@@ -176,6 +176,24 @@ impl EventStore {
         self.push_hot(slot, seq, rendered);
     }
 
+    /// Records committed event `seq` where the log put it: at `offset` of the active
+    /// segment `epoch`, or — when `sealed` — at that place of the index file of `epoch`,
+    /// sealed before the event committed.
+    pub fn insert_at(
+        &mut self,
+        session_id: &str,
+        seq: u64,
+        epoch: u32,
+        offset: u32,
+        sealed: Option<u32>,
+        rendered: Option<Arc<str>>,
+    ) {
+        match sealed {
+            Some(index) => self.insert_sealed(session_id, seq, epoch, index, rendered),
+            None => self.insert(session_id, seq, epoch, offset, rendered),
+        }
+    }
+
     fn push_hot(&mut self, slot: u32, seq: u64, rendered: Option<Arc<str>>) {
         let events = &mut self.sessions[slot as usize];
         match rendered {

@@ -87,6 +87,21 @@ pub(crate) struct Persisted {
     pub sealed: Option<u32>,
 }
 
+/// At the seal of segment `epoch`: a record written there whose event is not indexed yet
+/// (its entry not applied, a history event not installed) gets its offset appended to
+/// the segment's index file `offsets`, and remembers its place there.
+pub(crate) fn place_in_seal(
+    loc: RecordLocation,
+    sealed: &mut Option<u32>,
+    epoch: u64,
+    offsets: &mut Vec<u32>,
+) {
+    if u64::from(loc.epoch) == epoch && sealed.is_none() {
+        *sealed = Some(offsets.len() as u32);
+        offsets.push(loc.offset);
+    }
+}
+
 /// A request waiting for the entry it proposed (`term` at that index) to commit.
 struct Waiter {
     term: u64,
@@ -219,45 +234,23 @@ impl ShardCore {
                 continue;
             }
             let seed = (settings.node_id << 16 | u64::from(group)) ^ now_us() as u64;
-            let (raft, state, applied, applied_term, checksum, persisted) =
-                match recovered.remove(&group) {
-                    Some(r) => {
-                        let restored = Restored {
-                            hard_state: r.hard_state,
-                            snapshot: recovery::snapshot_meta(&r),
-                            entries: r.entries,
-                        };
-                        let raft = RaftNode::new(
-                            raft_config(&settings.raft),
-                            settings.node_id,
-                            voters,
-                            seed,
-                            Some(restored),
-                        );
-                        (
-                            raft,
-                            r.state,
-                            r.applied,
-                            r.applied_term,
-                            r.checksum,
-                            r.persisted,
-                        )
-                    }
-                    None => (
-                        RaftNode::new(
-                            raft_config(&settings.raft),
-                            settings.node_id,
-                            voters,
-                            seed,
-                            None,
-                        ),
-                        GroupState::new(settings.limits),
-                        0,
-                        0,
-                        0,
-                        BTreeMap::new(),
-                    ),
-                };
+            let r = recovered
+                .remove(&group)
+                .unwrap_or_else(|| recovery::RecoveredGroup::fresh(settings.limits));
+            let restored = Restored {
+                hard_state: r.hard_state,
+                snapshot: recovery::snapshot_meta(&r),
+                entries: r.entries,
+            };
+            let raft = RaftNode::new(
+                raft_config(&settings.raft),
+                settings.node_id,
+                voters,
+                seed,
+                Some(restored),
+            );
+            let (state, applied, applied_term, checksum, persisted) =
+                (r.state, r.applied, r.applied_term, r.checksum, r.persisted);
             groups.insert(
                 group,
                 Group {
@@ -582,8 +575,10 @@ impl ShardCore {
             let Some(g) = groups.get_mut(&group) else {
                 return Err(ApiError::CommitUnknown);
             };
+            // Already applied: committed if the entry there is still ours (callers read
+            // `term` from the log in the same step, so it has not been compacted).
             if g.applied >= index {
-                return if g.applied_term >= term || g.raft.entry_term(index) == Some(term) {
+                return if g.raft.entry_term(index) == Some(term) {
                     Ok(())
                 } else {
                     Err(ApiError::CommitUnknown)

@@ -22,7 +22,7 @@ use shards::raft::{Entry, HardState, Payload, SnapshotMeta};
 use shards::session::{GroupState, Limits};
 use shards::snapshot::ShardSnapshot;
 
-use super::{Persisted, ShardSettings};
+use super::{place_in_seal, Persisted, ShardSettings};
 use crate::store::EventStore;
 use crate::wal::{RecordLocation, Replayed};
 
@@ -85,6 +85,21 @@ pub(super) struct RecoveredGroup {
     pub entries: Vec<Entry<Command>>,
     /// Where those entries are on disk.
     pub persisted: BTreeMap<u64, Persisted>,
+}
+
+impl RecoveredGroup {
+    /// A group with nothing on disk.
+    pub fn fresh(limits: Limits) -> RecoveredGroup {
+        RecoveredGroup {
+            state: GroupState::new(limits),
+            applied: 0,
+            applied_term: 0,
+            checksum: 0,
+            hard_state: HardState::default(),
+            entries: Vec::new(),
+            persisted: BTreeMap::new(),
+        }
+    }
 }
 
 struct ReplayGroup {
@@ -296,16 +311,10 @@ impl Recovery {
             let group = self.groups.get_mut(&id).expect("listed");
             for seen in group.seen.values_mut() {
                 let p = &mut seen.persisted;
-                if u64::from(p.loc.epoch) == epoch && p.sealed.is_none() {
-                    p.sealed = Some(plan.offsets.len() as u32);
-                    plan.offsets.push(p.loc.offset);
-                }
+                place_in_seal(p.loc, &mut p.sealed, epoch, &mut plan.offsets);
             }
             for h in group.history.iter_mut() {
-                if u64::from(h.loc.epoch) == epoch && h.sealed.is_none() {
-                    h.sealed = Some(plan.offsets.len() as u32);
-                    plan.offsets.push(h.loc.offset);
-                }
+                place_in_seal(h.loc, &mut h.sealed, epoch, &mut plan.offsets);
             }
         }
         let offsets = self.store.apply_seal(plan);
@@ -354,12 +363,8 @@ fn index_event(
     loc: RecordLocation,
     sealed: Option<u32>,
 ) {
-    if seq != store.last_seq(session) + 1 {
-        return;
-    }
-    match sealed {
-        Some(index) => store.insert_sealed(session, seq, loc.epoch, index, None),
-        None => store.insert(session, seq, loc.epoch, loc.offset, None),
+    if seq == store.last_seq(session) + 1 {
+        store.insert_at(session, seq, loc.epoch, loc.offset, sealed, None);
     }
 }
 

@@ -358,11 +358,15 @@ impl ShardCore {
         g.checksum = fold_checksum(g.checksum, persisted.map_or(0, |p| p.crc));
         if let Payload::Data(command) = &e.payload {
             g.state.commit(command);
+            g.retained_bytes += command_bytes(command) as u64;
             if let (Command::Append(a), Some(p)) = (command, persisted) {
-                let text: Arc<str> = Arc::from(render_event(a));
                 let mut store = self.store.borrow_mut();
                 let indexed = store.last_seq(&a.session_id);
-                if a.seq > indexed + 1 {
+                if a.seq == indexed + 1 {
+                    let text: Arc<str> = Arc::from(render_event(a));
+                    let (epoch, offset) = (p.loc.epoch, p.loc.offset);
+                    store.insert_at(&a.session_id, a.seq, epoch, offset, p.sealed, Some(text));
+                } else if a.seq > indexed + 1 {
                     tracing::error!(
                         shard = self.index,
                         group,
@@ -372,30 +376,9 @@ impl ShardCore {
                         "event index has a gap"
                     );
                 }
-                if a.seq == indexed + 1 {
-                    match p.sealed {
-                        Some(index) => store.insert_sealed(
-                            &a.session_id,
-                            a.seq,
-                            p.loc.epoch,
-                            index,
-                            Some(text),
-                        ),
-                        None => store.insert(
-                            &a.session_id,
-                            a.seq,
-                            p.loc.epoch,
-                            p.loc.offset,
-                            Some(text),
-                        ),
-                    }
-                }
                 drop(store);
                 self.wake_tails(&a.session_id);
             }
-        }
-        if let Payload::Data(command) = &e.payload {
-            g.retained_bytes += command_bytes(command) as u64;
         }
         g.applied = e.index;
         g.applied_term = e.term;
@@ -700,10 +683,7 @@ impl ShardCore {
             for id in ids {
                 let g = groups.get_mut(&id).expect("listed");
                 for p in g.persisted.values_mut() {
-                    if u64::from(p.loc.epoch) == epoch && p.sealed.is_none() {
-                        p.sealed = Some(plan.offsets.len() as u32);
-                        plan.offsets.push(p.loc.offset);
-                    }
+                    super::place_in_seal(p.loc, &mut p.sealed, epoch, &mut plan.offsets);
                 }
             }
             Rc::new(store.apply_seal(plan))
