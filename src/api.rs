@@ -232,19 +232,22 @@ impl Api {
             let body = json!({"status": "starting", "reason": "shards are recovering their logs"});
             return Response::json(503, body.to_string());
         }
-        let mut leaderless = Vec::new();
+        let mut total = crate::metrics::ShardStats::default();
         for reply in self.node.call_all(|| Op::Stats).await {
             if let Reply::Stats(stats) = reply {
-                leaderless.extend_from_slice(&stats.leaderless);
+                total.merge(&stats);
             }
         }
+        let mut leaderless = std::mem::take(&mut total.leaderless);
         leaderless.sort_unstable();
+        // The archive is detail only: it never changes the status code (API.md).
+        let archive = archive_detail(&total);
         if !leaderless.is_empty() {
             let body = json!({
                 "status": "degraded",
                 "reason": "some groups have no leader",
                 "groups_without_leader": leaderless,
-                "archive": {"enabled": false},
+                "archive": archive,
             });
             return Response::json(503, body.to_string());
         }
@@ -253,7 +256,7 @@ impl Api {
             "shards": shards,
             "groups": shards::GROUPS,
             "groups_without_leader": [],
-            "archive": {"enabled": false},
+            "archive": archive,
         });
         Response::json(200, body.to_string())
     }
@@ -466,6 +469,25 @@ impl Api {
         };
         tail::upgrade(self.node.clone(), self.shutdown.clone(), &key, params)
     }
+}
+
+/// The archive's state for `/health/ready`.
+fn archive_detail(total: &crate::metrics::ShardStats) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (Some(feed), Some(archiver)) = (&total.archive, &total.archiver) else {
+        return json!({"enabled": false});
+    };
+    let last_commit_us = archiver.last_commit_unix_us.load(Relaxed);
+    json!({
+        "enabled": true,
+        "connected": archiver.connected.load(Relaxed),
+        "refused": archiver.refused.load(Relaxed),
+        "events_behind": feed.events_behind,
+        "seconds_behind": feed.seconds_behind,
+        "pending_events": archiver.pending_events.load(Relaxed),
+        "last_commit_unix_us": (last_commit_us > 0).then_some(last_commit_us),
+        "last_error": archiver.last_error(),
+    })
 }
 
 /// Appends `[a,b,...]` of already rendered JSON texts.

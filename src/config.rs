@@ -109,6 +109,19 @@ pub struct ServeConfig {
     /// The Raft clock: heartbeats go out every 3 ticks, elections start after 15–30.
     #[arg(long, env = "STARCITE_RAFT_TICK", default_value = "10ms", value_parser = parse_duration)]
     pub raft_tick: Duration,
+
+    /// Postgres archive, e.g. `postgres://user@host:5432/db` (also read from
+    /// `DATABASE_URL`). Without it the archive is off and history stays in the local log.
+    #[arg(long, env = "STARCITE_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+
+    /// An archive transaction closes at this many events…
+    #[arg(long, env = "STARCITE_ARCHIVE_BATCH_EVENTS", default_value_t = 5_000)]
+    pub archive_batch_events: usize,
+
+    /// …or this long after its first event arrived.
+    #[arg(long, env = "STARCITE_ARCHIVE_BATCH_DELAY", default_value = "10ms", value_parser = parse_duration)]
+    pub archive_batch_delay: Duration,
 }
 
 /// One member of the cluster as configured.
@@ -147,8 +160,24 @@ impl ServeConfig {
         if self.raft_tick < Duration::from_millis(1) || self.raft_tick > Duration::from_secs(1) {
             return Err("--raft-tick must be between 1ms and 1s".into());
         }
+        if self.archive_batch_events == 0 {
+            return Err("--archive-batch-events must be at least 1".into());
+        }
+        if let Some(url) = self.postgres_url() {
+            url.parse::<postgres::Config>()
+                .map_err(|e| format!("--postgres-url: {e}"))?;
+        }
         self.members()?;
         Ok(())
+    }
+
+    /// The archive's Postgres URL: `--postgres-url`/`STARCITE_POSTGRES_URL`, else
+    /// `DATABASE_URL`; an empty value means none.
+    pub fn postgres_url(&self) -> Option<String> {
+        self.postgres_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok())
+            .filter(|url| !url.trim().is_empty())
     }
 
     /// The cluster's members from `--peers` (just this node when absent), in id order.

@@ -85,6 +85,32 @@ pub struct ShardStats {
     pub peer_frames_dropped: u64,
     /// Groups with a replica here that have had no leader for 3 s (or never had one).
     pub leaderless: Vec<u16>,
+    /// The archive feed, when `--postgres-url` is set.
+    pub archive: Option<ArchiveShardStats>,
+    /// The archiver thread's counters (shared by every shard of the node).
+    pub archiver: Option<std::sync::Arc<crate::archive::ArchiveStats>>,
+}
+
+/// A shard's share of the archive lag (groups it leads).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArchiveShardStats {
+    /// Committed events not yet confirmed in Postgres.
+    pub events_behind: u64,
+    /// Age of the oldest of them.
+    pub seconds_behind: f64,
+    /// Batches kept for a later tick because the archiver's channel was full.
+    pub batches_deferred: u64,
+    /// Events read back from the log because they had left memory before being sent.
+    pub events_read_from_log: u64,
+}
+
+impl ArchiveShardStats {
+    fn merge(&mut self, other: &ArchiveShardStats) {
+        self.events_behind += other.events_behind;
+        self.seconds_behind = self.seconds_behind.max(other.seconds_behind);
+        self.batches_deferred += other.batches_deferred;
+        self.events_read_from_log += other.events_read_from_log;
+    }
 }
 
 impl ShardStats {
@@ -124,6 +150,14 @@ impl ShardStats {
         self.forwarded += other.forwarded;
         self.peer_frames_dropped += other.peer_frames_dropped;
         self.leaderless.extend_from_slice(&other.leaderless);
+        if let Some(theirs) = &other.archive {
+            self.archive
+                .get_or_insert_with(Default::default)
+                .merge(theirs);
+        }
+        if self.archiver.is_none() {
+            self.archiver = other.archiver.clone();
+        }
     }
 }
 
@@ -199,7 +233,71 @@ pub fn render(per_shard: &[ShardStats]) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", get(stats));
         }
     }
+    if let (Some(feed), Some(archiver)) = (&total.archive, &total.archiver) {
+        render_archive(&mut out, feed, archiver);
+    }
     out
+}
+
+fn render_archive(
+    out: &mut String,
+    feed: &ArchiveShardStats,
+    archiver: &crate::archive::ArchiveStats,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gauges = [
+        ("starcite_archive_events_behind", feed.events_behind as f64),
+        ("starcite_archive_seconds_behind", feed.seconds_behind),
+        (
+            "starcite_archive_connected",
+            f64::from(u8::from(archiver.connected.load(Relaxed))),
+        ),
+        (
+            "starcite_archive_pending_events",
+            archiver.pending_events.load(Relaxed) as f64,
+        ),
+    ];
+    for (name, value) in gauges {
+        let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
+    }
+    let counters = [
+        (
+            "starcite_archive_batches_written_total",
+            archiver.batches_written.load(Relaxed),
+        ),
+        (
+            "starcite_archive_events_written_total",
+            archiver.events_written.load(Relaxed),
+        ),
+        (
+            "starcite_archive_events_inserted_total",
+            archiver.events_inserted.load(Relaxed),
+        ),
+        (
+            "starcite_archive_retries_total",
+            archiver.retries.load(Relaxed),
+        ),
+        (
+            "starcite_archive_connect_failures_total",
+            archiver.connect_failures.load(Relaxed),
+        ),
+        (
+            "starcite_archive_batches_deferred_total",
+            feed.batches_deferred,
+        ),
+        (
+            "starcite_archive_events_read_from_log_total",
+            feed.events_read_from_log,
+        ),
+        ("starcite_archive_reads_total", archiver.reads.load(Relaxed)),
+        (
+            "starcite_archive_read_failures_total",
+            archiver.read_failures.load(Relaxed),
+        ),
+    ];
+    for (name, value) in counters {
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
+    }
 }
 
 #[cfg(test)]

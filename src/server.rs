@@ -1,9 +1,10 @@
 //! Starting and stopping a node: the data dir, one glommio executor per shard, the
 //! channel mesh between them, the HTTP listeners, and graceful shutdown on SIGTERM/SIGINT.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
@@ -14,11 +15,14 @@ use glommio::{LocalExecutorBuilder, Placement};
 use shards::session::Limits;
 
 use crate::api::Api;
+use crate::archive::{ArchiveConfig, Archiver, ArchiverHandle, Durable, StartError};
 use crate::config::ServeConfig;
 use crate::datadir::{DataDir, Identity, DATA_FORMAT_VERSION};
 use crate::http::{HttpConfig, Shutdown};
 use crate::node::{serve_peer, MeshMsg, Node, MESH_CHANNEL_CAPACITY};
-use crate::shard::{start_transport, PeerSettings, RaftSettings, ShardCore, ShardSettings};
+use crate::shard::{
+    start_transport, ArchiveLink, PeerSettings, RaftSettings, ShardCore, ShardSettings,
+};
 
 /// Connections one shard serves at once, at most; more are closed on accept.
 const CONNECTIONS_PER_SHARD_MAX: usize = 16_384;
@@ -38,6 +42,7 @@ struct ShardBoot {
     receivers: Vec<Option<SharedReceiver<MeshMsg>>>,
     ready: Arc<AtomicUsize>,
     stop: oneshot::Receiver<()>,
+    archive: Option<ArchiveLink>,
 }
 
 /// Runs a node until it is asked to stop. Returns an error message for a failed start.
@@ -61,6 +66,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         shards,
     };
     let data_dir = Arc::new(DataDir::open(&config.data_dir, &identity)?);
+    let (archiver, mut links) = start_archiver(&config, shards)?;
     let config = Arc::new(config);
     let ready = Arc::new(AtomicUsize::new(0));
     let (mut senders, mut receivers) = build_mesh(shards);
@@ -77,6 +83,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             receivers: std::mem::take(&mut receivers[index]),
             ready: ready.clone(),
             stop: stop_rx,
+            archive: links.as_mut().map(|links| links[index].clone()),
         };
         let placement = if config.pin {
             Placement::Fixed(index)
@@ -106,6 +113,9 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             Err(e) => failure = Some(format!("shard executor failed: {e}")),
         }
     }
+    if let Some(archiver) = archiver {
+        archiver.shutdown();
+    }
     match failure {
         Some(message) => Err(message),
         None => {
@@ -113,6 +123,46 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Starts the Postgres archiver when a URL is configured: one link per shard. A
+/// database of another cluster stops the start; an unreachable one does not (the
+/// archive lags and catches up).
+fn start_archiver(
+    config: &ServeConfig,
+    shards: usize,
+) -> Result<(Option<ArchiverHandle>, Option<Vec<ArchiveLink>>), String> {
+    let Some(url) = config.postgres_url() else {
+        return Ok((None, None));
+    };
+    let durable: Vec<Arc<Mutex<HashMap<String, u64>>>> =
+        (0..shards).map(|_| Arc::default()).collect();
+    let reports = durable.clone();
+    let on_durable = Box::new(move |d: Durable| {
+        let mut map = reports[d.shard].lock().expect("durable lock");
+        for (session, seq) in d.sessions {
+            let at = map.entry(session).or_insert(0);
+            *at = (*at).max(seq);
+        }
+    });
+    let mut archive_config = ArchiveConfig::new(url, config.cluster_id.clone(), shards);
+    archive_config.batch_max_events = config.archive_batch_events;
+    archive_config.batch_max_delay = config.archive_batch_delay;
+    let handle = Archiver::start(archive_config, on_durable).map_err(|e| match e {
+        StartError::Refused(refusal) => format!("--postgres-url: {refusal}"),
+        other => other.to_string(),
+    })?;
+    let links = durable
+        .into_iter()
+        .enumerate()
+        .map(|(shard, durable)| ArchiveLink {
+            sender: handle.shard_sender(shard),
+            durable,
+            stats: handle.stats().clone(),
+        })
+        .collect();
+    tracing::info!("archiving to postgres");
+    Ok((Some(handle), Some(links)))
 }
 
 type MeshEnds = (
@@ -195,6 +245,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
             heartbeat_ticks: HEARTBEAT_TICKS,
             log_entries: config.raft_log_entries,
         },
+        archive: boot.archive.clone(),
     };
     let peer_settings = if members.len() > 1 {
         Some(PeerSettings {

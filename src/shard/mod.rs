@@ -13,6 +13,7 @@
 //! arrives on a node that does not lead the group is forwarded to the leader's shard of
 //! the same index and answered by the node it arrived at.
 
+mod archive;
 mod recovery;
 mod replication;
 
@@ -36,6 +37,7 @@ use crate::ops::{ApiError, ArchivedFilter, Op, Reply};
 use crate::store::{Cold, EventStore, ReadPlan};
 use crate::wal::{LogReader, RecordLocation, Wal};
 
+pub use archive::ArchiveLink;
 pub use replication::{set_isolated, start_transport, PeerSettings};
 
 /// Log records queued for the next batch, at most; past it writes answer 503 overloaded.
@@ -74,6 +76,8 @@ pub struct ShardSettings {
     /// Every member's node id (just this node's for a cluster of one).
     pub members: Vec<u64>,
     pub raft: RaftSettings,
+    /// The archiver, when `--postgres-url` is set.
+    pub archive: Option<ArchiveLink>,
 }
 
 /// Where a persisted, not yet applied entry lives in the log.
@@ -161,6 +165,7 @@ pub struct ShardCore {
     /// Groups with proposals not yet handed to Raft's Ready (see `run_driver`).
     proposed: RefCell<std::collections::BTreeSet<u16>>,
     wake_driver: LocalSender<()>,
+    archive: Option<archive::ArchiveFeed>,
 }
 
 /// Ops that change state: after a forwarding timeout their outcome is unknown.
@@ -296,6 +301,7 @@ impl ShardCore {
             peers: RefCell::new(replication::Peers::default()),
             proposed: RefCell::new(std::collections::BTreeSet::new()),
             wake_driver,
+            archive: settings.archive.map(archive::ArchiveFeed::new),
         });
         glommio::spawn_local(core.clone().run_driver(driver_rx)).detach();
         glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
@@ -944,6 +950,50 @@ impl ShardCore {
         }
     }
 
+    /// Events `after+1 ..= through` of a session, read back from the log (the index
+    /// says where), stopping before `max_bytes` (`event_bytes`) would be passed, but
+    /// with at least one event. Returns them and whether the range was read whole.
+    pub(crate) async fn read_log_events(
+        &self,
+        id: &str,
+        after: u64,
+        through: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<shards::entry::AppendEntry>, bool), String> {
+        let locations = self.store.borrow().locations(id, after, through);
+        let mut events = Vec::with_capacity(locations.len());
+        let mut bytes = 0usize;
+        let mut i = 0;
+        while i < locations.len() {
+            let run = sealed_run(&locations[i..]);
+            let resolved = self
+                .resolve(&locations[i..i + run])
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            for (seq, loc) in resolved {
+                let record = self
+                    .reader
+                    .read(loc)
+                    .await
+                    .map_err(|e| format!("event {seq} of {id}: {e}"))?;
+                match record.command {
+                    Command::Append(e) if e.session_id == id && e.seq == seq => {
+                        let size = event_bytes(&e);
+                        if !events.is_empty() && bytes + size > max_bytes {
+                            return Ok((events, false));
+                        }
+                        bytes += size;
+                        events.push(e);
+                    }
+                    _ => return Err(format!("log record at {loc:?} is not {id}/{seq}")),
+                }
+            }
+            i += run;
+        }
+        let complete = events.last().map_or(after, |e| e.seq) >= through;
+        Ok((events, complete))
+    }
+
     fn list(
         &self,
         after: Option<&str>,
@@ -1060,6 +1110,16 @@ impl ShardCore {
             .count() as u64;
         drop(groups);
         stats.leaderless = self.groups_without_leader();
+        if let Some(feed) = &self.archive {
+            let lag = self.archive_lag();
+            stats.archive = Some(crate::metrics::ArchiveShardStats {
+                events_behind: lag.events,
+                seconds_behind: lag.seconds,
+                batches_deferred: feed.deferred.get(),
+                events_read_from_log: feed.log_reads.get(),
+            });
+            stats.archiver = Some(feed.stats().clone());
+        }
         stats
     }
 
@@ -1109,28 +1169,39 @@ fn sealed_run(cold: &[(u64, Cold)]) -> usize {
 
 /// Roughly the bytes a command takes in the log (its variable-size fields).
 pub(crate) fn command_bytes(command: &Command) -> usize {
-    const FIXED_BYTES: usize = 64;
-    FIXED_BYTES
-        + match command {
-            Command::Append(e) => {
-                e.session_id.len()
-                    + e.event_type.len()
-                    + e.payload.len()
-                    + e.metadata.len()
-                    + e.refs.len()
-                    + e.actor.as_ref().map_or(0, String::len)
-                    + e.source.as_ref().map_or(0, String::len)
-                    + e.idempotency_key.as_ref().map_or(0, String::len)
-                    + e.producer_id.as_ref().map_or(0, String::len)
-            }
-            Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
-            Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
-            Command::SetArchived(a) => a.session_id.len(),
-            Command::ArchiveProgress(a) => a.session_id.len(),
-            Command::Noop => 0,
-            Command::Meta(shards::entry::MetaRecord::Snapshot { state, .. }) => state.len(),
-            Command::Meta(_) => 0,
-        }
+    match command {
+        Command::Append(e) => event_bytes(e),
+        other => COMMAND_FIXED_BYTES + variable_bytes(other),
+    }
+}
+
+const COMMAND_FIXED_BYTES: usize = 64;
+
+/// `command_bytes` of an event.
+pub(crate) fn event_bytes(e: &shards::entry::AppendEntry) -> usize {
+    COMMAND_FIXED_BYTES
+        + e.session_id.len()
+        + e.event_type.len()
+        + e.payload.len()
+        + e.metadata.len()
+        + e.refs.len()
+        + e.actor.as_ref().map_or(0, String::len)
+        + e.source.as_ref().map_or(0, String::len)
+        + e.idempotency_key.as_ref().map_or(0, String::len)
+        + e.producer_id.as_ref().map_or(0, String::len)
+}
+
+fn variable_bytes(command: &Command) -> usize {
+    match command {
+        Command::Append(e) => event_bytes(e) - COMMAND_FIXED_BYTES,
+        Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
+        Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
+        Command::SetArchived(a) => a.session_id.len(),
+        Command::ArchiveProgress(a) => a.session_id.len(),
+        Command::Noop => 0,
+        Command::Meta(shards::entry::MetaRecord::Snapshot { state, .. }) => state.len(),
+        Command::Meta(_) => 0,
+    }
 }
 
 fn append_error(e: AppendError) -> ApiError {

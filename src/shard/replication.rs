@@ -221,6 +221,7 @@ impl ShardCore {
                 }
                 self.process(group);
             }
+            self.feed_archive();
             self.flush_outbox();
         }
     }
@@ -521,41 +522,16 @@ impl ShardCore {
         sessions: &[(String, u64)],
     ) -> Result<Vec<shards::entry::AppendEntry>, String> {
         let mut events = Vec::new();
-        let mut bytes = 0usize;
         for (id, last) in sessions {
-            let locations = self.store.borrow().locations(id, 0, *last);
-            if locations.len() as u64 != *last {
+            let room = SNAPSHOT_TRANSFER_BYTES_MAX.saturating_sub(events_bytes(&events));
+            let (read, complete) = self.read_log_events(id, 0, *last, room).await?;
+            if !complete || read.len() as u64 != *last {
                 return Err(format!(
-                    "{id}: {} of {last} events indexed",
-                    locations.len()
+                    "{id}: {} of {last} events read (history over {SNAPSHOT_TRANSFER_BYTES_MAX} bytes or not indexed)",
+                    read.len()
                 ));
             }
-            let mut i = 0;
-            while i < locations.len() {
-                let run = super::sealed_run(&locations[i..]);
-                let resolved = self
-                    .resolve(&locations[i..i + run])
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
-                for (seq, loc) in resolved {
-                    let record = self
-                        .reader
-                        .read(loc)
-                        .await
-                        .map_err(|e| format!("event {seq} of {id}: {e}"))?;
-                    match record.command {
-                        Command::Append(e) if e.session_id == *id && e.seq == seq => {
-                            bytes += command_bytes(&Command::Append(e.clone()));
-                            events.push(e);
-                        }
-                        _ => return Err(format!("log record at {loc:?} is not {id}/{seq}")),
-                    }
-                }
-                if bytes > SNAPSHOT_TRANSFER_BYTES_MAX {
-                    return Err(format!("history over {SNAPSHOT_TRANSFER_BYTES_MAX} bytes"));
-                }
-                i += run;
-            }
+            events.extend(read);
         }
         Ok(events)
     }
@@ -1035,6 +1011,10 @@ impl ShardCore {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+fn events_bytes(events: &[shards::entry::AppendEntry]) -> usize {
+    events.iter().map(super::event_bytes).sum()
 }
 
 /// Every request waiting on this group learns its outcome is unknown.
