@@ -619,6 +619,23 @@ pub fn error_response(error: &ApiError) -> Response {
             "the write may or may not have been applied; retry with the same idempotency_key"
                 .into(),
         ),
+        ApiError::StorageFull => (
+            507,
+            "storage_full",
+            "the node's disk budget is exhausted; not applied".into(),
+        ),
+        ApiError::EventsExpired {
+            first_available_seq,
+        } => {
+            extra.insert("first_available_seq".into(), json!(first_available_seq));
+            let msg = format!("events before seq {first_available_seq} were deleted by retention");
+            (410, "events_expired", msg)
+        }
+        ApiError::ArchiveUnavailable => (
+            503,
+            "archive_unavailable",
+            "these events are only in the archive, which cannot be read now".into(),
+        ),
         ApiError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
             (500, "internal", "internal error".into())

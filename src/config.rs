@@ -119,6 +119,21 @@ pub struct ServeConfig {
     #[arg(long, env = "STARCITE_ARCHIVE_BATCH_EVENTS", default_value_t = 5_000)]
     pub archive_batch_events: usize,
 
+    /// Local retention: keep at most this many bytes of log per node (older sealed
+    /// segments are deleted; with an archive, only once archived). Default: unlimited.
+    #[arg(long, env = "STARCITE_RETENTION_BYTES")]
+    pub retention_bytes: Option<u64>,
+
+    /// Local retention: delete sealed segments last written longer ago than this
+    /// (`90s`, `30m`, `168h`). Default: unlimited.
+    #[arg(long, env = "STARCITE_RETENTION_AGE", value_parser = parse_duration)]
+    pub retention_age: Option<Duration>,
+
+    /// Disk budget of the node's logs; past it client writes get 507 `storage_full`.
+    /// Default: unlimited.
+    #[arg(long, env = "STARCITE_MAX_DISK_BYTES")]
+    pub max_disk_bytes: Option<u64>,
+
     /// …or this long after its first event arrived.
     #[arg(long, env = "STARCITE_ARCHIVE_BATCH_DELAY", default_value = "10ms", value_parser = parse_duration)]
     pub archive_batch_delay: Duration,
@@ -160,6 +175,16 @@ impl ServeConfig {
         if self.raft_tick < Duration::from_millis(1) || self.raft_tick > Duration::from_secs(1) {
             return Err("--raft-tick must be between 1ms and 1s".into());
         }
+        let shards = shards as u64;
+        let segment_files_min = 3 * shards * self.segment_bytes;
+        if self
+            .max_disk_bytes
+            .is_some_and(|max| max < segment_files_min)
+        {
+            return Err(format!(
+                "--max-disk-bytes must hold at least 3 log segments per shard ({segment_files_min} bytes)"
+            ));
+        }
         if self.archive_batch_events == 0 {
             return Err("--archive-batch-events must be at least 1".into());
         }
@@ -169,6 +194,16 @@ impl ServeConfig {
         }
         self.members()?;
         Ok(())
+    }
+
+    /// One shard's share of the retention settings and disk budget.
+    pub fn shard_retention(&self) -> crate::shard::Retention {
+        let shards = self.shard_count() as u64;
+        crate::shard::Retention {
+            bytes: self.retention_bytes.map(|b| b / shards),
+            age: self.retention_age,
+            max_disk_bytes: self.max_disk_bytes.map(|b| b / shards),
+        }
     }
 
     /// The archive's Postgres URL: `--postgres-url`/`STARCITE_POSTGRES_URL`, else
@@ -248,7 +283,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("bad duration unit in {text:?} (use ms, s or m)")),
+        "h" => value * 3600.0,
+        _ => return Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
     };
     Ok(Duration::from_secs_f64(seconds))
 }

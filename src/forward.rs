@@ -197,6 +197,11 @@ enum WireApiError {
     Unavailable,
     Overloaded,
     CommitUnknown,
+    StorageFull,
+    EventsExpired {
+        first_available_seq: u64,
+    },
+    ArchiveUnavailable,
     Internal(String),
     NotLeader {
         leader: Option<u64>,
@@ -465,6 +470,13 @@ impl WireApiError {
             ApiError::Unavailable => WireApiError::Unavailable,
             ApiError::Overloaded => WireApiError::Overloaded,
             ApiError::CommitUnknown => WireApiError::CommitUnknown,
+            ApiError::StorageFull => WireApiError::StorageFull,
+            ApiError::EventsExpired {
+                first_available_seq,
+            } => WireApiError::EventsExpired {
+                first_available_seq: *first_available_seq,
+            },
+            ApiError::ArchiveUnavailable => WireApiError::ArchiveUnavailable,
             ApiError::Internal(reason) => WireApiError::Internal(reason.clone()),
             ApiError::NotLeader { leader } => WireApiError::NotLeader { leader: *leader },
         }
@@ -502,6 +514,13 @@ impl WireApiError {
             WireApiError::Unavailable => ApiError::Unavailable,
             WireApiError::Overloaded => ApiError::Overloaded,
             WireApiError::CommitUnknown => ApiError::CommitUnknown,
+            WireApiError::StorageFull => ApiError::StorageFull,
+            WireApiError::EventsExpired {
+                first_available_seq,
+            } => ApiError::EventsExpired {
+                first_available_seq,
+            },
+            WireApiError::ArchiveUnavailable => ApiError::ArchiveUnavailable,
             WireApiError::Internal(reason) => ApiError::Internal(reason),
             WireApiError::NotLeader { leader } => ApiError::NotLeader { leader },
         }
@@ -643,6 +662,11 @@ mod tests {
             ApiError::Unavailable,
             ApiError::Overloaded,
             ApiError::CommitUnknown,
+            ApiError::StorageFull,
+            ApiError::EventsExpired {
+                first_available_seq: 7,
+            },
+            ApiError::ArchiveUnavailable,
             ApiError::Internal("disk".into()),
             ApiError::NotLeader { leader: Some(2) },
             ApiError::NotLeader { leader: None },

@@ -83,6 +83,8 @@ pub struct ShardStats {
     pub snapshots_installed: u64,
     pub forwarded: u64,
     pub peer_frames_dropped: u64,
+    /// Log segments deleted by retention.
+    pub segments_deleted: u64,
     /// Groups with a replica here that have had no leader for 3 s (or never had one).
     pub leaderless: Vec<u16>,
     /// The archive feed, when `--postgres-url` is set.
@@ -149,6 +151,7 @@ impl ShardStats {
         self.snapshots_installed += other.snapshots_installed;
         self.forwarded += other.forwarded;
         self.peer_frames_dropped += other.peer_frames_dropped;
+        self.segments_deleted += other.segments_deleted;
         self.leaderless.extend_from_slice(&other.leaderless);
         if let Some(theirs) = &other.archive {
             self.archive
@@ -208,6 +211,10 @@ pub fn render(per_shard: &[ShardStats]) -> String {
         (
             "starcite_peer_frames_dropped_total",
             total.peer_frames_dropped,
+        ),
+        (
+            "starcite_log_segments_deleted_total",
+            total.segments_deleted,
         ),
     ];
     for (name, value) in counters {

@@ -114,6 +114,14 @@ pub enum ApiError {
     Overloaded,
     /// May or may not have been applied (timeout waiting for the commit).
     CommitUnknown,
+    /// The node's disk budget (`--max-disk-bytes`) is exhausted; not applied.
+    StorageFull,
+    /// Events up to `first_available_seq - 1` were deleted by retention (no archive).
+    EventsExpired {
+        first_available_seq: u64,
+    },
+    /// The range is only in the archive, and Postgres cannot be read now.
+    ArchiveUnavailable,
     /// Reading stored events failed.
     Internal(String),
     /// Between nodes only: the receiving node does not lead the group; `leader` is the

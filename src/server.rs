@@ -157,6 +157,7 @@ fn start_archiver(
         .enumerate()
         .map(|(shard, durable)| ArchiveLink {
             sender: handle.shard_sender(shard),
+            reads: handle.read_sender(),
             durable,
             stats: handle.stats().clone(),
         })
@@ -246,6 +247,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
             log_entries: config.raft_log_entries,
         },
         archive: boot.archive.clone(),
+        retention: config.shard_retention(),
     };
     let peer_settings = if members.len() > 1 {
         Some(PeerSettings {

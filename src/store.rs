@@ -23,6 +23,8 @@ pub enum Cold {
 
 #[derive(Default)]
 struct SessionEvents {
+    /// Events `1..=base` are not in the local log any more (retention).
+    base: u64,
     runs: Vec<Run>,
     active_epoch: u32,
     active_first_seq: u64,
@@ -39,7 +41,7 @@ impl SessionEvents {
         }
         self.runs
             .last()
-            .map_or(0, |r| r.first_seq + r.count as u64 - 1)
+            .map_or(self.base, |r| r.first_seq + r.count as u64 - 1)
     }
 
     fn locate(&self, seq: u64) -> Cold {
@@ -63,8 +65,11 @@ impl SessionEvents {
 }
 
 /// What a read needs: log locations of older events and in-memory newer ones, both in
-/// seq order (all cold ones come first).
+/// seq order (all cold ones come first). When the read starts before what the local
+/// log holds, `gone` is the last seq that is not local: events `after+1..=gone` come
+/// from the archive (or are expired), and `cold`/`hot` are empty.
 pub struct ReadPlan {
+    pub gone: Option<u64>,
     pub cold: Vec<(u64, Cold)>,
     pub hot: Vec<(u64, Arc<str>)>,
 }
@@ -223,7 +228,7 @@ impl EventStore {
         };
         let events = &self.sessions[slot as usize];
         let end = events.last_seq().min(through);
-        (after.saturating_add(1)..=end)
+        (after.max(events.base).saturating_add(1)..=end)
             .map(|seq| (seq, events.locate(seq)))
             .collect()
     }
@@ -235,10 +240,12 @@ impl EventStore {
             };
             self.hot_bytes -= bytes as usize;
             let events = &mut self.sessions[slot as usize];
-            // Every fifo entry has its event at the front of its session's window.
-            events.hot.pop_front().expect("fifo and hot windows agree");
-            events.hot_first_seq += 1;
-            self.evicted_events += 1;
+            // A fifo entry's event is at the front of its session's window, unless
+            // `rebase` emptied that window (then a newer event goes a little early).
+            if events.hot.pop_front().is_some() {
+                events.hot_first_seq += 1;
+                self.evicted_events += 1;
+            }
         }
     }
 
@@ -251,6 +258,9 @@ impl EventStore {
         };
         for &slot in &self.active_slots {
             let events = &self.sessions[slot as usize];
+            if events.active.is_empty() {
+                continue; // rebased since
+            }
             assert_eq!(
                 events.active_epoch, epoch,
                 "only the active segment is sealed"
@@ -287,6 +297,7 @@ impl EventStore {
     /// Plans reading events `after+1 ..`, at most `max_events`.
     pub fn plan_read(&self, session_id: &str, after: u64, max_events: usize) -> ReadPlan {
         let mut plan = ReadPlan {
+            gone: None,
             cold: Vec::new(),
             hot: Vec::new(),
         };
@@ -294,6 +305,10 @@ impl EventStore {
             return plan;
         };
         let events = &self.sessions[slot as usize];
+        if after < events.base {
+            plan.gone = Some(events.base);
+            return plan;
+        }
         let end = events
             .last_seq()
             .min(after.saturating_add(max_events as u64));
@@ -317,6 +332,7 @@ impl EventStore {
                 let events = &self.sessions[slot as usize];
                 SessionIndex {
                     session_id: id.clone(),
+                    base_seq: events.base,
                     runs: events.runs.clone(),
                     active_epoch: events.active_epoch,
                     active_first_seq: events.active_first_seq,
@@ -332,6 +348,7 @@ impl EventStore {
         for index in sessions {
             let slot = self.slot(&index.session_id);
             let events = &mut self.sessions[slot as usize];
+            events.base = index.base_seq;
             events.runs = index.runs;
             events.active_epoch = index.active_epoch;
             events.active_first_seq = index.active_first_seq;
@@ -344,6 +361,58 @@ impl EventStore {
 
     pub fn hot_bytes(&self) -> usize {
         self.hot_bytes
+    }
+
+    /// The first seq of the session the local log holds (1 until retention deleted
+    /// something; `last_seq + 1` when it holds none).
+    pub fn first_local_seq(&self, session_id: &str) -> u64 {
+        self.ids
+            .get(session_id)
+            .map_or(1, |&slot| self.sessions[slot as usize].base + 1)
+    }
+
+    /// The session's history here restarts after `base` (a snapshot from a leader that
+    /// no longer holds older events): what was indexed is forgotten.
+    pub fn rebase(&mut self, session_id: &str, base: u64) {
+        let slot = self.slot(session_id);
+        let events = &mut self.sessions[slot as usize];
+        if !events.active.is_empty() {
+            self.active_slots.retain(|&s| s != slot);
+        }
+        events.base = base;
+        events.runs.clear();
+        events.active.clear();
+        events.hot.clear();
+        events.hot_first_seq = base + 1;
+    }
+
+    /// Forgets every event in sealed segments up to `epoch` (their files are being
+    /// deleted). Returns how many sessions lost events.
+    pub fn drop_through(&mut self, epoch: u32) -> usize {
+        let mut touched = 0;
+        for events in &mut self.sessions {
+            let keep = events.runs.partition_point(|r| r.epoch <= epoch);
+            if keep == 0 {
+                continue;
+            }
+            let last = events.runs[keep - 1];
+            events.base = events.base.max(last.first_seq + last.count as u64 - 1);
+            events.runs.drain(..keep);
+            touched += 1;
+        }
+        touched
+    }
+
+    /// Sessions with events in sealed segment `epoch`, with the last such seq.
+    pub fn sessions_in(&self, epoch: u32) -> Vec<(&str, u64)> {
+        let mut out = Vec::new();
+        for (id, &slot) in &self.ids {
+            let events = &self.sessions[slot as usize];
+            if let Some(run) = events.runs.iter().rev().find(|r| r.epoch == epoch) {
+                out.push((id.as_str(), run.first_seq + run.count as u64 - 1));
+            }
+        }
+        out
     }
 }
 
@@ -417,5 +486,49 @@ mod tests {
         let plan = restored.plan_read("a", 0, 10);
         assert_eq!(plan.cold.len(), 2);
         assert_eq!(restored.last_seq("missing"), 0);
+    }
+
+    #[test]
+    fn dropped_segments_leave_a_base_that_reads_report_and_snapshots_keep() {
+        let mut store = EventStore::new(0);
+        for seq in 1..=3 {
+            store.insert("a", seq, 1, seq as u32 * 100, None);
+        }
+        store.insert("b", 1, 1, 900, None);
+        store.apply_seal(store.plan_seal(1));
+        store.insert("a", 4, 2, 0, None);
+        store.apply_seal(store.plan_seal(2));
+        store.insert("a", 5, 3, 0, None);
+        assert_eq!(store.sessions_in(1).len(), 2);
+        assert_eq!(store.drop_through(1), 2);
+        assert_eq!(store.first_local_seq("a"), 4);
+        assert_eq!(store.last_seq("a"), 5);
+        // b lost everything it had: its head stays.
+        assert_eq!((store.first_local_seq("b"), store.last_seq("b")), (2, 1));
+        assert_eq!(store.plan_read("a", 1, 10).gone, Some(3));
+        let plan = store.plan_read("a", 3, 10);
+        assert_eq!((plan.gone, plan.cold.len()), (None, 2));
+        assert_eq!(store.locations("a", 0, 5).len(), 2);
+        let mut restored = EventStore::new(0);
+        restored.restore(store.capture());
+        assert_eq!(restored.first_local_seq("a"), 4);
+        assert_eq!(restored.last_seq("b"), 1);
+        // b's next event goes on after its base.
+        restored.insert("b", 2, 3, 100, None);
+        assert_eq!(restored.last_seq("b"), 2);
+    }
+
+    #[test]
+    fn rebase_restarts_a_session_after_a_base() {
+        let mut store = EventStore::new(1 << 20);
+        store.insert("a", 1, 1, 0, Some(Arc::from("e1")));
+        store.rebase("a", 40);
+        assert_eq!(store.last_seq("a"), 40);
+        store.insert("a", 41, 1, 100, Some(Arc::from("e41")));
+        assert_eq!(store.plan_read("a", 40, 10).hot.len(), 1);
+        assert_eq!(store.plan_read("a", 0, 10).gone, Some(40));
+        // Sealing skips the emptied active list of the rebase and keeps the new one.
+        store.apply_seal(store.plan_seal(1));
+        assert_eq!(store.plan_read("a", 40, 10).hot[0].0, 41);
     }
 }

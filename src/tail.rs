@@ -23,12 +23,14 @@ use glommio::net::TcpStream;
 
 use crate::http::{Outcome, Request, Response, Shutdown};
 use crate::node::{with_timeout, Node};
-use crate::ops::{Op, Reply};
+use crate::ops::{ApiError, Op, Reply};
 
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// How long one read waits for a commit before the loop checks pings and silence.
 const READ_WAIT: Duration = Duration::from_secs(5);
+/// A tail whose next events are only in an unreachable archive retries this often.
+const ARCHIVE_RETRY: Duration = Duration::from_millis(500);
 /// Largest frame a client may send us (we expect only control frames).
 const CLIENT_MESSAGE_BYTES_MAX: usize = 64 << 10;
 /// Events one read asks for, at most.
@@ -178,8 +180,30 @@ async fn follow(
         };
         let (events, last_seq) = match reply {
             Reply::Events { events, last_seq } => (events, last_seq),
-            Reply::Error(crate::ops::ApiError::SessionNotFound) => {
+            Reply::Error(ApiError::SessionNotFound) => {
                 return Some((CloseCode::Error, "session not found"))
+            }
+            // Retention deleted these events and there is no archive: say so, go on.
+            Reply::Error(ApiError::EventsExpired {
+                first_available_seq,
+            }) => {
+                let next = first_available_seq - 1;
+                let gap = format!(
+                    r#"{{"type":"gap","reason":"expired","from_cursor":{cursor},"next_cursor":{next}}}"#
+                );
+                if sink.send(Message::Text(gap.into())).await.is_err() {
+                    return None;
+                }
+                cursor = next;
+                continue;
+            }
+            // Only the archive has them and it cannot be read now: the client sees a
+            // delay, never a hole.
+            Reply::Error(ApiError::ArchiveUnavailable | ApiError::Overloaded) => {
+                let pause = glommio::timer::sleep(ARCHIVE_RETRY);
+                let stop = select(Box::pin(shutdown.wait()), Box::pin(client_gone.wait()));
+                let _ = select(Box::pin(pause), stop).await;
+                continue;
             }
             _ => return Some((CloseCode::Error, "internal error")),
         };

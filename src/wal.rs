@@ -294,6 +294,12 @@ impl LogReader {
             .map_err(invalid)
     }
 
+    /// Closes what it holds of segment `epoch` (about to be deleted).
+    pub fn forget(&self, epoch: u64) {
+        self.files.borrow_mut().remove(&segment_name(epoch));
+        self.indexes.borrow_mut().remove(&sidecar_name(epoch));
+    }
+
     async fn file(&self, name: &str) -> io::Result<Rc<DmaFile>> {
         if let Some(file) = self.files.borrow().get(name) {
             return Ok(file.clone());
@@ -367,6 +373,27 @@ fn segment_path(dir: &Path, epoch: u64) -> PathBuf {
 
 fn sidecar_name(epoch: u64) -> String {
     format!("{epoch:020}.idx")
+}
+
+/// The log's segment epochs, oldest first (contiguous).
+pub fn segment_epochs(dir: &Path) -> Result<Vec<u64>, String> {
+    list_segments(dir)
+}
+
+/// When segment `epoch` was last written.
+pub fn segment_modified(dir: &Path, epoch: u64) -> io::Result<std::time::SystemTime> {
+    std::fs::metadata(segment_path(dir, epoch))?.modified()
+}
+
+/// Deletes sealed segment `epoch`, then its index file (retention). The oldest first:
+/// segments stay contiguous. A crash in between leaves an index file without its
+/// segment, which nothing reads (start-up forgets runs of missing segments).
+pub fn remove_segment(dir: &Path, epoch: u64) -> io::Result<()> {
+    std::fs::remove_file(segment_path(dir, epoch))?;
+    match std::fs::remove_file(dir.join(sidecar_name(epoch))) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<u64>, String> {

@@ -5,12 +5,12 @@
 //! print a notice and pass. Every test works in a database of its own, so they run in
 //! parallel; the restart test runs a private Postgres server of its own.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::postgres::{postgres_url, PrivatePostgres, TestDb};
 use crossbeam_channel::{unbounded, Receiver};
 use postgres::{Client, NoTls};
 use shards::entry::AppendEntry;
@@ -24,87 +24,8 @@ const DURABLE_TIMEOUT: Duration = Duration::from_secs(20);
 const BOTH_MODES: [WriteMode; 2] = [WriteMode::Copy, WriteMode::Insert];
 
 // ---------------------------------------------------------------------------------
-// Harness
+// Harness (Postgres itself: tests/common/postgres.rs)
 // ---------------------------------------------------------------------------------
-
-fn ci_requires_postgres() -> bool {
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    ci || std::env::var("STARCITE_CI_POSTGRES").is_ok_and(|v| v == "1")
-}
-
-/// The server's admin URL, or None (after a notice) when tests may skip.
-fn postgres_url() -> Option<String> {
-    match std::env::var("STARCITE_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if ci_requires_postgres() => panic!(
-            "STARCITE_TEST_POSTGRES_URL is not set, and CI requires the Postgres archive \
-             tests: run `source scripts/test-postgres.sh start` first"
-        ),
-        _ => {
-            eprintln!(
-                "notice: STARCITE_TEST_POSTGRES_URL not set; Postgres archive test skipped \
-                 (`source scripts/test-postgres.sh start` to run it)"
-            );
-            None
-        }
-    }
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let slash = base.rfind('/').expect("a postgres:// url");
-    assert!(
-        slash > "postgres://".len() - 1,
-        "url without a database path: {url}"
-    );
-    format!("{}/{database}{query}", &base[..slash])
-}
-
-/// A database created for one test and dropped after it.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    fn create(admin_url: &str, test: &str) -> TestDb {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "starcite_test_{test}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut admin = Client::connect(admin_url, NoTls).expect("connect to the test postgres");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create test database");
-        TestDb {
-            admin_url: admin_url.to_owned(),
-            url: with_database(admin_url, &name),
-            name,
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.url, NoTls).expect("connect to the test database")
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = Client::connect(&self.admin_url, NoTls) {
-            let _ = admin.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
-    }
-}
 
 fn config(url: &str, mode: WriteMode) -> ArchiveConfig {
     let mut config = ArchiveConfig::new(url, "cluster-test", 2);
@@ -560,125 +481,6 @@ fn read_range_returns_seqs_after_cursor_up_to_limit() {
 // ---------------------------------------------------------------------------------
 // Postgres down and back
 // ---------------------------------------------------------------------------------
-
-/// A Postgres server of this test's own, so that restarting it disturbs no other test.
-struct PrivatePostgres {
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl PrivatePostgres {
-    /// None (after a notice, or a panic in CI) when this machine cannot run one: the
-    /// server binaries are missing or we are not root (initdb runs as `postgres`).
-    fn init() -> Option<PrivatePostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|dirs| {
-                dirs.filter_map(|d| d.ok())
-                    .map(|d| d.path().join("bin"))
-                    .max()
-            });
-        let is_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout == b"0\n");
-        let Some(bin) = bin.filter(|_| is_root) else {
-            assert!(
-                !ci_requires_postgres(),
-                "the restart test needs root and /usr/lib/postgresql"
-            );
-            eprintln!("notice: restart test skipped (needs root and Postgres binaries)");
-            return None;
-        };
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = PathBuf::from(format!(
-            "/var/tmp/starcite-test-pg-{}-{port}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        run("chown", &["postgres:postgres", path_str(&dir)]);
-        let initdb = bin.join("initdb");
-        as_postgres(
-            &initdb,
-            &["-D", path_str(&dir), "-A", "trust", "-U", "postgres"],
-        );
-        let server = PrivatePostgres { bin, dir, port };
-        server.start();
-        Some(server)
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn start(&self) {
-        let options = format!("-p {} -k /tmp -c listen_addresses=127.0.0.1", self.port);
-        let log = self.dir.join("log");
-        as_postgres(
-            &self.bin.join("pg_ctl"),
-            &[
-                "-D",
-                path_str(&self.dir),
-                "-l",
-                path_str(&log),
-                "-o",
-                &options,
-                "-w",
-                "start",
-            ],
-        );
-    }
-
-    fn stop(&self) {
-        as_postgres(
-            &self.bin.join("pg_ctl"),
-            &["-D", path_str(&self.dir), "-m", "fast", "-w", "stop"],
-        );
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let pg_ctl = self.bin.join("pg_ctl");
-        let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                path_str(&pg_ctl),
-                "-D",
-                path_str(&self.dir),
-            ])
-            .args(["-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program).args(args).output().expect("spawn");
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn as_postgres(program: &Path, args: &[&str]) {
-    let mut all = vec!["-u", "postgres", "--", path_str(program)];
-    all.extend_from_slice(args);
-    run("runuser", &all);
-}
 
 #[test]
 fn archiver_reconnects_after_postgres_restart_and_loses_no_batch() {

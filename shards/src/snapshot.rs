@@ -37,6 +37,9 @@ pub struct Run {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SessionIndex {
     pub session_id: String,
+    /// Events `1..=base_seq` are no longer in the local log (retention deleted their
+    /// segments); `runs` start after it.
+    pub base_seq: u64,
     pub runs: Vec<Run>,
     /// Events `active_first_seq ..` in the active segment `active_epoch`, by offset.
     pub active_epoch: u32,
@@ -255,6 +258,7 @@ mod tests {
             }],
             sessions: vec![SessionIndex {
                 session_id: "s".into(),
+                base_seq: 0,
                 runs: vec![Run {
                     epoch: 2,
                     first_seq: 1,

@@ -293,6 +293,11 @@ impl ArchiverHandle {
         self.shard_senders[shard].clone()
     }
 
+    /// The reader thread's queue, for a shard to own (`try_send` only).
+    pub fn read_sender(&self) -> Sender<ReadRequest> {
+        self.read_sender.clone()
+    }
+
     pub fn stats(&self) -> &Arc<ArchiveStats> {
         &self.stats
     }

@@ -32,7 +32,8 @@ use shards::entry::{AppendEntry, Command};
 use shards::raft::{Entry, Payload};
 
 use super::{event_bytes, now_us, Group, ShardCore};
-use crate::archive::{ArchiveBatch, ArchiveStats, SessionRow};
+use crate::archive::{ArchiveBatch, ArchiveStats, ReadError, ReadRequest, SessionRow};
+use crate::ops::ApiError;
 
 /// One batch handed to the archiver holds at most this many events…
 const BATCH_EVENTS_MAX: usize = 5_000;
@@ -53,6 +54,8 @@ const LOG_READ_SESSIONS_MAX: usize = 256;
 #[derive(Clone)]
 pub struct ArchiveLink {
     pub sender: Sender<ArchiveBatch>,
+    /// Reads of history beyond the local log.
+    pub reads: Sender<ReadRequest>,
     pub durable: Arc<Mutex<HashMap<String, u64>>>,
     pub stats: Arc<ArchiveStats>,
 }
@@ -341,6 +344,66 @@ impl ShardCore {
             }
         }
         feed.reading.set(false);
+    }
+
+    /// Events `after+1 ..= after+limit` of a session from Postgres (rendered as the API
+    /// serves them), checked to be exactly those seqs. Waits for the reader thread by
+    /// polling, so the executor never blocks.
+    pub(super) async fn read_archive(
+        &self,
+        id: &str,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<(u64, Arc<str>)>, ApiError> {
+        let Some(feed) = &self.archive else {
+            return Err(ApiError::ArchiveUnavailable);
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let request = ReadRequest {
+            session_id: id.to_string(),
+            after,
+            limit: limit.min(crate::archive::READ_LIMIT_MAX),
+            reply: Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        };
+        if feed.link.reads.try_send(request).is_err() {
+            return Err(ApiError::Overloaded);
+        }
+        let deadline = std::time::Instant::now() + self.request_timeout;
+        let result = loop {
+            match rx.try_recv() {
+                Ok(result) => break result,
+                Err(crossbeam_channel::TryRecvError::Empty)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(_) => break Err(ReadError::Stopped),
+            }
+        };
+        let events = match result {
+            Ok(events) => events,
+            Err(ReadError::Overloaded) => return Err(ApiError::Overloaded),
+            Err(_) => return Err(ApiError::ArchiveUnavailable),
+        };
+        let wanted = limit.min(crate::archive::READ_LIMIT_MAX);
+        let contiguous = events
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.seq == after + 1 + i as u64);
+        if !contiguous || (events.len() as u64) < wanted {
+            return Err(ApiError::Internal(format!(
+                "archive holds {} of events {}..={} of {id}",
+                events.len(),
+                after + 1,
+                after + wanted
+            )));
+        }
+        Ok(events
+            .into_iter()
+            .map(|e| (e.seq, Arc::from(e.json)))
+            .collect())
     }
 
     /// Events and seconds the archive is behind for the groups this shard leads.

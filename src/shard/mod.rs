@@ -16,6 +16,7 @@
 mod archive;
 mod recovery;
 mod replication;
+mod retention;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -39,6 +40,7 @@ use crate::wal::{LogReader, RecordLocation, Wal};
 
 pub use archive::ArchiveLink;
 pub use replication::{set_isolated, start_transport, PeerSettings};
+pub use retention::Retention;
 
 /// Log records queued for the next batch, at most; past it writes answer 503 overloaded.
 const PENDING_RECORDS_MAX: usize = 65_536;
@@ -78,6 +80,8 @@ pub struct ShardSettings {
     pub raft: RaftSettings,
     /// The archiver, when `--postgres-url` is set.
     pub archive: Option<ArchiveLink>,
+    /// This shard's share of the retention settings and disk budget.
+    pub retention: Retention,
 }
 
 /// Where a persisted, not yet applied entry lives in the log.
@@ -166,6 +170,13 @@ pub struct ShardCore {
     proposed: RefCell<std::collections::BTreeSet<u16>>,
     wake_driver: LocalSender<()>,
     archive: Option<archive::ArchiveFeed>,
+    retention: Retention,
+    log_dir: PathBuf,
+    segment_bytes: u64,
+    /// The oldest log segment on disk.
+    oldest_segment: Cell<u64>,
+    /// Replay after a restart starts in this segment (the last durable snapshot's).
+    snapshot_resume_epoch: Cell<u64>,
 }
 
 /// Ops that change state: after a forwarding timeout their outcome is unknown.
@@ -217,7 +228,15 @@ impl ShardCore {
         if let Some(e) = replay_error {
             return Err(e);
         }
-        let (mut recovered, store, seals) = recovery.finish();
+        let (mut recovered, mut store, seals) = recovery.finish();
+        // Runs of segments retention deleted after the snapshot was taken.
+        let oldest_segment = crate::wal::segment_epochs(&log_dir)?
+            .first()
+            .copied()
+            .unwrap_or(1);
+        if oldest_segment > 1 {
+            store.drop_through((oldest_segment - 1) as u32);
+        }
         // Segments sealed during replay get their index files (again: an old one, if
         // any, may be missing or may not match the runs replay just built).
         for (epoch, offsets) in seals {
@@ -302,7 +321,13 @@ impl ShardCore {
             proposed: RefCell::new(std::collections::BTreeSet::new()),
             wake_driver,
             archive: settings.archive.map(archive::ArchiveFeed::new),
+            retention: settings.retention,
+            log_dir,
+            segment_bytes,
+            oldest_segment: Cell::new(oldest_segment),
+            snapshot_resume_epoch: Cell::new(resume.0),
         });
+        glommio::spawn_local(core.clone().run_retention()).detach();
         glommio::spawn_local(core.clone().run_driver(driver_rx)).detach();
         glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
         core.start_raft().await;
@@ -523,6 +548,10 @@ impl ShardCore {
     fn propose(&self, group: u16, command: Command) -> Result<(u64, u64), ApiError> {
         if self.shutting_down.get() {
             return Err(ApiError::Unavailable);
+        }
+        // What frees space (archive progress) still goes through a full disk.
+        if !matches!(command, Command::ArchiveProgress(_)) && self.disk_full() {
+            return Err(ApiError::StorageFull);
         }
         let bytes = command_bytes(&command);
         if self.units_records.get() >= PENDING_RECORDS_MAX
@@ -817,6 +846,12 @@ impl ShardCore {
                 return Reply::Error(ApiError::SessionNotFound);
             };
             let plan = self.store.borrow().plan_read(id, after, max_events);
+            if let Some(gone) = plan.gone {
+                return match self.read_gone(id, after, gone, max_events, max_bytes).await {
+                    Ok(events) => Reply::Events { events, last_seq },
+                    Err(e) => Reply::Error(e),
+                };
+            }
             if plan.cold.is_empty() && plan.hot.is_empty() && !waited {
                 if let Some(wait) = wait {
                     self.wait_for_event(id, wait).await;
@@ -829,6 +864,53 @@ impl ShardCore {
                 Err(e) => Reply::Error(e),
             };
         }
+    }
+
+    /// A read starting before the local log (events `after+1..=gone` left it): those
+    /// come from the archive, then the local log goes on from `gone + 1` in the same
+    /// page. Without an archive they are expired.
+    async fn read_gone(
+        &self,
+        id: &str,
+        after: u64,
+        gone: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Arc<str>)>, ApiError> {
+        if self.archive.is_none() {
+            return Err(ApiError::EventsExpired {
+                first_available_seq: gone + 1,
+            });
+        }
+        let want = (gone - after).min(max_events as u64);
+        let archived = self.read_archive(id, after, want).await?;
+        let mut events = Vec::with_capacity(archived.len());
+        let mut bytes = 0;
+        for (seq, text) in archived {
+            if !events.is_empty() && bytes + text.len() > max_bytes {
+                return Ok(events);
+            }
+            bytes += text.len();
+            events.push((seq, text));
+        }
+        let next = events.last().map_or(after, |e| e.0);
+        let room = max_events - events.len();
+        if next == gone && room > 0 {
+            let plan = self.store.borrow().plan_read(id, gone, room);
+            if plan.gone.is_none() {
+                let local = self.materialize(id, plan, max_bytes - bytes).await?;
+                let mut local_bytes = 0;
+                for (seq, text) in local {
+                    // `materialize` returns at least one event even past its budget.
+                    local_bytes += text.len();
+                    if bytes + local_bytes > max_bytes {
+                        break;
+                    }
+                    events.push((seq, text));
+                }
+            }
+        }
+        Ok(events)
     }
 
     async fn wait_for_event(&self, id: &str, wait: Duration) {

@@ -280,8 +280,13 @@ impl Recovery {
                     group.seen.clear();
                     group.hard_state.commit = group.hard_state.commit.max(index);
                     for h in std::mem::take(&mut group.history) {
+                        if h.seq > self.store.last_seq(&h.session) + 1 {
+                            // The leader no longer held older events (retention).
+                            self.store.rebase(&h.session, h.seq - 1);
+                        }
                         index_event(&mut self.store, &h.session, h.seq, h.loc, h.sealed);
                     }
+                    super::replication::rebase_missing(&mut self.store, &group.state);
                 }
                 other => {
                     return Err(format!(
@@ -385,6 +390,7 @@ mod tests {
 
     fn settings() -> ShardSettings {
         ShardSettings {
+            archive: None,
             index: 0,
             shards: 1,
             limits: Limits {

@@ -524,8 +524,9 @@ impl ShardCore {
         let mut events = Vec::new();
         for (id, last) in sessions {
             let room = SNAPSHOT_TRANSFER_BYTES_MAX.saturating_sub(events_bytes(&events));
-            let (read, complete) = self.read_log_events(id, 0, *last, room).await?;
-            if !complete || read.len() as u64 != *last {
+            let base = self.store.borrow().first_local_seq(id) - 1;
+            let (read, complete) = self.read_log_events(id, base, *last, room).await?;
+            if !complete || read.len() as u64 != last - base.min(*last) {
                 return Err(format!(
                     "{id}: {} of {last} events read (history over {SNAPSHOT_TRANSFER_BYTES_MAX} bytes or not indexed)",
                     read.len()
@@ -618,6 +619,11 @@ impl ShardCore {
         }
         if let Command::Append(e) = &record.command {
             let mut store = self.store.borrow_mut();
+            let indexed = store.last_seq(&e.session_id);
+            if e.seq > indexed + 1 {
+                // The leader's history starts later (retention deleted older events).
+                store.rebase(&e.session_id, e.seq - 1);
+            }
             if e.seq == store.last_seq(&e.session_id) + 1 {
                 let text: Arc<str> = Arc::from(render_event(e));
                 store.insert(&e.session_id, e.seq, loc.epoch, loc.offset, Some(text));
@@ -633,6 +639,7 @@ impl ShardCore {
             if let Some(g) = groups.get_mut(&unit.group) {
                 if let Some(meta) = unit.snapshot {
                     g.raft.on_persisted(meta.index, meta.term);
+                    rebase_missing(&mut self.store.borrow_mut(), &g.state);
                 }
                 if let Some((index, term)) = unit.last_entry {
                     g.raft.on_persisted(index, term);
@@ -707,12 +714,15 @@ impl ShardCore {
         match crate::wal::write_file_durably(&self.dir, super::recovery::SNAPSHOT_FILE, &bytes)
             .await
         {
-            Ok(()) => tracing::info!(
-                shard = self.index,
-                bytes = total,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "snapshot written"
-            ),
+            Ok(()) => {
+                self.snapshot_resume_epoch.set(resume.0);
+                tracing::info!(
+                    shard = self.index,
+                    bytes = total,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "snapshot written"
+                )
+            }
             Err(e) => tracing::error!(shard = self.index, error = %e, "snapshot failed"),
         }
         self.snapshot_running.set(false);
@@ -1009,6 +1019,16 @@ impl ShardCore {
                 .any(|g| g.leading && g.raft.voters().len() > 1)
         {
             glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// After a snapshot's history is indexed: a session whose events the leader no longer
+/// had (retention) restarts its local history after its head.
+pub(super) fn rebase_missing(store: &mut crate::store::EventStore, state: &GroupState) {
+    for view in state.views() {
+        if store.last_seq(&view.id) < view.last_seq {
+            store.rebase(&view.id, view.last_seq);
         }
     }
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod postgres;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};

@@ -1,0 +1,119 @@
+//! Local retention and the disk budget.
+//!
+//! Sealed log segments leave the disk oldest first, once all of these hold:
+//! - a durable shard snapshot starts replay after them (recovery never needs them);
+//! - the retention setting is passed: the log holds more than `--retention-bytes`, or
+//!   the segment was last written longer than `--retention-age` ago (neither set: never);
+//! - with the archive on, every event in them is archived (`archived_seq` of its session
+//!   is at least that event's seq), so unarchived events are never deleted.
+//!
+//! What is deleted stays readable from Postgres; without an archive readers get the
+//! `expired` gap (tails) or 410 `events_expired` (`/events`). The disk budget
+//! (`--max-disk-bytes`) counts every segment file, including the pre-written next one;
+//! past it client writes get 507 `storage_full` while archive progress still commits,
+//! so space comes back as the archive catches up.
+
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use super::ShardCore;
+
+/// How often a shard looks for segments to delete.
+const RETENTION_PERIOD: Duration = Duration::from_secs(1);
+
+/// One shard's share of the node's retention settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retention {
+    /// Keep at most this many bytes of log segments (older sealed ones go).
+    pub bytes: Option<u64>,
+    /// Delete sealed segments last written longer ago than this.
+    pub age: Option<Duration>,
+    /// Refuse client writes once the log's files would pass this.
+    pub max_disk_bytes: Option<u64>,
+}
+
+impl ShardCore {
+    /// Bytes of log segment files: from the oldest to the active one, plus the next
+    /// one being pre-written.
+    pub(super) fn log_disk_bytes(&self) -> u64 {
+        let active = self.durable_position.get().0;
+        let files = active.saturating_sub(self.oldest_segment.get()) + 2;
+        files * self.segment_bytes
+    }
+
+    pub(super) fn disk_full(&self) -> bool {
+        self.retention
+            .max_disk_bytes
+            .is_some_and(|max| self.log_disk_bytes() > max)
+    }
+
+    pub(super) async fn run_retention(self: Rc<Self>) {
+        if self.retention.bytes.is_none() && self.retention.age.is_none() {
+            return;
+        }
+        loop {
+            glommio::timer::sleep(RETENTION_PERIOD).await;
+            if self.shutting_down.get() {
+                return;
+            }
+            while self.delete_oldest_segment() {
+                futures_lite::future::yield_now().await;
+            }
+        }
+    }
+
+    /// Deletes the oldest segment if the rules allow it; returns whether it did.
+    fn delete_oldest_segment(&self) -> bool {
+        let oldest = self.oldest_segment.get();
+        let active = self.durable_position.get().0;
+        if oldest >= active.min(self.snapshot_resume_epoch.get()) {
+            return false;
+        }
+        let over_bytes = self
+            .retention
+            .bytes
+            .is_some_and(|max| self.log_disk_bytes() > max);
+        let over_age = self.retention.age.is_some_and(|age| {
+            crate::wal::segment_modified(&self.log_dir, oldest)
+                .ok()
+                .and_then(|at| SystemTime::now().duration_since(at).ok())
+                .is_some_and(|since| since > age)
+        });
+        if !(over_bytes || over_age) {
+            return false;
+        }
+        if self.archive.is_some() && !self.segment_archived(oldest) {
+            return false;
+        }
+        let dropped = self.store.borrow_mut().drop_through(oldest as u32);
+        self.reader.forget(oldest);
+        if let Err(error) = crate::wal::remove_segment(&self.log_dir, oldest) {
+            tracing::error!(shard = self.index, segment = oldest, %error, "retention: cannot delete");
+            return false;
+        }
+        self.oldest_segment.set(oldest + 1);
+        self.stats.borrow_mut().segments_deleted += 1;
+        tracing::info!(
+            shard = self.index,
+            segment = oldest,
+            sessions = dropped,
+            "retention deleted a log segment"
+        );
+        true
+    }
+
+    /// Every event in segment `epoch` is in the archive.
+    fn segment_archived(&self, epoch: u64) -> bool {
+        let store = self.store.borrow();
+        let groups = self.groups.borrow();
+        store
+            .sessions_in(epoch as u32)
+            .into_iter()
+            .all(|(id, last)| {
+                groups
+                    .get(&shards::group_of(id))
+                    .and_then(|g| g.state.view(id))
+                    .is_some_and(|view| view.archived_seq >= last)
+            })
+    }
+}
