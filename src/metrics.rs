@@ -37,7 +37,7 @@ impl Histogram {
         self.sum_us += other.sum_us;
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (i, bound) in BUCKET_BOUNDS_US.iter().enumerate() {
@@ -305,6 +305,12 @@ fn render_archive(
     for (name, value) in counters {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
     }
+    out.push_str("# TYPE starcite_archive_lag_seconds histogram\n");
+    archiver
+        .lag
+        .lock()
+        .expect("lag lock")
+        .render(out, "starcite_archive_lag_seconds", "");
 }
 
 #[cfg(test)]

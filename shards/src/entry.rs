@@ -83,8 +83,15 @@ pub struct SetArchived {
     pub at_us: i64,
 }
 
+/// Postgres holds the events of these sessions up to these seqs: one entry per group
+/// and report, however many sessions it covers.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveProgress {
+    pub sessions: Vec<SessionProgress>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SessionProgress {
     pub session_id: String,
     pub archived_seq: u64,
 }

@@ -27,7 +27,8 @@ use rkyv::{Archive, Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::entry::{
-    AppendEntry, ArchiveProgress, Command, CreateSession, Digest, PatchSession, SetArchived,
+    AppendEntry, ArchiveProgress, Command, CreateSession, Digest, PatchSession, SessionProgress,
+    SetArchived,
 };
 use crate::time::format_rfc3339_us;
 use crate::validate::{self, FieldError, NewEvent, NewSession, PatchRequest};
@@ -418,17 +419,24 @@ impl GroupState {
         })))
     }
 
-    /// The archiver stored events 1..=archived_seq: advance the watermark (clamped to
-    /// last_seq), or `None` when that moves nothing.
-    pub fn decide_archive_progress(&self, id: &str, archived_seq: u64) -> Option<Command> {
-        let head = self.head(id)?;
-        let archived_seq = archived_seq.min(head.last_seq);
-        (archived_seq > head.archived_seq).then(|| {
-            Command::ArchiveProgress(ArchiveProgress {
-                session_id: id.to_string(),
-                archived_seq,
-            })
-        })
+    /// The archiver stored events `1..=archived_seq` of each reported session: one
+    /// entry advancing every watermark that moves (clamped to the committed last_seq),
+    /// or `None` when none does. Progress is not part of the in-flight overlay: it is
+    /// only ever about committed events, and commit keeps the larger value, so an
+    /// entry that repeats or trails another changes nothing.
+    pub fn decide_archive_progress(&self, reports: &[(String, u64)]) -> Option<Command> {
+        let mut sessions = Vec::new();
+        for (id, archived_seq) in reports {
+            let Some(view) = self.view(id) else { continue };
+            let archived_seq = (*archived_seq).min(view.last_seq);
+            if archived_seq > view.archived_seq {
+                sessions.push(SessionProgress {
+                    session_id: id.clone(),
+                    archived_seq,
+                });
+            }
+        }
+        (!sessions.is_empty()).then_some(Command::ArchiveProgress(ArchiveProgress { sessions }))
     }
 
     fn key_record(&self, id: &str, key: &str) -> Option<KeyRecord> {
@@ -489,15 +497,8 @@ impl GroupState {
                 pending.head.archived = set.archived;
             }
             Command::Append(append) => self.apply_append(append, command),
-            Command::ArchiveProgress(progress) => {
-                let pending = self.pending_for(&progress.session_id, command);
-                assert!(
-                    progress.archived_seq <= pending.head.last_seq,
-                    "apply {command:?}: archived beyond last_seq {}",
-                    pending.head.last_seq
-                );
-                pending.head.archived_seq = pending.head.archived_seq.max(progress.archived_seq);
-            }
+            // Not in the overlay (see `decide_archive_progress`).
+            Command::ArchiveProgress(_) => {}
         }
     }
 
@@ -620,13 +621,16 @@ impl GroupState {
             }
             Command::Append(append) => self.commit_append(append, command),
             Command::ArchiveProgress(progress) => {
-                let view = &mut self.committed_mut(&progress.session_id, command).view;
-                assert!(
-                    progress.archived_seq <= view.last_seq,
-                    "commit {command:?}: archived beyond last_seq {}",
-                    view.last_seq
-                );
-                view.archived_seq = view.archived_seq.max(progress.archived_seq);
+                for p in &progress.sessions {
+                    let view = &mut self.committed_mut(&p.session_id, command).view;
+                    assert!(
+                        p.archived_seq <= view.last_seq,
+                        "commit {command:?}: archived beyond last_seq {}",
+                        view.last_seq
+                    );
+                    view.archived_seq = view.archived_seq.max(p.archived_seq);
+                }
+                return; // never applied to the overlay: nothing to release
             }
         }
         self.release(command);
@@ -843,7 +847,7 @@ fn session_of(command: &Command) -> &str {
         Command::PatchSession(c) => &c.session_id,
         Command::SetArchived(c) => &c.session_id,
         Command::Append(c) => &c.session_id,
-        Command::ArchiveProgress(c) => &c.session_id,
+        Command::ArchiveProgress(_) => "",
     }
 }
 

@@ -86,10 +86,15 @@ fn command() -> impl Strategy<Value = Command> {
             })
         }),
         append(),
-        (s(), any::<u64>()).prop_map(|(session_id, archived_seq)| {
+        proptest::collection::vec((s(), any::<u64>()), 0..4).prop_map(|reports| {
             Command::ArchiveProgress(ArchiveProgress {
-                session_id,
-                archived_seq,
+                sessions: reports
+                    .into_iter()
+                    .map(|(session_id, archived_seq)| SessionProgress {
+                        session_id,
+                        archived_seq,
+                    })
+                    .collect(),
             })
         }),
     ]
@@ -310,8 +315,10 @@ fn every_command_variant_round_trips() {
         }),
         append_record(1, "[1,2,3]").command,
         Command::ArchiveProgress(ArchiveProgress {
-            session_id: "s".into(),
-            archived_seq: 9,
+            sessions: vec![SessionProgress {
+                session_id: "s".into(),
+                archived_seq: 9,
+            }],
         }),
     ];
     for command in commands {

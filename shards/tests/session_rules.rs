@@ -771,20 +771,27 @@ fn archived_seq_is_clamped_and_never_decreases() {
     for _ in 0..3 {
         leader.append(r#"{"type":"t","payload":1}"#).unwrap();
     }
-    assert_eq!(leader.state.decide_archive_progress("s", 0), None);
-    let command = leader.state.decide_archive_progress("s", 99).unwrap();
+    let report = |seq: u64| vec![("s".to_string(), seq), ("x".to_string(), seq)];
+    assert_eq!(leader.state.decide_archive_progress(&report(0)), None);
+    let command = leader.state.decide_archive_progress(&report(99)).unwrap();
     assert_eq!(
         command,
         Command::ArchiveProgress(shards::entry::ArchiveProgress {
-            session_id: "s".into(),
-            archived_seq: 3
+            sessions: vec![shards::entry::SessionProgress {
+                session_id: "s".into(),
+                archived_seq: 3
+            }]
         })
     );
+    // A trailing or repeated entry commits without moving anything back.
+    let stale = leader.state.decide_archive_progress(&report(2)).unwrap();
     leader.propose_and_commit(&command);
     assert_eq!(leader.state.view("s").unwrap().archived_seq, 3);
-    assert_eq!(leader.state.decide_archive_progress("s", 2), None);
-    assert_eq!(leader.state.decide_archive_progress("s", 3), None);
-    assert_eq!(leader.state.decide_archive_progress("x", 3), None);
+    leader.propose_and_commit(&stale);
+    leader.propose_and_commit(&command);
+    assert_eq!(leader.state.view("s").unwrap().archived_seq, 3);
+    assert_eq!(leader.state.decide_archive_progress(&report(2)), None);
+    assert_eq!(leader.state.decide_archive_progress(&report(3)), None);
 }
 
 // ---- in-flight entries ----
@@ -899,7 +906,10 @@ fn busy_state() -> GroupState {
     )
     .unwrap();
     leader.propose_and_commit(&command);
-    let command = leader.state.decide_archive_progress("s", 4).unwrap();
+    let command = leader
+        .state
+        .decide_archive_progress(&[("s".to_string(), 4)])
+        .unwrap();
     leader.propose_and_commit(&command);
     let command = leader
         .state

@@ -207,6 +207,8 @@ pub struct ArchiveStats {
     pub refused: AtomicBool,
     pub reads: AtomicU64,
     pub read_failures: AtomicU64,
+    /// Per event: Postgres commit (as the archiver saw it return) minus `inserted_at`.
+    pub lag: Mutex<crate::metrics::Histogram>,
     last_error: Mutex<Option<String>>,
 }
 

@@ -205,6 +205,12 @@ impl Worker {
                 {
                     Ok(outcome) => {
                         let stats = &self.stats;
+                        let now_us = unix_us_from_system_time(std::time::SystemTime::now());
+                        let mut lag = stats.lag.lock().expect("lag lock");
+                        for event in &events {
+                            lag.record((now_us - event.inserted_at_us).max(0) as u64);
+                        }
+                        drop(lag);
                         stats.batches_written.fetch_add(1, Ordering::Relaxed);
                         stats
                             .events_written

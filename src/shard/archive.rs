@@ -41,6 +41,10 @@ const BATCH_EVENTS_MAX: usize = 5_000;
 const BATCH_BYTES_MAX: usize = 8 << 20;
 /// Unconfirmed chunks remembered per session (for the lag in seconds), at most.
 const UNCONFIRMED_CHUNKS_MAX: usize = 1_024;
+/// Confirmations become `ArchiveProgress` entries at most this often (one entry per
+/// group each time): bounds the extra Raft entries to 256 × 5 per second per cluster,
+/// whatever the append rate, at the price of `archived_seq` trailing by that much.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Catalog rows per batch, at most.
 const BATCH_ROWS_MAX: usize = 1_000;
 /// One background pass reads at most this many bytes of events from the log…
@@ -69,6 +73,7 @@ pub(crate) struct ArchiveFeed {
     groups: RefCell<HashMap<u16, GroupFeed>>,
     /// A background log read is running.
     reading: Cell<bool>,
+    last_progress: Cell<std::time::Instant>,
     pub(crate) deferred: Cell<u64>,
     pub(crate) log_reads: Cell<u64>,
 }
@@ -199,6 +204,7 @@ impl ArchiveFeed {
             out: RefCell::new(Outgoing::default()),
             groups: RefCell::new(HashMap::new()),
             reading: Cell::new(false),
+            last_progress: Cell::new(std::time::Instant::now()),
             deferred: Cell::new(0),
             log_reads: Cell::new(0),
         }
@@ -245,16 +251,26 @@ impl ShardCore {
         self.send_archive_batch(feed);
     }
 
-    /// What Postgres confirmed becomes `ArchiveProgress` entries of the groups led here.
+    /// What Postgres confirmed becomes one `ArchiveProgress` entry per group led here.
     fn propose_archive_progress(&self, feed: &ArchiveFeed) {
+        if feed.last_progress.get().elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        feed.last_progress.set(std::time::Instant::now());
         let confirmed = std::mem::take(&mut *feed.link.durable.lock().expect("durable lock"));
+        if confirmed.is_empty() {
+            return;
+        }
+        let mut by_group: HashMap<u16, Vec<(String, u64)>> = HashMap::new();
         for (session, seq) in confirmed {
             let group = shards::group_of(&session);
             if let Some(f) = feed.groups.borrow_mut().get_mut(&group) {
                 f.confirmed(&session, seq);
             }
-            let decided =
-                self.with_group(group, |g| g.state.decide_archive_progress(&session, seq));
+            by_group.entry(group).or_default().push((session, seq));
+        }
+        for (group, reports) in by_group {
+            let decided = self.with_group(group, |g| g.state.decide_archive_progress(&reports));
             if let Ok(Some(command)) = decided {
                 // Not waited for: a lost entry is proposed again with the next report
                 // or by the next leader, which re-archives from `archived_seq`.
@@ -470,7 +486,8 @@ fn scan(f: &mut GroupFeed, g: &Group, out: &mut Outgoing) {
                     f.rows.insert(c.session_id.clone());
                 }
                 Command::ArchiveProgress(c) => {
-                    f.rows.insert(c.session_id.clone());
+                    f.rows
+                        .extend(c.sessions.iter().map(|p| p.session_id.clone()));
                 }
                 Command::Noop | Command::Meta(_) => {}
             },

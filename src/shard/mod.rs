@@ -1279,7 +1279,7 @@ fn variable_bytes(command: &Command) -> usize {
         Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
         Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
         Command::SetArchived(a) => a.session_id.len(),
-        Command::ArchiveProgress(a) => a.session_id.len(),
+        Command::ArchiveProgress(a) => a.sessions.iter().map(|p| p.session_id.len() + 16).sum(),
         Command::Noop => 0,
         Command::Meta(shards::entry::MetaRecord::Snapshot { state, .. }) => state.len(),
         Command::Meta(_) => 0,
