@@ -73,7 +73,7 @@ fn retention_opts(name: &str) -> Opts {
 /// The payload text of the `n`th event (about 1 KiB), compact, as the server serves it.
 fn payload_text(n: u64) -> String {
     let letter = (b'a' + (n % 26) as u8) as char;
-    let pad: String = std::iter::repeat(letter).take(PAD).collect();
+    let pad: String = std::iter::repeat_n(letter, PAD).collect();
     format!(r#"{{"n":{n},"pad":"{pad}"}}"#)
 }
 
@@ -708,7 +708,7 @@ fn archive_unreachable_delays_old_reads_never_skips() {
     let what = "tail from 0 while Postgres is down";
     let mut ws = tail(&server, id, 0, 1);
     let quiet_until = Instant::now() + Duration::from_millis(1500);
-    while let Some(got) = next_items(
+    if let Some(got) = next_items(
         &mut ws,
         1,
         quiet_until.saturating_duration_since(Instant::now()),

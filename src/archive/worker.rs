@@ -66,6 +66,7 @@ impl Worker {
     /// Runs until stopped. `first` gets the outcome of the first connect attempt: a
     /// refusal, or `Ok` (connected, or unreachable and retrying).
     pub(super) fn run(mut self, first: Sender<Result<(), SchemaError>>) {
+        lower_priority();
         match self.connect() {
             Err(error) if error.is_refusal() => {
                 let _ = first.send(Err(error));
@@ -265,6 +266,20 @@ impl Worker {
                 session_rows,
             });
         }
+    }
+}
+
+/// The archiver yields the CPU to the shards when both want it: appends keep their
+/// latency and the archive only lags (Linux: a thread's nice value is its own).
+fn lower_priority() {
+    const ARCHIVER_NICE: libc::c_int = 10;
+    // SAFETY: gettid and setpriority have no memory preconditions.
+    let result = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, ARCHIVER_NICE)
+    };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "archiver: cannot lower priority");
     }
 }
 

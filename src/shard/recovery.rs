@@ -391,6 +391,7 @@ mod tests {
     fn settings() -> ShardSettings {
         ShardSettings {
             archive: None,
+            retention: Default::default(),
             index: 0,
             shards: 1,
             limits: Limits {
