@@ -334,6 +334,31 @@ mod tests {
     }
 
     #[test]
+    fn retention_and_disk_budget_split_across_shards() {
+        let config = serve(&[
+            "--shards",
+            "2",
+            "--retention-bytes",
+            "1000000000",
+            "--retention-age",
+            "2h",
+            "--max-disk-bytes",
+            "2000000000",
+        ])
+        .unwrap();
+        let r = config.shard_retention();
+        assert_eq!(r.bytes, Some(500_000_000));
+        assert_eq!(r.age, Some(Duration::from_secs(7200)));
+        assert_eq!(r.max_disk_bytes, Some(1_000_000_000));
+        assert_eq!(serve(&[]).unwrap().shard_retention().bytes, None);
+        // The budget must hold a few segments per shard.
+        let err = serve(&["--shards", "2", "--max-disk-bytes", "100000000"]).unwrap_err();
+        assert!(err.contains("at least 3 log segments"), "{err}");
+        let err = serve(&["--postgres-url", "postgres://x:notaport/db"]).unwrap_err();
+        assert!(err.contains("--postgres-url"), "{err}");
+    }
+
+    #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));

@@ -7,7 +7,7 @@
 //!   (hot window + log locations); [`wal`]: the segmented write-ahead log on disk.
 //! - [`http`]: HTTP/1.1 on httparse; [`api`]: the routes of API.md; [`tail`]: the
 //!   WebSocket tail; [`ops`]: the messages between them; [`metrics`]: counters.
-//! - [`archive`]: the Postgres archive on its own threads (not wired into the shards yet).
+//! - [`archive`]: the Postgres archive on its own threads, fed by the shards.
 pub mod api;
 pub mod archive;
 pub mod config;

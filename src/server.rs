@@ -263,6 +263,8 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
                 dedupe_keys_max: config.dedupe_keys_max as u64,
                 producers_max: config.producers_max as u64,
                 max_body_bytes: config.max_body_bytes as u64,
+                retention_bytes: config.retention_bytes.unwrap_or(0),
+                retention_age_ms: config.retention_age.map_or(0, |a| a.as_millis() as u64),
             },
         })
     } else {

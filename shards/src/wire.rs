@@ -13,7 +13,7 @@ pub const FRAME_HEADER_BYTES: usize = 8;
 /// Largest frame payload; a peer announcing more is cut off (bounded memory).
 pub const FRAME_PAYLOAD_BYTES_MAX: usize = 32 << 20;
 /// Version of the node-to-node protocol; peers must speak the same one.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {
@@ -89,6 +89,10 @@ pub struct ClusterSettings {
     pub dedupe_keys_max: u64,
     pub producers_max: u64,
     pub max_body_bytes: u64,
+    /// Local retention (`--retention-bytes`, `--retention-age`; 0 = unlimited): what a
+    /// reader finds expired should not depend on the node it asks.
+    pub retention_bytes: u64,
+    pub retention_age_ms: u64,
 }
 
 /// The first frame of every node-to-node connection.
@@ -232,6 +236,8 @@ mod tests {
                 dedupe_keys_max: 10_000,
                 producers_max: 10_000,
                 max_body_bytes: 1 << 20,
+                retention_bytes: 0,
+                retention_age_ms: 0,
             },
         }
     }

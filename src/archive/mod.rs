@@ -1,5 +1,6 @@
 //! The Postgres archive: committed events and the session catalog, streamed to Postgres
-//! by a dedicated OS thread (issue 4). Not wired into the shards yet.
+//! by a dedicated OS thread. The shards' side (who sends what, and progress) is
+//! `crate::shard::archive`.
 //!
 //! The `postgres` crate runs a tokio runtime inside each `Client`; all of that stays on
 //! the archiver's own threads, never on a glommio executor. Shards talk to it only by

@@ -4,9 +4,9 @@
 //! replicated and a new leader resumes where the archive is.
 //!
 //! Once per clock tick a shard:
-//! 1. proposes `ArchiveProgress` for what Postgres confirmed since the last tick (only
-//!    where it still leads; another leader re-sends from the replicated `archived_seq`,
-//!    and the writes are idempotent);
+//! 1. every `PROGRESS_EVERY` (200 ms), proposes one `ArchiveProgress` entry per group
+//!    for what Postgres confirmed meanwhile (only where it still leads; another leader
+//!    re-sends from the replicated `archived_seq`, and the writes are idempotent);
 //! 2. scans each led group's committed Raft entries still in memory, from where the
 //!    scan stopped, taking every event that continues its session's archive cursor
 //!    (`sent`); a session whose next event is not in memory any more (compacted while

@@ -36,6 +36,8 @@ fn handshake(node_id: u64, cluster_id: &str, shards: u32) -> Handshake {
             dedupe_keys_max: 1000,
             producers_max: 1000,
             max_body_bytes: 1 << 20,
+            retention_bytes: 0,
+            retention_age_ms: 0,
         },
     }
 }
