@@ -130,8 +130,8 @@ pub enum HandshakeError {
         theirs: u32,
     },
     Settings {
-        ours: ClusterSettings,
-        theirs: ClusterSettings,
+        ours: Box<ClusterSettings>,
+        theirs: Box<ClusterSettings>,
     },
 }
 
@@ -212,8 +212,8 @@ impl Handshake {
         }
         if theirs.settings != self.settings {
             return Err(HandshakeError::Settings {
-                ours: self.settings.clone(),
-                theirs: theirs.settings.clone(),
+                ours: Box::new(self.settings.clone()),
+                theirs: Box::new(theirs.settings.clone()),
             });
         }
         Ok(())
