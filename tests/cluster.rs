@@ -874,3 +874,146 @@ fn five_nodes_place_each_group_on_three_and_every_node_serves_every_session() {
     }
     cluster.wait_converged(&groups_of(&sessions), CONVERGE_TIMEOUT);
 }
+
+// ---------------------------------------------------------------------------------------
+// Retention in a cluster
+// ---------------------------------------------------------------------------------------
+
+/// `first_available_seq` of a session on one node (1 when nothing expired there).
+fn first_available(cluster: &Cluster, node: usize, id: &str) -> u64 {
+    let resp = common::request(
+        cluster.addr(node),
+        "GET",
+        &format!("/v1/sessions/{id}/events?cursor=0&limit=1"),
+        &[],
+        b"",
+    );
+    match resp.status {
+        200 => 1,
+        410 => resp.json()["first_available_seq"].as_u64().expect("F"),
+        other => panic!("node {node}: /events of {id}: {other} {}", resp.text()),
+    }
+}
+
+/// Every event of a session after `after` on one node, paging `/events`.
+fn events_after(cluster: &Cluster, node: usize, id: &str, after: u64) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut cursor = after;
+    loop {
+        let path = format!("/v1/sessions/{id}/events?cursor={cursor}&limit=1000");
+        let resp = common::request(cluster.addr(node), "GET", &path, &[], b"");
+        assert_eq!(resp.status, 200, "node {node} {path}: {}", resp.text());
+        let page = resp.json();
+        let events = page["events"].as_array().expect("events").clone();
+        if events.is_empty() {
+            return out;
+        }
+        cursor = page["next_cursor"].as_u64().expect("next_cursor");
+        out.extend(events);
+    }
+}
+
+fn segments_deleted(cluster: &Cluster, node: usize) -> u64 {
+    let text = common::request(cluster.addr(node), "GET", "/metrics", &[], b"").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("starcite_log_segments_deleted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_node_catching_up_after_retention_gets_the_history_its_leader_still_holds() {
+    // Small segments, frequent snapshots and a 3 MiB retention (no archive): the two
+    // live nodes delete old segments while node 3 is down; node 3 then needs a snapshot
+    // (32 Raft entries per group) whose history starts where its leader's log does.
+    let mut opts = ClusterOpts::new("cl-retention")
+        .arg("--raft-log-entries", "32")
+        .arg("--snapshot-log-bytes", "1048576")
+        .arg("--retention-bytes", "3145728");
+    opts.segment_bytes = Some(1 << 20);
+    let mut cluster = Cluster::start(opts);
+    let sessions: Vec<String> = (0..2).map(|s| format!("rt-{s}")).collect();
+    for id in &sessions {
+        cluster.create_session(1, id);
+    }
+    let status = cluster.terminate(3);
+    assert!(status.success(), "node 3 stopped with {status}");
+    let per_session = 800;
+    let fillers: Vec<_> = sessions
+        .iter()
+        .enumerate()
+        .map(|(w, id)| {
+            let addr = cluster.addr(1 + w % 2);
+            let chunk = vec![id.clone()];
+            thread::spawn(move || fill(addr, chunk, per_session))
+        })
+        .collect();
+    for filler in fillers {
+        filler.join().expect("filler panicked");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segments_deleted(&cluster, 1) == 0 || segments_deleted(&cluster, 2) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no segment deleted on nodes 1 and 2"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    for id in &sessions {
+        assert!(first_available(&cluster, 1, id) > 1 || first_available(&cluster, 2, id) > 1);
+    }
+
+    cluster.restart(3);
+    let views = cluster.wait_converged(&groups_of(&sessions), CONVERGE_TIMEOUT);
+    for id in &sessions {
+        let view = views
+            .iter()
+            .find(|v| v["group"] == shards::group_of(id))
+            .unwrap();
+        assert_eq!(view["sessions"][id], per_session, "{id} in {view}");
+    }
+    for id in &sessions {
+        // Node 3 holds one contiguous range ending at the head, starting where the
+        // snapshot's history did; the range both nodes hold is identical.
+        let f3 = first_available(&cluster, 3, id);
+        let f1 = first_available(&cluster, 1, id);
+        let from = f1.max(f3);
+        println!("{id}: first available seq on node 1 {f1}, on node 3 {f3}");
+        // Node 1 deleted the start before node 3 came back, so node 3 could only get
+        // the rest: it must not claim older events.
+        assert!(
+            f3 > 1,
+            "node 3 holds {id} from seq 1, which its leader had deleted"
+        );
+        let on3 = events_after(&cluster, 3, id, from - 1);
+        let on1 = events_after(&cluster, 1, id, from - 1);
+        let expected: Vec<u64> = (from..=per_session as u64).collect();
+        assert_eq!(seqs(&on3), expected, "node 3 {id} (F1 {f1}, F3 {f3})");
+        assert!(on3 == on1, "node 3 and node 1 differ for {id}");
+        // A tail on node 3 from 0: the expired gap (when node 3 lacks the start), then
+        // everything it holds, then live.
+        let path = format!("/v1/sessions/{id}/tail?cursor=0&batch_size=1");
+        let mut ws = Ws::connect(cluster.addr(3), &path);
+        let mut next = 1;
+        if f3 > 1 {
+            let gap = ws.next_json(Duration::from_secs(10));
+            assert_eq!(gap["type"], "gap", "{gap}");
+            assert_eq!(gap["reason"], "expired", "{gap}");
+            assert_eq!(gap["next_cursor"], f3 - 1, "{gap}");
+            next = f3;
+        }
+        if next <= per_session as u64 {
+            let tailed = ws.collect_until(per_session as u64, Duration::from_secs(10));
+            let expected: Vec<u64> = (next..=per_session as u64).collect();
+            assert_eq!(seqs(&tailed), expected, "node 3 tail of {id}");
+        }
+        let (status, reply) = cluster.append(3, id, &append_body(&format!("{id}-after")));
+        assert_eq!(status, 201, "{reply}");
+        assert_eq!(reply["seq"], per_session as u64 + 1);
+        let live = ws.next_json(Duration::from_secs(10));
+        assert_eq!(live["seq"], per_session as u64 + 1, "{live}");
+        ws.close();
+    }
+    cluster.wait_converged(&groups_of(&sessions), CONVERGE_TIMEOUT);
+    cluster.assert_no_integrity_errors();
+}

@@ -57,7 +57,9 @@ pub struct ArchiveConfig {
     pub cluster_id: String,
     /// One channel per shard.
     pub shards: usize,
-    /// Batches each shard's channel holds before `try_send` reports it full.
+    /// Batches each shard's channel holds before `try_send` reports it full (a shard
+    /// sends at most one per Raft tick, of at most 5,000 events / 8 MiB: this bounds
+    /// what waits for Postgres in memory; the rest waits in the log).
     pub shard_channel_batches_max: usize,
     /// A Postgres transaction closes once it holds this many events (it may exceed it
     /// by the size of the last shard batch taken)…
@@ -80,7 +82,7 @@ impl ArchiveConfig {
             url: url.into(),
             cluster_id: cluster_id.into(),
             shards,
-            shard_channel_batches_max: 64,
+            shard_channel_batches_max: 16,
             batch_max_events: 5_000,
             batch_max_delay: Duration::from_millis(10),
             write_mode: WriteMode::Copy,

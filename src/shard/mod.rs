@@ -861,6 +861,9 @@ impl ShardCore {
             }
             return match self.materialize(id, plan, max_bytes).await {
                 Ok(events) => Reply::Events { events, last_seq },
+                // Retention deleted the segment between planning and reading: plan
+                // again (the range now comes from the archive, or is expired).
+                Err(_) if self.store.borrow().first_local_seq(id) > after + 1 => continue,
                 Err(e) => Reply::Error(e),
             };
         }

@@ -85,6 +85,10 @@ impl ShardCore {
         if self.archive.is_some() && !self.segment_archived(oldest) {
             return false;
         }
+        // A snapshot for a follower is reading history back from the log.
+        if self.groups.borrow().values().any(|g| g.building_snapshot) {
+            return false;
+        }
         let dropped = self.store.borrow_mut().drop_through(oldest as u32);
         self.reader.forget(oldest);
         if let Err(error) = crate::wal::remove_segment(&self.log_dir, oldest) {

@@ -39,6 +39,8 @@ pub struct ClusterOpts {
     pub nodes: usize,
     /// Shards per node (one on the 2-core test machine: 3 nodes share it).
     pub shards: usize,
+    /// `--segment-bytes` of every node (the single-node default when None).
+    pub segment_bytes: Option<u64>,
     /// Extra `serve` flags of every node, e.g. `["--request-timeout", "1s"]`.
     pub args: Vec<String>,
     /// Environment of every node.
@@ -53,6 +55,7 @@ impl ClusterOpts {
             name: name.to_string(),
             nodes: 3,
             shards: 1,
+            segment_bytes: None,
             args: Vec::new(),
             // Several nodes share the test machine's cores: no spinning before parking
             // (as scripts/cluster.sh).
@@ -192,6 +195,9 @@ impl Cluster {
                     .arg("--cluster-id", &cluster_id)
                     .arg("--peer-addr", &format!("127.0.0.1:{}", ports.peer[i]))
                     .arg("--peers", &peers);
+                if let Some(bytes) = opts.segment_bytes {
+                    node_opts.segment_bytes = bytes;
+                }
                 node_opts.args.extend(opts.args.iter().cloned());
                 node_opts.env.extend(opts.env.iter().cloned());
                 if let Some(env) = opts.per_node_env.get(i) {
