@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 const IDENTITY_FILE: &str = "starcite.json";
 const LOCK_FILE: &str = "LOCK";
 /// Version of the on-disk layout; bumped when a data dir cannot be read by older code.
-pub const DATA_FORMAT_VERSION: u32 = 1;
+/// 2: snapshots record each session's retention base; `ArchiveProgress` log records
+/// cover several sessions.
+pub const DATA_FORMAT_VERSION: u32 = 2;
 
 /// Who this data dir belongs to: written when the dir is created, checked at every start.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
