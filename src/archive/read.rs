@@ -102,7 +102,10 @@ impl ArchiveReader {
             .map_err(unavailable)?;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            let entry = entry_of_row(session_id, &row);
+            let entry = entry_of_row(session_id, &row).map_err(|detail| {
+                tracing::error!(session = %session_id, %detail, "archive: corrupt event row");
+                ReadError::Unavailable(format!("corrupt event row of {session_id}: {detail}"))
+            })?;
             events.push(ArchivedEvent {
                 seq: entry.seq,
                 json: render_event(&entry),
@@ -112,29 +115,36 @@ impl ArchiveReader {
     }
 }
 
-/// Rebuilds the log entry from its row; a row that breaks the schema's invariants is a
-/// corrupt archive, and serving it would be worse than stopping.
-fn entry_of_row(session_id: &str, row: &postgres::Row) -> AppendEntry {
-    let seq: i64 = row.get(0);
-    let producer_seq: Option<i64> = row.get(10);
-    let digest: Vec<u8> = row.get(11);
-    AppendEntry {
+/// Rebuilds the log entry from its row. A row that breaks the schema's invariants (only
+/// possible if someone wrote to the table by hand) is refused rather than served.
+fn entry_of_row(session_id: &str, row: &postgres::Row) -> Result<AppendEntry, String> {
+    let seq: i64 = row.try_get(0).map_err(|e| e.to_string())?;
+    let producer_seq: Option<i64> = row.try_get(10).map_err(|e| e.to_string())?;
+    let digest: Vec<u8> = row.try_get(11).map_err(|e| e.to_string())?;
+    let text = |i: usize| row.try_get::<_, String>(i).map_err(|e| e.to_string());
+    let optional = |i: usize| {
+        row.try_get::<_, Option<String>>(i)
+            .map_err(|e| e.to_string())
+    };
+    Ok(AppendEntry {
         session_id: session_id.to_owned(),
-        seq: u64::try_from(seq).expect("events.seq >= 1 by CHECK"),
-        inserted_at_us: unix_us_from_system_time(row.get(1)),
-        event_type: row.get(2),
-        payload: row.get(3),
-        actor: row.get(4),
-        source: row.get(5),
-        metadata: row.get(6),
-        refs: row.get(7),
-        idempotency_key: row.get(8),
-        producer_id: row.get(9),
-        producer_seq: producer_seq.map(|value| u64::try_from(value).expect("CHECK >= 1")),
+        seq: u64::try_from(seq).map_err(|_| format!("seq {seq}"))?,
+        inserted_at_us: unix_us_from_system_time(row.try_get(1).map_err(|e| e.to_string())?),
+        event_type: text(2)?,
+        payload: text(3)?,
+        actor: optional(4)?,
+        source: optional(5)?,
+        metadata: text(6)?,
+        refs: text(7)?,
+        idempotency_key: optional(8)?,
+        producer_id: optional(9)?,
+        producer_seq: producer_seq
+            .map(|value| u64::try_from(value).map_err(|_| format!("producer_seq {value}")))
+            .transpose()?,
         digest: digest
             .try_into()
-            .expect("events.digest is 16 bytes by CHECK"),
-    }
+            .map_err(|d: Vec<u8>| format!("digest of {} bytes", d.len()))?,
+    })
 }
 
 fn unavailable(error: postgres::Error) -> ReadError {
