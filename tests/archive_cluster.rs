@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, ClusterOpts};
+use common::cluster::{
+    groups_of, is_retryable, post_append, wait_first_ack_after, Ack, Cluster, ClusterOpts,
+};
 use common::postgres::{
     event_counts, event_rows, postgres_url, session_row, EventRow, PrivatePostgres, TestDb,
 };
@@ -529,41 +531,6 @@ fn assert_archive_observable(addr: SocketAddr, ctx: &str) -> String {
 // Clients under load
 // ---------------------------------------------------------------------------------------
 
-fn post_append(addr: SocketAddr, session: &str, body: &str) -> std::io::Result<Resp> {
-    try_request(
-        addr,
-        "POST",
-        &format!("/v1/sessions/{session}/append"),
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-}
-
-/// True for the replies a client answers by retrying the same request: a 503 of the kinds
-/// API.md names, or a connection that failed (node down, killed mid-request).
-fn is_retryable(resp: &std::io::Result<Resp>) -> bool {
-    match resp {
-        Err(_) => true,
-        Ok(r) if r.status == 503 => {
-            let code = serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null);
-            matches!(
-                code["error"].as_str(),
-                Some("unavailable" | "commit_unknown" | "overloaded")
-            )
-        }
-        Ok(_) => false,
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Ack {
-    session: String,
-    key: String,
-    seq: u64,
-    sent_at: Instant,
-    acked_at: Instant,
-}
-
 /// What the writers saw: acknowledged appends and anything that broke the contract.
 #[derive(Default)]
 struct WriteLog {
@@ -664,30 +631,6 @@ fn spawn_writer(w: Writer, stop: Arc<AtomicBool>, log: Arc<Mutex<WriteLog>>) -> 
     })
 }
 
-/// Time from `since` to the first acknowledgement of an append to `session` sent after it.
-fn wait_first_ack_after(
-    log: &Mutex<WriteLog>,
-    session: &str,
-    since: Instant,
-    timeout: Duration,
-) -> Option<Duration> {
-    while since.elapsed() < timeout {
-        let first = log
-            .lock()
-            .unwrap()
-            .acks
-            .iter()
-            .filter(|a| a.session == session && a.sent_at >= since)
-            .map(|a| a.acked_at)
-            .min();
-        if let Some(at) = first {
-            return Some(at - since);
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    None
-}
-
 /// Every acknowledged append is archived at its seq (its idempotency key is in the row),
 /// and no key is archived twice.
 #[track_caller]
@@ -731,13 +674,6 @@ fn sessions_in_distinct_groups(first: &str, prefix: &str, count: usize) -> Vec<S
         }
     }
     ids
-}
-
-fn groups_of(sessions: &[String]) -> Vec<u16> {
-    let mut groups: Vec<u16> = sessions.iter().map(|s| shards::group_of(s)).collect();
-    groups.sort_unstable();
-    groups.dedup();
-    groups
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1096,7 +1032,12 @@ fn cluster_archives_exactly_once_across_leader_change() {
     let leader = cluster.wait_leader(group, LEADER_TIMEOUT);
     let killed_at = Instant::now();
     cluster.kill9(leader);
-    let Some(took) = wait_first_ack_after(&log, &busy, killed_at, RETRY_TIMEOUT) else {
+    let Some(took) = wait_first_ack_after(
+        |f| log.lock().unwrap().acks.iter().for_each(&mut *f),
+        &busy,
+        killed_at,
+        RETRY_TIMEOUT,
+    ) else {
         panic!(
             "no append to {busy} (group {group}) acknowledged within {RETRY_TIMEOUT:?} of killing node {leader}"
         );

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::cluster::{quantile, Cluster, ClusterOpts};
+use common::cluster::{
+    groups_of, is_retryable, quantile, wait_first_ack_after, Ack, Cluster, ClusterOpts,
+};
 use common::{assert_error, seqs, try_request, Conn, Resp, Ws};
 use serde_json::{json, Value};
 
@@ -31,34 +33,12 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_TIMEOUT: Duration = Duration::from_secs(20);
 const FSYNC_DELAY_MS: u64 = 300;
 
+fn post_append(addr: SocketAddr, session: &str, body: &Value) -> std::io::Result<Resp> {
+    common::cluster::post_append(addr, session, &body.to_string())
+}
+
 fn append_body(key: &str) -> Value {
     json!({"type": "t", "payload": {"key": key}, "idempotency_key": key})
-}
-
-fn post_append(addr: SocketAddr, session: &str, body: &Value) -> std::io::Result<Resp> {
-    try_request(
-        addr,
-        "POST",
-        &format!("/v1/sessions/{session}/append"),
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-}
-
-/// True for the replies a client answers by retrying the same request: a 503 of the kinds
-/// API.md names, or a connection that failed (node down, killed mid-request).
-fn is_retryable(resp: &std::io::Result<Resp>) -> bool {
-    match resp {
-        Err(_) => true,
-        Ok(r) if r.status == 503 => {
-            let code = serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null);
-            matches!(
-                code["error"].as_str(),
-                Some("unavailable" | "commit_unknown" | "overloaded")
-            )
-        }
-        Ok(_) => false,
-    }
 }
 
 /// Appends `body` through `addrs` in turn, retrying the same body (so the same
@@ -137,13 +117,6 @@ fn keys_of_contiguous(node: usize, session: &str, events: &[Value]) -> Vec<Strin
     keys
 }
 
-fn groups_of(sessions: &[String]) -> Vec<u16> {
-    let mut groups: Vec<u16> = sessions.iter().map(|s| shards::group_of(s)).collect();
-    groups.sort_unstable();
-    groups.dedup();
-    groups
-}
-
 // ---------------------------------------------------------------------------------------
 // Replication
 // ---------------------------------------------------------------------------------------
@@ -218,16 +191,6 @@ fn any_node_serves_any_request_and_every_replica_converges() {
 // Failover under load
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Debug)]
-struct Ack {
-    session: String,
-    key: String,
-    seq: u64,
-    /// When the request that got the 201 was sent (retries of the same key included).
-    sent_at: Instant,
-    acked_at: Instant,
-}
-
 /// A client appending to `session` until `stop`, each append with a new idempotency key,
 /// through the nodes in turn. A 503 or a failed connection retries the same key on the
 /// next node until a 201, which is recorded in `acks`.
@@ -271,30 +234,6 @@ fn spawn_writer(
             }
         }
     })
-}
-
-/// Time from `killed_at` to the first acknowledgement of an append to `session` that
-/// was sent after `killed_at`.
-fn wait_first_ack_after(
-    acks: &Mutex<Vec<Ack>>,
-    session: &str,
-    killed_at: Instant,
-    timeout: Duration,
-) -> Option<Duration> {
-    while killed_at.elapsed() < timeout {
-        let first = acks
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|a| a.session == session && a.sent_at >= killed_at)
-            .map(|a| a.acked_at)
-            .min();
-        if let Some(at) = first {
-            return Some(at - killed_at);
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    None
 }
 
 /// Every acknowledged append of `session` is on node `node` exactly once, at its seq.
@@ -342,7 +281,12 @@ fn killing_the_leader_under_load_fails_over_and_loses_no_acknowledged_append() {
         let leader = cluster.wait_leader(group, LEADER_TIMEOUT);
         let killed_at = Instant::now();
         cluster.kill9(leader);
-        let Some(took) = wait_first_ack_after(&acks, &target, killed_at, RETRY_TIMEOUT) else {
+        let Some(took) = wait_first_ack_after(
+            |f| acks.lock().unwrap().iter().for_each(&mut *f),
+            &target,
+            killed_at,
+            RETRY_TIMEOUT,
+        ) else {
             panic!(
                 "round {round}: no append to group {group} acknowledged within {RETRY_TIMEOUT:?} of killing node {leader}\n{}",
                 cluster.stderr_tails(3000)

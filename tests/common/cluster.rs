@@ -568,3 +568,72 @@ pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }
+
+/// The groups of these sessions, sorted, once each.
+pub fn groups_of(sessions: &[String]) -> Vec<u16> {
+    let mut groups: Vec<u16> = sessions.iter().map(|s| shards::group_of(s)).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
+/// `POST /v1/sessions/:session/append` with a JSON body, on a fresh connection.
+pub fn post_append(addr: SocketAddr, session: &str, body: &str) -> std::io::Result<Resp> {
+    try_request(
+        addr,
+        "POST",
+        &format!("/v1/sessions/{session}/append"),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
+/// True for the replies a client answers by retrying the same request: a 503 of the kinds
+/// API.md names, or a connection that failed (node down, killed mid-request).
+pub fn is_retryable(resp: &std::io::Result<Resp>) -> bool {
+    match resp {
+        Err(_) => true,
+        Ok(r) if r.status == 503 => {
+            let code = serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null);
+            matches!(
+                code["error"].as_str(),
+                Some("unavailable" | "commit_unknown" | "overloaded")
+            )
+        }
+        Ok(_) => false,
+    }
+}
+
+/// One acknowledged append, as a load-generating test client saw it.
+#[derive(Clone, Debug)]
+pub struct Ack {
+    pub session: String,
+    pub key: String,
+    pub seq: u64,
+    /// When the request that got the 201 was sent (retries of the same key included).
+    pub sent_at: Instant,
+    pub acked_at: Instant,
+}
+
+/// Time from `since` to the first acknowledgement of an append to `session` sent after
+/// it (`acks` gives the acknowledgements so far), or None after `timeout`.
+pub fn wait_first_ack_after(
+    acks: impl Fn(&mut dyn FnMut(&Ack)),
+    session: &str,
+    since: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    while since.elapsed() < timeout {
+        let mut first: Option<Instant> = None;
+        acks(&mut |a: &Ack| {
+            if a.session == session && a.sent_at >= since {
+                first = Some(first.map_or(a.acked_at, |f| f.min(a.acked_at)));
+            }
+        });
+        if let Some(at) = first {
+            return Some(at - since);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
