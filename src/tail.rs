@@ -172,11 +172,8 @@ async fn follow(
             max_bytes: params.buffer_bytes,
             wait: (!first).then_some(READ_WAIT),
         };
-        let read = node.call(owner, op);
-        let stop = select(Box::pin(shutdown.wait()), Box::pin(client_gone.wait()));
-        let reply = match select(Box::pin(read), stop).await {
-            Either::Left((reply, _)) => reply,
-            Either::Right(_) => continue,
+        let Some(reply) = unless_stopped(node.call(owner, op), shutdown, client_gone).await else {
+            continue;
         };
         let (events, last_seq) = match reply {
             Reply::Events { events, last_seq } => (events, last_seq),
@@ -201,8 +198,7 @@ async fn follow(
             // delay, never a hole.
             Reply::Error(ApiError::ArchiveUnavailable | ApiError::Overloaded) => {
                 let pause = glommio::timer::sleep(ARCHIVE_RETRY);
-                let stop = select(Box::pin(shutdown.wait()), Box::pin(client_gone.wait()));
-                let _ = select(Box::pin(pause), stop).await;
+                unless_stopped(pause, shutdown, client_gone).await;
                 continue;
             }
             _ => return Some((CloseCode::Error, "internal error")),
@@ -223,6 +219,19 @@ async fn follow(
         if send_events(sink, &events, params.batch_size).await.is_err() {
             return None;
         }
+    }
+}
+
+/// Runs `work` unless the server shuts down or the client leaves first (then None).
+async fn unless_stopped<T>(
+    work: impl std::future::Future<Output = T>,
+    shutdown: &Shutdown,
+    client_gone: &Shutdown,
+) -> Option<T> {
+    let stop = select(Box::pin(shutdown.wait()), Box::pin(client_gone.wait()));
+    match select(Box::pin(work), stop).await {
+        Either::Left((value, _)) => Some(value),
+        Either::Right(_) => None,
     }
 }
 

@@ -33,6 +33,7 @@ use shards::raft::{Entry, Payload};
 
 use super::{event_bytes, now_us, Group, ShardCore};
 use crate::archive::{ArchiveBatch, ArchiveStats, ReadError, ReadRequest, SessionRow};
+use crate::metrics::ArchiveShardStats;
 use crate::ops::ApiError;
 
 /// One batch handed to the archiver holds at most this many events…
@@ -74,8 +75,8 @@ pub(crate) struct ArchiveFeed {
     /// A background log read is running.
     reading: Cell<bool>,
     last_progress: Cell<std::time::Instant>,
-    pub(crate) deferred: Cell<u64>,
-    pub(crate) log_reads: Cell<u64>,
+    deferred: Cell<u64>,
+    log_reads: Cell<u64>,
 }
 
 #[derive(Default)]
@@ -138,14 +139,15 @@ impl GroupFeed {
         self.sent.get(session).copied().unwrap_or(0).max(archived)
     }
 
-    /// Adds `event` to the batch if it continues the session's cursor; returns whether.
-    fn offer(&mut self, g: &Group, event: &AppendEntry, out: &mut Outgoing) -> bool {
+    /// Adds `event` to the batch if it continues the session's cursor; an event past
+    /// the cursor makes the session lagging.
+    fn offer(&mut self, g: &Group, event: &AppendEntry, out: &mut Outgoing) {
         let cursor = self.cursor(g, &event.session_id);
         if event.seq != cursor + 1 {
             if event.seq > cursor + 1 {
                 self.lagging.insert(event.session_id.clone());
             }
-            return false;
+            return;
         }
         // The first event of its session in this batch starts an unconfirmed chunk.
         if out.in_batch.insert(event.session_id.clone()) {
@@ -157,11 +159,15 @@ impl GroupFeed {
                 queue.push_back((event.seq, event.inserted_at_us));
             }
         }
-        self.sent.insert(event.session_id.clone(), event.seq);
+        match self.sent.get_mut(&event.session_id) {
+            Some(sent) => *sent = event.seq,
+            None => {
+                self.sent.insert(event.session_id.clone(), event.seq);
+            }
+        }
         self.lagging.remove(&event.session_id);
         out.bytes += event_bytes(event);
         out.batch.events.push(event.clone());
-        true
     }
 
     /// Postgres holds `seq` and everything before it.
@@ -188,13 +194,6 @@ fn session_row(view: &shards::session::SessionView) -> SessionRow {
         updated_at_us: view.updated_at_us,
         archived_seq: view.archived_seq,
     }
-}
-
-/// How far behind the archive is for what this shard leads.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Lag {
-    pub events: u64,
-    pub seconds: f64,
 }
 
 impl ArchiveFeed {
@@ -374,11 +373,12 @@ impl ShardCore {
         let Some(feed) = &self.archive else {
             return Err(ApiError::ArchiveUnavailable);
         };
+        let limit = limit.min(crate::archive::READ_LIMIT_MAX);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let request = ReadRequest {
             session_id: id.to_string(),
             after,
-            limit: limit.min(crate::archive::READ_LIMIT_MAX),
+            limit,
             reply: Box::new(move |result| {
                 let _ = tx.send(result);
             }),
@@ -403,17 +403,16 @@ impl ShardCore {
             Err(ReadError::Overloaded) => return Err(ApiError::Overloaded),
             Err(_) => return Err(ApiError::ArchiveUnavailable),
         };
-        let wanted = limit.min(crate::archive::READ_LIMIT_MAX);
         let contiguous = events
             .iter()
             .enumerate()
             .all(|(i, e)| e.seq == after + 1 + i as u64);
-        if !contiguous || (events.len() as u64) < wanted {
+        if !contiguous || (events.len() as u64) < limit {
             return Err(ApiError::Internal(format!(
                 "archive holds {} of events {}..={} of {id}",
                 events.len(),
                 after + 1,
-                after + wanted
+                after + limit
             )));
         }
         Ok(events
@@ -422,15 +421,18 @@ impl ShardCore {
             .collect())
     }
 
-    /// Events and seconds the archive is behind for the groups this shard leads.
-    pub(super) fn archive_lag(&self) -> Lag {
-        let Some(feed) = &self.archive else {
-            return Lag::default();
-        };
+    /// The feed's counters and how far behind the archive is (events, and the age of
+    /// the oldest) for the groups this shard leads; None without an archive.
+    pub(super) fn archive_stats(&self) -> Option<ArchiveShardStats> {
+        let feed = self.archive.as_ref()?;
         let now = now_us();
         let groups = self.groups.borrow();
         let feeds = feed.groups.borrow();
-        let mut lag = Lag::default();
+        let mut stats = ArchiveShardStats {
+            batches_deferred: feed.deferred.get(),
+            events_read_from_log: feed.log_reads.get(),
+            ..Default::default()
+        };
         let mut oldest = i64::MAX;
         for (id, g) in groups.iter().filter(|(_, g)| g.leading) {
             let f = feeds.get(id);
@@ -438,7 +440,7 @@ impl ShardCore {
                 if view.last_seq <= view.archived_seq {
                     continue;
                 }
-                lag.events += view.last_seq - view.archived_seq;
+                stats.events_behind += view.last_seq - view.archived_seq;
                 let since = f
                     .and_then(|f| f.unconfirmed.get(&view.id))
                     .and_then(|q| q.front())
@@ -449,9 +451,9 @@ impl ShardCore {
             }
         }
         if oldest != i64::MAX {
-            lag.seconds = (now - oldest).max(0) as f64 / 1e6;
+            stats.seconds_behind = (now - oldest).max(0) as f64 / 1e6;
         }
-        lag
+        Some(stats)
     }
 }
 
@@ -473,9 +475,7 @@ fn scan(f: &mut GroupFeed, g: &Group, out: &mut Outgoing) {
                 payload: Payload::Data(command),
                 ..
             }) => match command {
-                Command::Append(event) => {
-                    f.offer(g, event, out);
-                }
+                Command::Append(event) => f.offer(g, event, out),
                 Command::CreateSession(c) => {
                     f.rows.insert(c.session_id.clone());
                 }

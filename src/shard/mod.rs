@@ -110,6 +110,33 @@ pub(crate) fn place_in_seal(
     }
 }
 
+/// Rendered events of one read, within a byte budget (but at least one event).
+struct Page {
+    events: Vec<(u64, Arc<str>)>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Page {
+    fn new(max_bytes: usize) -> Page {
+        Page {
+            events: Vec::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// Adds the event if it fits; false (and nothing added) when it does not.
+    fn push(&mut self, seq: u64, text: Arc<str>) -> bool {
+        if !self.events.is_empty() && self.bytes + text.len() > self.max_bytes {
+            return false;
+        }
+        self.bytes += text.len();
+        self.events.push((seq, text));
+        true
+    }
+}
+
 /// A request waiting for the entry it proposed (`term` at that index) to commit.
 struct Waiter {
     term: u64,
@@ -859,8 +886,12 @@ impl ShardCore {
                     continue;
                 }
             }
-            return match self.materialize(id, plan, max_bytes).await {
-                Ok(events) => Reply::Events { events, last_seq },
+            let mut page = Page::new(max_bytes);
+            return match self.materialize(id, plan, &mut page).await {
+                Ok(()) => Reply::Events {
+                    events: page.events,
+                    last_seq,
+                },
                 // Retention deleted the segment between planning and reading: plan
                 // again (the range now comes from the archive, or is expired).
                 Err(_) if self.store.borrow().first_local_seq(id) > after + 1 => continue,
@@ -886,34 +917,21 @@ impl ShardCore {
             });
         }
         let want = (gone - after).min(max_events as u64);
-        let archived = self.read_archive(id, after, want).await?;
-        let mut events = Vec::with_capacity(archived.len());
-        let mut bytes = 0;
-        for (seq, text) in archived {
-            if !events.is_empty() && bytes + text.len() > max_bytes {
-                return Ok(events);
+        let mut page = Page::new(max_bytes);
+        for (seq, text) in self.read_archive(id, after, want).await? {
+            if !page.push(seq, text) {
+                return Ok(page.events);
             }
-            bytes += text.len();
-            events.push((seq, text));
         }
-        let next = events.last().map_or(after, |e| e.0);
-        let room = max_events - events.len();
+        let next = page.events.last().map_or(after, |e| e.0);
+        let room = max_events - page.events.len();
         if next == gone && room > 0 {
             let plan = self.store.borrow().plan_read(id, gone, room);
             if plan.gone.is_none() {
-                let local = self.materialize(id, plan, max_bytes - bytes).await?;
-                let mut local_bytes = 0;
-                for (seq, text) in local {
-                    // `materialize` returns at least one event even past its budget.
-                    local_bytes += text.len();
-                    if bytes + local_bytes > max_bytes {
-                        break;
-                    }
-                    events.push((seq, text));
-                }
+                self.materialize(id, plan, &mut page).await?;
             }
         }
-        Ok(events)
+        Ok(page.events)
     }
 
     async fn wait_for_event(&self, id: &str, wait: Duration) {
@@ -942,19 +960,9 @@ impl ShardCore {
         self.tail_waiters.borrow_mut().clear();
     }
 
-    /// Turns a read plan into rendered events: cold ones are read back from the log.
-    /// Stops before `max_bytes` would be passed (but returns at least one event).
-    async fn materialize(
-        &self,
-        id: &str,
-        plan: ReadPlan,
-        max_bytes: usize,
-    ) -> Result<Vec<(u64, Arc<str>)>, ApiError> {
-        let mut events = Vec::with_capacity(plan.cold.len() + plan.hot.len());
-        let mut bytes = 0;
-        let fits = |bytes: usize, len: usize, events: &Vec<_>| {
-            events.is_empty() || bytes + len <= max_bytes
-        };
+    /// Adds a read plan's events to `page`: cold ones are read back from the log. Stops
+    /// at the first event that does not fit.
+    async fn materialize(&self, id: &str, plan: ReadPlan, page: &mut Page) -> Result<(), ApiError> {
         let mut i = 0;
         while i < plan.cold.len() {
             // Consecutive events of one sealed run share one read of the index file.
@@ -962,22 +970,18 @@ impl ShardCore {
             let locations = self.resolve(&plan.cold[i..i + run]).await?;
             for (seq, loc) in locations {
                 let text = self.read_cold(id, seq, loc).await?;
-                if !fits(bytes, text.len(), &events) {
-                    return Ok(events);
+                if !page.push(seq, text) {
+                    return Ok(());
                 }
-                bytes += text.len();
-                events.push((seq, text));
             }
             i += run;
         }
         for (seq, text) in plan.hot {
-            if !fits(bytes, text.len(), &events) {
+            if !page.push(seq, text) {
                 break;
             }
-            bytes += text.len();
-            events.push((seq, text));
         }
-        Ok(events)
+        Ok(())
     }
 
     /// Log locations of cold events (all Active, or one sealed run).
@@ -1195,16 +1199,8 @@ impl ShardCore {
             .count() as u64;
         drop(groups);
         stats.leaderless = self.groups_without_leader();
-        if let Some(feed) = &self.archive {
-            let lag = self.archive_lag();
-            stats.archive = Some(crate::metrics::ArchiveShardStats {
-                events_behind: lag.events,
-                seconds_behind: lag.seconds,
-                batches_deferred: feed.deferred.get(),
-                events_read_from_log: feed.log_reads.get(),
-            });
-            stats.archiver = Some(feed.stats().clone());
-        }
+        stats.archive = self.archive_stats();
+        stats.archiver = self.archive.as_ref().map(|feed| feed.stats().clone());
         stats
     }
 
@@ -1252,20 +1248,31 @@ fn sealed_run(cold: &[(u64, Cold)]) -> usize {
     n
 }
 
-/// Roughly the bytes a command takes in the log (its variable-size fields).
+/// Roughly the bytes a command takes in the log: a fixed part plus its variable-size
+/// fields.
 pub(crate) fn command_bytes(command: &Command) -> usize {
-    match command {
-        Command::Append(e) => event_bytes(e),
-        other => COMMAND_FIXED_BYTES + variable_bytes(other),
-    }
+    COMMAND_FIXED_BYTES
+        + match command {
+            Command::Append(e) => event_fields_bytes(e),
+            Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
+            Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
+            Command::SetArchived(a) => a.session_id.len(),
+            Command::ArchiveProgress(a) => a.sessions.iter().map(|p| p.session_id.len() + 16).sum(),
+            Command::Noop => 0,
+            Command::Meta(shards::entry::MetaRecord::Snapshot { state, .. }) => state.len(),
+            Command::Meta(_) => 0,
+        }
 }
 
 const COMMAND_FIXED_BYTES: usize = 64;
 
 /// `command_bytes` of an event.
 pub(crate) fn event_bytes(e: &shards::entry::AppendEntry) -> usize {
-    COMMAND_FIXED_BYTES
-        + e.session_id.len()
+    COMMAND_FIXED_BYTES + event_fields_bytes(e)
+}
+
+fn event_fields_bytes(e: &shards::entry::AppendEntry) -> usize {
+    e.session_id.len()
         + e.event_type.len()
         + e.payload.len()
         + e.metadata.len()
@@ -1274,19 +1281,6 @@ pub(crate) fn event_bytes(e: &shards::entry::AppendEntry) -> usize {
         + e.source.as_ref().map_or(0, String::len)
         + e.idempotency_key.as_ref().map_or(0, String::len)
         + e.producer_id.as_ref().map_or(0, String::len)
-}
-
-fn variable_bytes(command: &Command) -> usize {
-    match command {
-        Command::Append(e) => event_bytes(e) - COMMAND_FIXED_BYTES,
-        Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
-        Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
-        Command::SetArchived(a) => a.session_id.len(),
-        Command::ArchiveProgress(a) => a.sessions.iter().map(|p| p.session_id.len() + 16).sum(),
-        Command::Noop => 0,
-        Command::Meta(shards::entry::MetaRecord::Snapshot { state, .. }) => state.len(),
-        Command::Meta(_) => 0,
-    }
 }
 
 fn append_error(e: AppendError) -> ApiError {
