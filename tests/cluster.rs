@@ -416,6 +416,46 @@ fn two_slow_replicas_delay_acknowledgements() {
 
 /// Appends `per_session` events to each of `sessions` through `addr` on one keep-alive
 /// connection, retrying on 503.
+/// Creates the sessions, stops node 3, and fills each session with `per_session`
+/// appends from writers of `per_writer` sessions each, through nodes 1 and 2 in turn.
+fn fill_while_node_3_is_down(
+    cluster: &mut Cluster,
+    sessions: &[String],
+    per_writer: usize,
+    per_session: usize,
+) {
+    for id in sessions {
+        cluster.create_session(1, id);
+    }
+    let status = cluster.terminate(3);
+    assert!(status.success(), "node 3 stopped with {status}");
+    let fillers: Vec<_> = sessions
+        .chunks(per_writer)
+        .enumerate()
+        .map(|(w, chunk)| {
+            let addr = cluster.addr(1 + w % 2);
+            let chunk = chunk.to_vec();
+            thread::spawn(move || fill(addr, chunk, per_session))
+        })
+        .collect();
+    for filler in fillers {
+        filler.join().expect("filler panicked");
+    }
+}
+
+/// Waits until every replica of the sessions' groups converged, each session at
+/// `per_session` events.
+fn assert_converged_at(cluster: &mut Cluster, sessions: &[String], per_session: usize) {
+    let views = cluster.wait_converged(&groups_of(sessions), CONVERGE_TIMEOUT);
+    for id in sessions {
+        let view = views
+            .iter()
+            .find(|v| v["group"] == shards::group_of(id))
+            .unwrap();
+        assert_eq!(view["sessions"][id], per_session, "{id} in {view}");
+    }
+}
+
 fn fill(addr: SocketAddr, sessions: Vec<String>, per_session: usize) {
     let mut conn = Conn::open(addr);
     for i in 0..per_session {
@@ -438,26 +478,9 @@ fn a_restarted_node_that_missed_many_appends_catches_up_through_a_snapshot() {
     let opts = ClusterOpts::new("cl-catchup").arg("--raft-log-entries", "32");
     let mut cluster = Cluster::start(opts);
     let sessions: Vec<String> = (0..8).map(|s| format!("cu-{s}")).collect();
-    for id in &sessions {
-        cluster.create_session(1, id);
-    }
-    let status = cluster.terminate(3);
-    assert!(status.success(), "node 3 stopped with {status}");
-
     let per_session = 250;
     let started = Instant::now();
-    let fillers: Vec<_> = sessions
-        .chunks(2)
-        .enumerate()
-        .map(|(w, chunk)| {
-            let addr = cluster.addr(1 + w % 2);
-            let chunk = chunk.to_vec();
-            thread::spawn(move || fill(addr, chunk, per_session))
-        })
-        .collect();
-    for filler in fillers {
-        filler.join().expect("filler panicked");
-    }
+    fill_while_node_3_is_down(&mut cluster, &sessions, 2, per_session);
     println!(
         "{} appends with node 3 down took {:?}",
         per_session * sessions.len(),
@@ -465,14 +488,7 @@ fn a_restarted_node_that_missed_many_appends_catches_up_through_a_snapshot() {
     );
 
     cluster.restart(3);
-    let views = cluster.wait_converged(&groups_of(&sessions), CONVERGE_TIMEOUT);
-    for id in &sessions {
-        let view = views
-            .iter()
-            .find(|v| v["group"] == shards::group_of(id))
-            .unwrap();
-        assert_eq!(view["sessions"][id], per_session, "{id} in {view}");
-    }
+    assert_converged_at(&mut cluster, &sessions, per_session);
     for id in &sessions {
         let reference = cluster.events(1, id);
         keys_of_contiguous(1, id, &reference);
@@ -877,24 +893,8 @@ fn a_node_catching_up_after_retention_gets_the_history_its_leader_still_holds() 
     opts.segment_bytes = Some(1 << 20);
     let mut cluster = Cluster::start(opts);
     let sessions: Vec<String> = (0..2).map(|s| format!("rt-{s}")).collect();
-    for id in &sessions {
-        cluster.create_session(1, id);
-    }
-    let status = cluster.terminate(3);
-    assert!(status.success(), "node 3 stopped with {status}");
     let per_session = 800;
-    let fillers: Vec<_> = sessions
-        .iter()
-        .enumerate()
-        .map(|(w, id)| {
-            let addr = cluster.addr(1 + w % 2);
-            let chunk = vec![id.clone()];
-            thread::spawn(move || fill(addr, chunk, per_session))
-        })
-        .collect();
-    for filler in fillers {
-        filler.join().expect("filler panicked");
-    }
+    fill_while_node_3_is_down(&mut cluster, &sessions, 1, per_session);
     let deadline = Instant::now() + Duration::from_secs(20);
     while segments_deleted(&cluster, 1) == 0 || segments_deleted(&cluster, 2) == 0 {
         assert!(
@@ -908,14 +908,7 @@ fn a_node_catching_up_after_retention_gets_the_history_its_leader_still_holds() 
     }
 
     cluster.restart(3);
-    let views = cluster.wait_converged(&groups_of(&sessions), CONVERGE_TIMEOUT);
-    for id in &sessions {
-        let view = views
-            .iter()
-            .find(|v| v["group"] == shards::group_of(id))
-            .unwrap();
-        assert_eq!(view["sessions"][id], per_session, "{id} in {view}");
-    }
+    assert_converged_at(&mut cluster, &sessions, per_session);
     for id in &sessions {
         // Node 3 holds one contiguous range ending at the head, starting where the
         // snapshot's history did; the range both nodes hold is identical.
