@@ -655,25 +655,49 @@ fn faults_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("STARCITE_TEST_FAULTS").is_ok_and(|v| v == "1"))
 }
 
-/// `PUT /debug/faults` `{"isolate": bool}`: cut this node off from (or reconnect it
-/// to) every other node.
+/// `PUT /debug/faults` `{"isolate": bool, "fsync_delay_ms": n | null}` (either or
+/// both): cut this node off from (or reconnect it to) every other node; delay every
+/// durable log write of this node by n ms (null: back to the start-up setting).
 fn debug_faults(body: &[u8]) -> Result<Response, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+    let invalid = |field: Option<&str>, why: &str| {
         ApiError::Invalid(shards::validate::FieldError::new(
             shards::validate::INVALID_JSON,
-            None,
-            "the body is not JSON",
+            field,
+            why,
         ))
-    })?;
-    let Some(isolate) = value.get("isolate").and_then(serde_json::Value::as_bool) else {
-        return Err(ApiError::Invalid(shards::validate::FieldError::new(
-            shards::validate::INVALID_JSON,
-            Some("isolate"),
-            "isolate must be a boolean",
-        )));
     };
-    crate::shard::set_isolated(isolate);
-    tracing::warn!(isolate, "fault injection: peer traffic");
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| invalid(None, "the body is not JSON"))?;
+    let isolate = match value.get("isolate") {
+        None => None,
+        Some(v) => Some(
+            v.as_bool()
+                .ok_or_else(|| invalid(Some("isolate"), "isolate must be a boolean"))?,
+        ),
+    };
+    let fsync_delay = match value.get("fsync_delay_ms") {
+        None => None,
+        Some(serde_json::Value::Null) => Some(None),
+        Some(v) => Some(Some(std::time::Duration::from_millis(
+            v.as_u64().ok_or_else(|| {
+                invalid(
+                    Some("fsync_delay_ms"),
+                    "fsync_delay_ms must be a count of ms or null",
+                )
+            })?,
+        ))),
+    };
+    if isolate.is_none() && fsync_delay.is_none() {
+        return Err(invalid(None, "give isolate or fsync_delay_ms"));
+    }
+    if let Some(isolate) = isolate {
+        crate::shard::set_isolated(isolate);
+        tracing::warn!(isolate, "fault injection: peer traffic");
+    }
+    if let Some(delay) = fsync_delay {
+        crate::wal::set_injected_fsync_delay(delay);
+        tracing::warn!(?delay, "fault injection: fsync delay");
+    }
     Ok(Response::empty(204))
 }
 

@@ -170,7 +170,7 @@ impl Wal {
         let mut buf = self.active.alloc_dma_buffer(batch.len());
         buf.as_bytes_mut().copy_from_slice(&batch);
         let started = Instant::now();
-        if let Some(delay) = self.fsync_delay {
+        if let Some(delay) = injected_fsync_delay().or(self.fsync_delay) {
             glommio::timer::sleep(delay).await;
         }
         // The segment is open with O_DSYNC (and O_DIRECT): the write returns once the
@@ -579,4 +579,24 @@ async fn prewrite_segment(dir: PathBuf, epoch: u64, segment_bytes: u64) -> io::R
     let zero = |chunk: &mut [u8], _: usize| chunk.fill(0);
     let len = usize::try_from(segment_bytes).expect("segment size fits usize");
     create_durably(&dir, &segment_name(epoch), len, zero, Some(PREWRITE_PAUSE)).await
+}
+
+/// Fault injection (`PUT /debug/faults {"fsync_delay_ms"}`, test builds of a cluster):
+/// an fsync delay for every log write of this process, in ms; `u64::MAX` = none (then
+/// `STARCITE_TEST_FSYNC_DELAY_MS`, if set, applies).
+static INJECTED_FSYNC_DELAY_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(u64::MAX);
+
+pub fn set_injected_fsync_delay(delay: Option<Duration>) {
+    let ms = delay.map_or(u64::MAX, |d| {
+        d.as_millis().min(u128::from(u64::MAX - 1)) as u64
+    });
+    INJECTED_FSYNC_DELAY_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn injected_fsync_delay() -> Option<Duration> {
+    match INJECTED_FSYNC_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed) {
+        u64::MAX => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
 }

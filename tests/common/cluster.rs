@@ -47,6 +47,8 @@ pub struct ClusterOpts {
     pub env: Vec<(String, String)>,
     /// `per_node_env[i - 1]`: extra environment of node i (may be shorter than `nodes`).
     pub per_node_env: Vec<Vec<(String, String)>>,
+    /// How long `start` waits for every node to be ready.
+    pub ready_timeout: Duration,
 }
 
 impl ClusterOpts {
@@ -61,6 +63,7 @@ impl ClusterOpts {
             // (as scripts/cluster.sh).
             env: vec![("STARCITE_SPIN_BEFORE_PARK_US".into(), "0".into())],
             per_node_env: Vec::new(),
+            ready_timeout: READY_TIMEOUT,
         }
     }
 
@@ -147,6 +150,12 @@ impl Cluster {
     /// Starts every node and waits until each answers 200 on `/health/ready` (every group
     /// has a leader). Retries on other ports when a node finds its port taken.
     pub fn start(opts: ClusterOpts) -> Cluster {
+        Cluster::start_without(opts, &[])
+    }
+
+    /// Like [`Cluster::start`], but nodes `absent` are not started (start them later
+    /// with [`Cluster::spawn_again`]); the others must become ready without them.
+    pub fn start_without(opts: ClusterOpts, absent: &[usize]) -> Cluster {
         assert!(opts.nodes >= 1 && opts.shards >= 1);
         let dir = unique_path(&opts.name);
         let mut last_err = String::new();
@@ -154,10 +163,12 @@ impl Cluster {
             fs::create_dir_all(&dir).expect("create cluster dir");
             let ports = Ports::reserve(opts.nodes, opts.shards);
             let mut cluster = Cluster::build(&opts, &dir, &ports);
-            for node in &mut cluster.nodes {
-                node.spawn();
+            for (i, node) in cluster.nodes.iter_mut().enumerate() {
+                if !absent.contains(&(i + 1)) {
+                    node.spawn();
+                }
             }
-            match cluster.try_wait_all_ready(READY_TIMEOUT) {
+            match cluster.try_wait_all_ready(opts.ready_timeout, absent) {
                 Ok(()) => return cluster,
                 Err(e) => last_err = e,
             }
@@ -222,12 +233,17 @@ impl Cluster {
         }
     }
 
-    /// Waits until every node is ready; fails as soon as one exits.
-    fn try_wait_all_ready(&mut self, timeout: Duration) -> Result<(), String> {
+    /// Waits until every node but `absent` is ready; fails as soon as one exits.
+    fn try_wait_all_ready(&mut self, timeout: Duration, absent: &[usize]) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        let mut ready = vec![false; self.nodes.len()];
+        let mut ready: Vec<bool> = (1..=self.nodes.len())
+            .map(|i| absent.contains(&i))
+            .collect();
         loop {
             for (i, node) in self.nodes.iter_mut().enumerate() {
+                if absent.contains(&(i + 1)) {
+                    continue;
+                }
                 if !node.is_running() {
                     return Err(format!("node {} exited during start", i + 1));
                 }
