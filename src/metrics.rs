@@ -83,6 +83,8 @@ pub struct ShardStats {
     pub snapshots_installed: u64,
     pub forwarded: u64,
     pub peer_frames_dropped: u64,
+    /// Replies to forwarded requests that answered no request of this process.
+    pub stale_replies_dropped: u64,
     /// Log segments deleted by retention.
     pub segments_deleted: u64,
     /// Groups with a replica here that have had no leader for 3 s (or never had one).
@@ -151,6 +153,7 @@ impl ShardStats {
         self.snapshots_installed += other.snapshots_installed;
         self.forwarded += other.forwarded;
         self.peer_frames_dropped += other.peer_frames_dropped;
+        self.stale_replies_dropped += other.stale_replies_dropped;
         self.segments_deleted += other.segments_deleted;
         self.leaderless.extend_from_slice(&other.leaderless);
         if let Some(theirs) = &other.archive {
@@ -211,6 +214,10 @@ pub fn render(per_shard: &[ShardStats]) -> String {
         (
             "starcite_peer_frames_dropped_total",
             total.peer_frames_dropped,
+        ),
+        (
+            "starcite_stale_replies_dropped_total",
+            total.stale_replies_dropped,
         ),
         (
             "starcite_log_segments_deleted_total",

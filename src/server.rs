@@ -252,6 +252,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
     let peer_settings = if members.len() > 1 {
         Some(PeerSettings {
             cluster_id: config.cluster_id.clone(),
+            incarnation: process_incarnation(),
             listen: config.listen_peer_addr(&members)?,
             peers: members
                 .iter()
@@ -391,4 +392,16 @@ async fn drain(core: &Rc<ShardCore>, http: &Rc<Shutdown>, limit: Duration) {
     core.wake_all_tails();
     // Give tails and connections a moment to send their close frames.
     glommio::timer::sleep(Duration::from_millis(100)).await;
+}
+
+/// A random id for this process, new at every start and never 0 (see
+/// `shards::peer::RequestId`); the same for every shard of the process.
+fn process_incarnation() -> u64 {
+    static INCARNATION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *INCARNATION.get_or_init(|| loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    })
 }

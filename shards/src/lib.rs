@@ -12,6 +12,8 @@
 //! - [`wire`]: node-to-node frames and handshake (the transport of issue 3).
 //! - [`peer`]: what travels inside those frames: Raft messages, coalesced heartbeats,
 //!   forwarded requests.
+//! - [`forwarding`]: which reply completes which forwarded request (request ids across
+//!   process restarts and connections).
 //! - [`raft`]: the sans-IO Raft core (issue 3, in progress).
 //!
 //! The `starcite` crate (in `src/`) is the shell: it moves bytes, runs timers and does the
@@ -19,6 +21,7 @@
 
 pub mod codec;
 pub mod entry;
+pub mod forwarding;
 pub mod json;
 pub mod peer;
 pub mod raft;

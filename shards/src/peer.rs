@@ -39,10 +39,7 @@ pub const HEARTBEAT_ITEMS_MAX: usize = GROUPS as usize;
 pub enum PeerFrame {
     /// One Raft message of one group. Any body may travel this way, heartbeats
     /// included, though those are normally coalesced into [`PeerFrame::Heartbeats`].
-    Raft {
-        group: u16,
-        msg: Message<Command>,
-    },
+    Raft { group: u16, msg: Message<Command> },
     /// Every heartbeat node `from` sends node `to` in one tick: one item per group.
     Heartbeats {
         from: NodeId,
@@ -56,14 +53,32 @@ pub enum PeerFrame {
         items: Vec<HeartbeatAck>,
     },
     /// A request forwarded to another node; the answer carries the same `id`.
-    Request {
-        id: u64,
-        body: Vec<u8>,
-    },
+    Request { id: RequestId, body: Vec<u8> },
+    /// The answer to the [`PeerFrame::Request`] with this `id`, with the crc32 of the
+    /// request's body as the answering node received it: the requester checks that it
+    /// is the body it sent, so a reply can never complete another request.
     Response {
-        id: u64,
+        id: RequestId,
+        request_crc: u32,
         body: Vec<u8>,
     },
+}
+
+/// Identifies a forwarded request for as long as the cluster runs: the requesting
+/// process's incarnation (random, new at every start; see
+/// [`crate::wire::Handshake::incarnation`]) and a number counted from 1 within it. A
+/// process restarted while its requests were in flight numbers its own from 1 again,
+/// but with another incarnation, so the answers to the old ones match none of its own.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId {
+    pub incarnation: u64,
+    pub seq: u64,
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}/{}", self.incarnation, self.seq)
+    }
 }
 
 /// The [`Body::Heartbeat`] of one group, without the node ids its frame carries.
@@ -348,12 +363,13 @@ enum WireFrame<'a> {
         items: &'a Vec<HeartbeatAck>,
     },
     Request {
-        id: u64,
+        id: RequestId,
         #[rkyv(with = Inline)]
         body: &'a Vec<u8>,
     },
     Response {
-        id: u64,
+        id: RequestId,
+        request_crc: u32,
         #[rkyv(with = Inline)]
         body: &'a Vec<u8>,
     },
@@ -461,7 +477,15 @@ impl<'a> WireFrame<'a> {
                 items,
             },
             PeerFrame::Request { id, body } => WireFrame::Request { id: *id, body },
-            PeerFrame::Response { id, body } => WireFrame::Response { id: *id, body },
+            PeerFrame::Response {
+                id,
+                request_crc,
+                body,
+            } => WireFrame::Response {
+                id: *id,
+                request_crc: *request_crc,
+                body,
+            },
         }
     }
 }
@@ -586,14 +610,26 @@ impl ArchivedWireFrame<'_> {
                 items: heartbeat_list(items.len(), || rkyv::deserialize(items))?,
             },
             ArchivedWireFrame::Request { id, body } => PeerFrame::Request {
-                id: id.to_native(),
+                id: request_id(id),
                 body: body.to_vec(),
             },
-            ArchivedWireFrame::Response { id, body } => PeerFrame::Response {
-                id: id.to_native(),
+            ArchivedWireFrame::Response {
+                id,
+                request_crc,
+                body,
+            } => PeerFrame::Response {
+                id: request_id(id),
+                request_crc: request_crc.to_native(),
                 body: body.to_vec(),
             },
         })
+    }
+}
+
+fn request_id(id: &ArchivedRequestId) -> RequestId {
+    RequestId {
+        incarnation: id.incarnation.to_native(),
+        seq: id.seq.to_native(),
     }
 }
 
@@ -932,16 +968,19 @@ mod tests {
 
     #[test]
     fn requests_and_responses_round_trip() {
+        let id = |incarnation, seq| RequestId { incarnation, seq };
         round_trip(PeerFrame::Request {
-            id: 7,
+            id: id(0x1234_5678_9abc_def0, 7),
             body: b"opaque op".to_vec(),
         });
         round_trip(PeerFrame::Response {
-            id: u64::MAX,
+            id: id(u64::MAX, u64::MAX),
+            request_crc: 0xdead_beef,
             body: Vec::new(),
         });
         round_trip(PeerFrame::Response {
-            id: 0,
+            id: id(1, 0),
+            request_crc: 0,
             body: vec![0xff; 70_000],
         });
     }
@@ -954,7 +993,10 @@ mod tests {
                 msg: message(7, every_body().swap_remove(4)),
             },
             PeerFrame::Request {
-                id: 1,
+                id: RequestId {
+                    incarnation: 5,
+                    seq: 1,
+                },
                 body: b"x".to_vec(),
             },
         ];
@@ -988,7 +1030,10 @@ mod tests {
     #[test]
     fn unknown_format_byte_is_refused() {
         let mut bytes = encode(&PeerFrame::Request {
-            id: 1,
+            id: RequestId {
+                incarnation: 5,
+                seq: 1,
+            },
             body: Vec::new(),
         });
         *bytes.last_mut().unwrap() = 2;

@@ -13,7 +13,9 @@ pub const FRAME_HEADER_BYTES: usize = 8;
 /// Largest frame payload; a peer announcing more is cut off (bounded memory).
 pub const FRAME_PAYLOAD_BYTES_MAX: usize = 32 << 20;
 /// Version of the node-to-node protocol; peers must speak the same one.
-pub const WIRE_VERSION: u32 = 2;
+/// 3: the handshake carries the process incarnation; forwarded requests and replies
+/// carry a [`crate::peer::RequestId`] and the reply the request's crc.
+pub const WIRE_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {
@@ -104,6 +106,11 @@ pub struct Handshake {
     pub shards: u32,
     /// The shard this connection belongs to (one connection per shard and peer).
     pub shard: u32,
+    /// Random, new at every start of the process (never 0): frames queued for an earlier
+    /// process of the same node are not delivered to this one, and the ids of requests
+    /// this process forwards carry it, so a reply meant for an earlier process cannot
+    /// complete a request of this one.
+    pub incarnation: u64,
     pub settings: ClusterSettings,
 }
 
@@ -231,6 +238,7 @@ mod tests {
             node_id: 1,
             shards: 2,
             shard: 0,
+            incarnation: 7,
             settings: ClusterSettings {
                 members: vec![1, 2, 3],
                 dedupe_keys_max: 10_000,

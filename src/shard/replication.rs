@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use futures::channel::oneshot;
 use glommio::channels::local_channel::LocalReceiver;
 use shards::entry::{Command, LogRecord, MetaRecord};
-use shards::peer::{HeartbeatAck, HeartbeatItem, PeerFrame};
+use shards::forwarding::{Forwards, ReplyMatch};
+use shards::peer::{HeartbeatAck, HeartbeatItem, PeerFrame, RequestId};
 use shards::raft::{Body, Entry, Message, Payload, Ready, Role, SnapshotMeta};
 use shards::session::GroupState;
 use shards::snapshot::{fold_checksum, GroupTransfer};
@@ -44,6 +45,9 @@ const HEARTBEATS_PER_FRAME_MAX: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct PeerSettings {
     pub cluster_id: String,
+    /// This process's incarnation (random, new at every start, never 0): see
+    /// `shards::peer::RequestId`.
+    pub incarnation: u64,
     /// This node's shard-0 peer address (shard i listens on its port + i).
     pub listen: SocketAddr,
     /// Every OTHER member's shard-0 peer address.
@@ -76,8 +80,8 @@ pub(super) struct Peers {
     me: Weak<ShardCore>,
     transport: Option<Rc<Transport>>,
     outbox: BTreeMap<u64, Outbox>,
-    forwards: HashMap<u64, oneshot::Sender<Reply>>,
-    next_forward: u64,
+    /// Requests this shard forwarded and waits for (set with the transport).
+    forwards: Option<Forwards<oneshot::Sender<Reply>>>,
     forwarded_in_flight: usize,
 }
 
@@ -125,14 +129,19 @@ pub fn start_transport(core: &Rc<ShardCore>, peer: PeerSettings) -> Result<(), S
             node_id: core.node_id,
             shards: core.shards as u32,
             shard,
+            incarnation: peer.incarnation,
             settings: peer.settings,
         },
         send_queue_bytes_max: SEND_QUEUE_BYTES_MAX,
         reconnect_backoff_min: Duration::from_millis(20),
         reconnect_backoff_max: Duration::from_millis(500),
     };
+    let forwards = Forwards::new(peer.incarnation);
     let (transport, incoming) = Transport::start(config)?;
-    core.peers.borrow_mut().transport = Some(transport);
+    let mut peers = core.peers.borrow_mut();
+    peers.transport = Some(transport);
+    peers.forwards = Some(forwards);
+    drop(peers);
     glommio::spawn_local(core.clone().run_incoming(incoming)).detach();
     Ok(())
 }
@@ -843,8 +852,9 @@ impl ShardCore {
 
     /// Sends a request to `to` (same shard index) and waits for its reply until
     /// `deadline`. Gives up early, as `Abandoned`, when the connection to `to` drops or
-    /// this node learns that `to` no longer leads `group`: a write's outcome is then
-    /// unknown, a read can be sent again elsewhere.
+    /// is replaced (a reply on another connection is not taken, see
+    /// [`ShardCore::complete_forward`]) or this node learns that `to` no longer leads
+    /// `group`: a write's outcome is then unknown, a read can be sent again elsewhere.
     pub(super) async fn forward(
         &self,
         to: u64,
@@ -852,26 +862,24 @@ impl ShardCore {
         body: &[u8],
         deadline: Instant,
     ) -> Result<Reply, ForwardError> {
-        let (id, mut rx, transport) = {
+        let (id, conn, mut rx, transport) = {
             let mut peers = self.peers.borrow_mut();
             let Some(transport) = peers.transport.clone() else {
                 return Err(ForwardError::NotSent);
             };
-            if isolated() || !transport.is_connected(to) {
+            let Some(conn) = transport.connection(to).filter(|_| !isolated()) else {
                 return Err(ForwardError::NotSent);
-            }
-            peers.next_forward += 1;
-            let id = peers.next_forward;
+            };
             let (tx, rx) = oneshot::channel();
-            peers.forwards.insert(id, tx);
-            (id, rx, transport)
+            let forwards = peers.forwards.as_mut().expect("set with the transport");
+            (forwards.start(to, conn, body, tx), conn, rx, transport)
         };
         let frame = PeerFrame::Request {
             id,
             body: body.to_vec(),
         };
         if transport.send(to, shards::peer::encode(&frame)).is_err() {
-            self.peers.borrow_mut().forwards.remove(&id);
+            self.cancel_forward(id);
             return Err(ForwardError::NotSent);
         }
         self.stats.borrow_mut().forwarded += 1;
@@ -891,12 +899,49 @@ impl ShardCore {
             // This replica saw a new leader elected since the request left.
             let now = group.and_then(local_leader);
             let moved = now.is_some_and(|l| l != to && Some(l) != seen);
-            if moved || !transport.is_connected(to) {
+            if moved || transport.connection(to) != Some(conn) {
                 break Err(ForwardError::Abandoned);
             }
         };
-        self.peers.borrow_mut().forwards.remove(&id);
+        self.cancel_forward(id);
         answer
+    }
+
+    fn cancel_forward(&self, id: RequestId) {
+        if let Some(forwards) = self.peers.borrow_mut().forwards.as_mut() {
+            forwards.cancel(id);
+        }
+    }
+
+    /// A reply to a forwarded request arrived from `from` on connection `conn`: it
+    /// completes the request it answers, or is dropped (see `shards::forwarding`). A
+    /// reply that names a waiting request of this process with another body stops the
+    /// process: two requests shared an id, and a client would be told another's outcome.
+    fn complete_forward(&self, from: u64, conn: u64, id: RequestId, request_crc: u32, body: &[u8]) {
+        let matched = match self.peers.borrow_mut().forwards.as_mut() {
+            Some(forwards) => forwards.reply(from, conn, id, request_crc),
+            None => ReplyMatch::Stale,
+        };
+        match matched {
+            ReplyMatch::Complete(tx) => {
+                let reply = crate::forward::decode_reply(body)
+                    .unwrap_or_else(|e| Reply::Error(ApiError::Internal(e)));
+                let _ = tx.send(reply);
+            }
+            ReplyMatch::Stale => {
+                self.stats.borrow_mut().stale_replies_dropped += 1;
+                tracing::debug!(shard = self.index, from, conn, %id, "dropping a reply that answers no request of this process");
+            }
+            ReplyMatch::Mismatch {
+                sent_crc,
+                answered_crc,
+            } => panic!(
+                "shard {}: node {from} answered forwarded request {id} for a body with crc \
+                 {answered_crc:#010x}, but the request sent with that id has crc {sent_crc:#010x}: \
+                 two requests share an id",
+                self.index
+            ),
+        }
     }
 
     /// Serves frames from other nodes.
@@ -926,13 +971,11 @@ impl ShardCore {
                     }
                 }
                 PeerFrame::Request { id, body } => self.serve_request(frame.from, id, body),
-                PeerFrame::Response { id, body } => {
-                    let reply = crate::forward::decode_reply(&body)
-                        .unwrap_or_else(|e| Reply::Error(ApiError::Internal(e)));
-                    if let Some(tx) = self.peers.borrow_mut().forwards.remove(&id) {
-                        let _ = tx.send(reply);
-                    }
-                }
+                PeerFrame::Response {
+                    id,
+                    request_crc,
+                    body,
+                } => self.complete_forward(frame.from, frame.conn, id, request_crc, &body),
             }
             self.flush_outbox();
         }
@@ -952,7 +995,7 @@ impl ShardCore {
         self.process(group);
     }
 
-    fn serve_request(&self, from: u64, id: u64, body: Vec<u8>) {
+    fn serve_request(&self, from: u64, id: RequestId, body: Vec<u8>) {
         let Some(me) = self.peers.borrow().me.upgrade() else {
             return;
         };
@@ -965,6 +1008,7 @@ impl ShardCore {
                 false
             }
         };
+        let request_crc = crc32fast::hash(&body);
         glommio::spawn_local(async move {
             let reply = if busy {
                 Reply::Error(ApiError::Overloaded)
@@ -980,7 +1024,11 @@ impl ShardCore {
                 crate::forward::encode_reply(&Reply::Error(ApiError::Internal(e)))
                     .expect("an error reply encodes")
             });
-            let frame = PeerFrame::Response { id, body };
+            let frame = PeerFrame::Response {
+                id,
+                request_crc,
+                body,
+            };
             let transport = me.peers.borrow().transport.clone();
             if let Some(transport) = transport {
                 if !isolated() {

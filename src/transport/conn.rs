@@ -126,8 +126,8 @@ async fn accept_one(shared: &Rc<Shared>, mut stream: TcpStream, pending: Pending
             return;
         }
     };
-    let peer_id = match check_handshake(shared, &theirs, None) {
-        Ok(id) => id,
+    let (peer_id, incarnation) = match check_handshake(shared, &theirs, None) {
+        Ok(peer) => peer,
         Err(reason) => {
             tracing::warn!(%remote, %reason, "refusing peer connection");
             shared.bump(|s| s.handshakes_refused += 1);
@@ -139,11 +139,16 @@ async fn accept_one(shared: &Rc<Shared>, mut stream: TcpStream, pending: Pending
         return;
     }
     drop(pending);
-    run(shared, peer_id, stream, reader).await;
+    run(shared, peer_id, incarnation, stream, reader).await;
 }
 
-/// Decodes and checks a peer's handshake; the peer's node id when it may talk to us.
-fn check_handshake(shared: &Shared, bytes: &[u8], expected: Option<u64>) -> Result<u64, String> {
+/// Decodes and checks a peer's handshake; the peer's node id and process incarnation
+/// when it may talk to us.
+fn check_handshake(
+    shared: &Shared,
+    bytes: &[u8],
+    expected: Option<u64>,
+) -> Result<(u64, u64), String> {
     let theirs = Handshake::decode(bytes).map_err(|e| e.to_string())?;
     shared
         .config
@@ -170,7 +175,7 @@ fn check_handshake(shared: &Shared, bytes: &[u8], expected: Option<u64>) -> Resu
     if !shared.peers.borrow().contains_key(&theirs.node_id) {
         return Err(format!("node {} has no peer address here", theirs.node_id));
     }
-    Ok(theirs.node_id)
+    Ok((theirs.node_id, theirs.incarnation))
 }
 
 /// Keeps one connection to a peer with a higher node id, redialling with backoff.
@@ -243,17 +248,26 @@ async fn dial_once(shared: &Rc<Shared>, peer_id: u64, addr: SocketAddr) -> Dial 
             return Dial::Failed;
         }
     };
-    if let Err(reason) = check_handshake(shared, &theirs, Some(peer_id)) {
-        tracing::warn!(peer = peer_id, %addr, %reason, "refusing peer");
-        shared.bump(|s| s.handshakes_refused += 1);
-        return Dial::Refused;
-    }
-    run(shared, peer_id, stream, reader).await;
+    let incarnation = match check_handshake(shared, &theirs, Some(peer_id)) {
+        Ok((_, incarnation)) => incarnation,
+        Err(reason) => {
+            tracing::warn!(peer = peer_id, %addr, %reason, "refusing peer");
+            shared.bump(|s| s.handshakes_refused += 1);
+            return Dial::Refused;
+        }
+    };
+    run(shared, peer_id, incarnation, stream, reader).await;
     Dial::Ran
 }
 
 /// Runs a handshaken connection until it fails or is replaced.
-async fn run(shared: &Rc<Shared>, peer_id: u64, stream: TcpStream, mut reader: FrameReader) {
+async fn run(
+    shared: &Rc<Shared>,
+    peer_id: u64,
+    incarnation: u64,
+    stream: TcpStream,
+    mut reader: FrameReader,
+) {
     reader.handshake_done();
     let Some(incoming) = shared.incoming.borrow().clone() else {
         return;
@@ -267,12 +281,12 @@ async fn run(shared: &Rc<Shared>, peer_id: u64, stream: TcpStream, mut reader: F
         _close: close_tx,
         wake: wake_tx,
     };
-    if !register(shared, peer_id, handle) {
+    if !register(shared, peer_id, incarnation, handle) {
         return;
     }
-    tracing::info!(peer = peer_id, conn = conn_id, "peer connected");
+    tracing::info!(peer = peer_id, conn = conn_id, incarnation = %format!("{incarnation:016x}"), "peer connected");
     let (read_half, write_half) = stream.split();
-    let read = read_loop(shared, peer_id, read_half, reader, incoming);
+    let read = read_loop(shared, peer_id, conn_id, read_half, reader, incoming);
     let write = write_loop(shared, peer_id, conn_id, write_half, wake_rx);
     let closed = async {
         let _ = close_rx.await;
@@ -288,14 +302,25 @@ async fn run(shared: &Rc<Shared>, peer_id: u64, stream: TcpStream, mut reader: F
     deregister(shared, peer_id, conn_id);
 }
 
-/// Makes `handle` the peer's connection, closing an older one (keep the newest).
-fn register(shared: &Shared, peer_id: u64, handle: ConnHandle) -> bool {
+/// Makes `handle` the peer's connection, closing an older one (keep the newest). Frames
+/// queued for an earlier process of the peer are dropped (see "Incarnations").
+fn register(shared: &Shared, peer_id: u64, incarnation: u64, handle: ConnHandle) -> bool {
     let mut peers = shared.peers.borrow_mut();
     let Some(peer) = peers.get_mut(&peer_id) else {
         return false;
     };
     let reconnect = peer.ever_connected;
-    let lost = peer.inflight_frames;
+    let mut lost = peer.inflight_frames;
+    if peer.incarnation.is_some_and(|known| known != incarnation) && peer.pending_frames > 0 {
+        tracing::info!(
+            peer = peer_id,
+            frames = peer.pending_frames,
+            "peer restarted: dropping the frames queued for its earlier process"
+        );
+        lost += std::mem::take(&mut peer.pending_frames);
+        peer.pending = Vec::new();
+    }
+    peer.incarnation = Some(incarnation);
     if let Some(old) = peer.conn.replace(handle) {
         tracing::info!(
             peer = peer_id,
@@ -339,6 +364,7 @@ fn deregister(shared: &Shared, peer_id: u64, conn_id: u64) {
 async fn read_loop(
     shared: &Shared,
     peer_id: u64,
+    conn_id: u64,
     mut stream: impl AsyncRead + Unpin,
     mut reader: FrameReader,
     incoming: Rc<local_channel::LocalSender<Incoming>>,
@@ -356,6 +382,7 @@ async fn read_loop(
         });
         let frame = Incoming {
             from: peer_id,
+            conn: conn_id,
             payload,
         };
         if incoming.send(frame).await.is_err() {

@@ -17,6 +17,14 @@
 //! the same peer (keep the newest: the old one belongs to a previous incarnation of the
 //! peer, or is about to fail anyway).
 //!
+//! # Incarnations
+//! Every process has a random incarnation, sent in its handshake. Frames queued while a
+//! peer was away are sent once it is back, unless it came back as another process (a
+//! new incarnation): those frames were meant for the process that died (replies to its
+//! forwarded requests among them) and are dropped. Each received frame says which
+//! connection brought it ([`Incoming::conn`]), so a consumer can tell replies that
+//! arrive on a later connection than its request left on.
+//!
 //! # Queues and backpressure
 //! [`Transport::send`] never waits: it appends the frame to the peer's send queue, which
 //! is bounded in bytes ([`TransportConfig::send_queue_bytes_max`]); when the queue is full
@@ -126,6 +134,8 @@ impl TransportConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
     pub from: u64,
+    /// The connection it arrived on (see [`Transport::connection`]).
+    pub conn: u64,
     pub payload: Vec<u8>,
 }
 
@@ -277,6 +287,15 @@ impl Transport {
             .is_some_and(|p| p.conn.is_some())
     }
 
+    /// The id of `peer`'s established connection (unique within this transport), if any.
+    pub fn connection(&self, peer: u64) -> Option<u64> {
+        self.shared
+            .peers
+            .borrow()
+            .get(&peer)
+            .and_then(|p| p.conn.as_ref().map(|c| c.id))
+    }
+
     /// The peers with an established (handshaken) connection, in id order.
     pub fn connected_peers(&self) -> Vec<u64> {
         let peers = self.shared.peers.borrow();
@@ -379,6 +398,8 @@ struct Peer {
     inflight_frames: u64,
     conn: Option<ConnHandle>,
     ever_connected: bool,
+    /// The process incarnation of the peer's last handshake.
+    incarnation: Option<u64>,
 }
 
 impl Peer {
@@ -390,6 +411,7 @@ impl Peer {
             inflight_frames: 0,
             conn: None,
             ever_connected: false,
+            incarnation: None,
         }
     }
 

@@ -18,6 +18,9 @@ use super::*;
 /// Longer than anything here should take; waiting this long means the test failed.
 const PATIENCE: Duration = Duration::from_secs(2);
 
+/// Every transport a test starts is a new process: a new incarnation.
+static NEXT_INCARNATION: AtomicUsize = AtomicUsize::new(1);
+
 /// An address nobody listens on right now (bound, then released).
 fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -31,6 +34,7 @@ fn handshake(node_id: u64, cluster_id: &str, shards: u32) -> Handshake {
         node_id,
         shards,
         shard: 0,
+        incarnation: NEXT_INCARNATION.fetch_add(1, Ordering::Relaxed) as u64,
         settings: ClusterSettings {
             members: vec![1, 2, 3],
             dedupe_keys_max: 1000,
@@ -115,13 +119,9 @@ fn frames_round_trip_both_ways_between_two_nodes() {
             two.send(1, msg("to-1", i)).unwrap();
         }
         for i in 0..500 {
-            assert_eq!(
-                recv(&rx2).await,
-                Incoming {
-                    from: 1,
-                    payload: msg("to-2", i)
-                }
-            );
+            let m = recv(&rx2).await;
+            assert_eq!((m.from, m.payload), (1, msg("to-2", i)));
+            assert_eq!(Some(m.conn), two.connection(1));
             assert_eq!(recv(&rx1).await.payload, msg("to-1", i));
         }
         assert_eq!(one.connected_peers(), vec![2]);
@@ -258,6 +258,37 @@ fn a_restarted_peer_is_reconnected_and_traffic_resumes() {
     });
 }
 
+#[test]
+fn frames_queued_for_a_peer_that_came_back_as_a_new_process_are_dropped() {
+    run_local(|| async {
+        let addrs = [(1, free_addr()), (2, free_addr())];
+        let (one, _rx1) = start(config(1, &addrs));
+        let two_config = config(2, &addrs);
+        for (restart, same_process) in [(0, true), (1, false)] {
+            let (two, rx2) = start(two_config.clone());
+            one.send(2, b"hello".to_vec()).unwrap();
+            assert_eq!(recv_until(&rx2, b"hello").await.from, 1);
+            drop(two);
+            drop(rx2);
+            assert!(eventually(PATIENCE, || one.connected_peers().is_empty()).await);
+            one.send(2, msg("queued", restart)).unwrap();
+            let mut back = two_config.clone();
+            if !same_process {
+                back.handshake.incarnation += 1_000_000;
+            }
+            let (two, rx2) = start(back);
+            assert!(eventually(PATIENCE, || one.connected_peers() == vec![2]).await);
+            one.send(2, msg("after", restart)).unwrap();
+            let first = recv(&rx2).await;
+            let expected = if same_process { "queued" } else { "after" };
+            assert_eq!(first.payload, msg(expected, restart), "restart {restart}");
+            drop(two);
+            drop(rx2);
+            assert!(eventually(PATIENCE, || one.connected_peers().is_empty()).await);
+        }
+    });
+}
+
 /// The first frame with `payload`, skipping others (pings left over from retries).
 async fn recv_until(rx: &LocalReceiver<Incoming>, payload: &[u8]) -> Incoming {
     loop {
@@ -340,13 +371,8 @@ fn a_corrupted_frame_closes_only_that_connection() {
         let mut good = Vec::new();
         encode_frame(b"valid", &mut good);
         raw.write_all(&good).await.unwrap();
-        assert_eq!(
-            recv(&rx3).await,
-            Incoming {
-                from: 2,
-                payload: b"valid".to_vec()
-            }
-        );
+        let m = recv(&rx3).await;
+        assert_eq!((m.from, m.payload), (2, b"valid".to_vec()));
         let mut bad = Vec::new();
         encode_frame(b"corrupt", &mut bad);
         bad[FRAME_HEADER_BYTES] ^= 0xff;
