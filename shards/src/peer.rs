@@ -72,6 +72,7 @@ pub struct HeartbeatItem {
     pub group: u16,
     pub term: u64,
     pub commit: u64,
+    pub leader_commit: u64,
 }
 
 /// The [`Body::HeartbeatResponse`] of one group.
@@ -85,10 +86,14 @@ impl HeartbeatItem {
     /// The item of `msg` if it is a heartbeat, for coalescing.
     pub fn from_message(group: u16, msg: &Message<Command>) -> Option<HeartbeatItem> {
         match msg.body {
-            Body::Heartbeat { commit } => Some(HeartbeatItem {
+            Body::Heartbeat {
+                commit,
+                leader_commit,
+            } => Some(HeartbeatItem {
                 group,
                 term: msg.term,
                 commit,
+                leader_commit,
             }),
             _ => None,
         }
@@ -102,6 +107,7 @@ impl HeartbeatItem {
             term: self.term,
             body: Body::Heartbeat {
                 commit: self.commit,
+                leader_commit: self.leader_commit,
             },
         }
     }
@@ -398,9 +404,11 @@ enum WireBody<'a> {
         prev_index: u64,
         conflict_term: Option<u64>,
         first_index: u64,
+        catching_up: bool,
     },
     Heartbeat {
         commit: u64,
+        leader_commit: u64,
     },
     HeartbeatResponse,
     InstallSnapshot {
@@ -507,12 +515,20 @@ impl<'a> WireBody<'a> {
                 prev_index,
                 conflict_term,
                 first_index,
+                catching_up,
             }) => WireBody::AppendRejected {
                 prev_index: *prev_index,
                 conflict_term: *conflict_term,
                 first_index: *first_index,
+                catching_up: *catching_up,
             },
-            Body::Heartbeat { commit } => WireBody::Heartbeat { commit: *commit },
+            Body::Heartbeat {
+                commit,
+                leader_commit,
+            } => WireBody::Heartbeat {
+                commit: *commit,
+                leader_commit: *leader_commit,
+            },
             Body::HeartbeatResponse => WireBody::HeartbeatResponse,
             Body::InstallSnapshot {
                 meta,
@@ -654,13 +670,19 @@ impl ArchivedWireBody<'_> {
                 prev_index,
                 conflict_term,
                 first_index,
+                catching_up,
             } => Body::AppendResponse(AppendResponse::Rejected {
                 prev_index: prev_index.to_native(),
                 conflict_term: conflict_term.as_ref().map(|term| term.to_native()),
                 first_index: first_index.to_native(),
+                catching_up: *catching_up,
             }),
-            ArchivedWireBody::Heartbeat { commit } => Body::Heartbeat {
+            ArchivedWireBody::Heartbeat {
+                commit,
+                leader_commit,
+            } => Body::Heartbeat {
                 commit: commit.to_native(),
+                leader_commit: leader_commit.to_native(),
             },
             ArchivedWireBody::HeartbeatResponse => Body::HeartbeatResponse,
             ArchivedWireBody::InstallSnapshot {
@@ -819,13 +841,18 @@ mod tests {
                 prev_index: 10,
                 conflict_term: Some(3),
                 first_index: 8,
+                catching_up: false,
             }),
             Body::AppendResponse(AppendResponse::Rejected {
                 prev_index: 10,
                 conflict_term: None,
                 first_index: 5,
+                catching_up: true,
             }),
-            Body::Heartbeat { commit: 12 },
+            Body::Heartbeat {
+                commit: 12,
+                leader_commit: 15,
+            },
             Body::HeartbeatResponse,
             Body::InstallSnapshot {
                 meta,
@@ -886,6 +913,7 @@ mod tests {
                 group,
                 term: 3 + group as u64,
                 commit: u64::MAX - group as u64,
+                leader_commit: u64::MAX - group as u64 / 2,
             })
             .collect();
         let acks: Vec<HeartbeatAck> = (0..GROUPS)
@@ -911,14 +939,21 @@ mod tests {
 
     #[test]
     fn heartbeat_items_split_out_and_rebuild_raft_messages() {
-        let heartbeat = message(5, Body::Heartbeat { commit: 8 });
+        let heartbeat = message(
+            5,
+            Body::Heartbeat {
+                commit: 8,
+                leader_commit: 9,
+            },
+        );
         let item = HeartbeatItem::from_message(42, &heartbeat).unwrap();
         assert_eq!(
             item,
             HeartbeatItem {
                 group: 42,
                 term: 5,
-                commit: 8
+                commit: 8,
+                leader_commit: 9,
             }
         );
         assert_eq!(item.to_message(1, 3), heartbeat);

@@ -13,7 +13,7 @@ pub const FRAME_HEADER_BYTES: usize = 8;
 /// Largest frame payload; a peer announcing more is cut off (bounded memory).
 pub const FRAME_PAYLOAD_BYTES_MAX: usize = 32 << 20;
 /// Version of the node-to-node protocol; peers must speak the same one.
-pub const WIRE_VERSION: u32 = 2;
+pub const WIRE_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {

@@ -788,10 +788,14 @@ impl ShardCore {
         let to = msg.to;
         let outbox = peers.outbox.entry(to).or_default();
         match msg.body {
-            Body::Heartbeat { commit } => outbox.heartbeats.push(HeartbeatItem {
+            Body::Heartbeat {
+                commit,
+                leader_commit,
+            } => outbox.heartbeats.push(HeartbeatItem {
                 group,
                 term: msg.term,
                 commit,
+                leader_commit,
             }),
             Body::HeartbeatResponse => outbox.acks.push(HeartbeatAck {
                 group,
