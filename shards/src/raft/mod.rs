@@ -71,6 +71,9 @@ pub use rng::SplitMix64;
 pub struct PlantedBugs {
     /// Commit by counting replicas an entry of an earlier term (breaks §5.4.2, Figure 8).
     pub commit_previous_term: bool,
+    /// Grant votes and pre-votes while catching up (breaks catch_up.rs: a member that
+    /// lost acknowledged entries helps elect a leader that lacks them).
+    pub vote_while_catching_up: bool,
 }
 
 /// Identifies a member of the group (a node of the cluster).

@@ -607,7 +607,7 @@ impl<T: Clone> RaftNode<T> {
         // A member catching up may lack committed entries it acknowledged (catch_up.rs).
         let granted = term > self.term
             && !self.in_lease()
-            && !self.is_catching_up()
+            && self.may_vote()
             && self.log.is_up_to_date(last_index, last_term);
         let reply_term = if granted { term } else { self.term };
         self.messages.push(Message {
@@ -622,7 +622,7 @@ impl<T: Clone> RaftNode<T> {
     /// while catching up (catch_up.rs).
     fn on_vote(&mut self, from: NodeId, last_index: u64, last_term: u64) {
         let granted = (self.vote.is_none() || self.vote == Some(from))
-            && !self.is_catching_up()
+            && self.may_vote()
             && self.log.is_up_to_date(last_index, last_term);
         if granted {
             self.vote = Some(from);
@@ -635,6 +635,11 @@ impl<T: Clone> RaftNode<T> {
             body: Body::VoteResponse { granted },
         };
         self.persisted_messages.push(msg);
+    }
+
+    /// Not while catching up (catch_up.rs), unless that rule is planted away.
+    fn may_vote(&self) -> bool {
+        !self.is_catching_up() || self.planted.vote_while_catching_up
     }
 
     fn on_vote_response(&mut self, from: NodeId, granted: bool) {
