@@ -64,6 +64,12 @@ pub enum PeerFrame {
         id: u64,
         body: Vec<u8>,
     },
+    /// The sender refuses this connection (its handshake was fine, the peer is not, e.g.
+    /// it came back with a new data dir): the first and last frame on it, so that the
+    /// refused node can say why in its own log.
+    Refused {
+        reason: String,
+    },
 }
 
 /// The [`Body::Heartbeat`] of one group, without the node ids its frame carries.
@@ -294,6 +300,7 @@ fn check(frame: &PeerFrame) -> Result<(), PeerError> {
             items.iter().try_for_each(|ack| check_group(ack.group))
         }
         PeerFrame::Request { .. } | PeerFrame::Response { .. } => Ok(()),
+        PeerFrame::Refused { .. } => Ok(()),
     }
 }
 
@@ -362,6 +369,10 @@ enum WireFrame<'a> {
         id: u64,
         #[rkyv(with = Inline)]
         body: &'a Vec<u8>,
+    },
+    Refused {
+        #[rkyv(with = Inline)]
+        reason: &'a String,
     },
 }
 
@@ -470,6 +481,7 @@ impl<'a> WireFrame<'a> {
             },
             PeerFrame::Request { id, body } => WireFrame::Request { id: *id, body },
             PeerFrame::Response { id, body } => WireFrame::Response { id: *id, body },
+            PeerFrame::Refused { reason } => WireFrame::Refused { reason },
         }
     }
 }
@@ -608,6 +620,9 @@ impl ArchivedWireFrame<'_> {
             ArchivedWireFrame::Response { id, body } => PeerFrame::Response {
                 id: id.to_native(),
                 body: body.to_vec(),
+            },
+            ArchivedWireFrame::Refused { reason } => PeerFrame::Refused {
+                reason: reason.as_str().to_string(),
             },
         })
     }
@@ -963,6 +978,13 @@ mod tests {
         assert_eq!(ack.to_message(1, 3), response);
         assert_eq!(HeartbeatItem::from_message(42, &response), None);
         assert_eq!(HeartbeatAck::from_message(42, &heartbeat), None);
+    }
+
+    #[test]
+    fn a_refusal_round_trips() {
+        round_trip(PeerFrame::Refused {
+            reason: "node 3 came back with a new data dir".into(),
+        });
     }
 
     #[test]

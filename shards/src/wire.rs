@@ -105,6 +105,9 @@ pub struct Handshake {
     /// The shard this connection belongs to (one connection per shard and peer).
     pub shard: u32,
     pub settings: ClusterSettings,
+    /// The random id of the sender's data dir, drawn when it was created: peers refuse
+    /// a node they know that comes back with another one ([`check_data_incarnation`]).
+    pub data_incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +136,12 @@ pub enum HandshakeError {
         ours: Box<ClusterSettings>,
         theirs: Box<ClusterSettings>,
     },
+    /// A node we know came back with another data dir: see [`check_data_incarnation`].
+    NewDataDir {
+        node_id: u64,
+        theirs: u64,
+        known: u64,
+    },
 }
 
 impl std::fmt::Display for HandshakeError {
@@ -160,6 +169,18 @@ impl std::fmt::Display for HandshakeError {
                     "cluster-wide settings differ: peer {theirs:?}, ours {ours:?}"
                 )
             }
+            HandshakeError::NewDataDir {
+                node_id,
+                theirs,
+                known,
+            } => write!(
+                f,
+                "node {node_id} came back with a new data dir (incarnation {theirs:016x}, we \
+                 knew {known:016x}): it lost entries it may have acknowledged and the votes it \
+                 cast, so it may not rejoin as it is. Stop it and start it with `starcite \
+                 serve --rebuild --forget-votes --data-incarnation {known:016x}` while every \
+                 other node is up (docs/deployment.md, \"Repairing a replica\")"
+            ),
         }
     }
 }
@@ -220,6 +241,24 @@ impl Handshake {
     }
 }
 
+/// A data dir deleted and created afresh has lost what its node promised (acknowledged
+/// entries, votes: Raft §5.2, §5.3): its node may rejoin only through the repair of
+/// `starcite serve --rebuild --forget-votes`, which takes the old incarnation back.
+/// `known`: the incarnation we last accepted for that node, None if we never met it.
+pub fn check_data_incarnation(
+    theirs: &Handshake,
+    known: Option<u64>,
+) -> Result<(), HandshakeError> {
+    match known {
+        Some(known) if known != theirs.data_incarnation => Err(HandshakeError::NewDataDir {
+            node_id: theirs.node_id,
+            theirs: theirs.data_incarnation,
+            known,
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +278,7 @@ mod tests {
                 retention_bytes: 0,
                 retention_age_ms: 0,
             },
+            data_incarnation: 0xA1,
         }
     }
 
@@ -335,5 +375,35 @@ mod tests {
         ));
         let itself = ours();
         assert!(ours().accept(&itself, &members).is_err());
+    }
+
+    #[test]
+    fn a_known_node_with_a_new_data_dir_is_refused_naming_the_repair() {
+        let peer = Handshake {
+            node_id: 3,
+            data_incarnation: 0xB2,
+            ..ours()
+        };
+        assert_eq!(check_data_incarnation(&peer, None), Ok(()), "never met");
+        assert_eq!(
+            check_data_incarnation(&peer, Some(0xB2)),
+            Ok(()),
+            "the same"
+        );
+        let refused = check_data_incarnation(&peer, Some(0xC3)).unwrap_err();
+        assert_eq!(
+            refused,
+            HandshakeError::NewDataDir {
+                node_id: 3,
+                theirs: 0xB2,
+                known: 0xC3
+            }
+        );
+        let text = refused.to_string();
+        assert!(
+            text.contains("node 3 came back with a new data dir")
+                && text.contains("--rebuild --forget-votes --data-incarnation 00000000000000c3"),
+            "{text}"
+        );
     }
 }

@@ -173,6 +173,21 @@ pub struct HardState {
     pub commit: u64,
 }
 
+impl HardState {
+    /// Folds in a term and vote written later (log replay) or carried over (a rebuilt
+    /// data dir): the term never goes back, and the vote of a term, once cast, is never
+    /// taken back or replaced (§5.2, one vote per term). `commit` is not touched.
+    pub fn merge(&mut self, term: u64, vote: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        if term == self.term && self.vote.is_none() {
+            self.vote = vote;
+        }
+    }
+}
+
 /// The last (index, term) a state-machine snapshot covers. The bytes are the shell's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SnapshotMeta {
