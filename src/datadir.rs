@@ -192,3 +192,72 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
     })();
     result.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            format_version: DATA_FORMAT_VERSION,
+            cluster_id: "c".into(),
+            node_id: 2,
+            shards: 1,
+        }
+    }
+
+    fn fresh_root(name: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("starcite-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        root
+    }
+
+    fn stored(root: &Path) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(root.join(IDENTITY_FILE)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_new_data_dir_gets_an_incarnation_that_stays() {
+        let root = fresh_root("incarnation-new");
+        let first = DataDir::open(&root, &identity(), None).unwrap().incarnation;
+        let again = DataDir::open(&root, &identity(), None).unwrap().incarnation;
+        assert_eq!(first, again);
+        assert_eq!(stored(&root)["incarnation"], format_incarnation(first));
+        // Deleted and created afresh: another one.
+        fs::remove_dir_all(&root).unwrap();
+        let other = DataDir::open(&root, &identity(), None).unwrap().incarnation;
+        assert_ne!(other, first);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_of_an_earlier_version_is_given_an_incarnation_at_start() {
+        let root = fresh_root("incarnation-migrated");
+        fs::create_dir_all(&root).unwrap();
+        let old = serde_json::to_vec_pretty(&identity()).unwrap();
+        fs::write(root.join(IDENTITY_FILE), old).unwrap();
+        let dir = DataDir::open(&root, &identity(), None).unwrap();
+        let text = stored(&root)["incarnation"].as_str().unwrap().to_string();
+        assert_eq!(parse_incarnation(&text), Ok(dir.incarnation));
+        assert_eq!(stored(&root)["node_id"], 2, "the identity is kept");
+        drop(dir);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn data_incarnation_replaces_the_incarnation() {
+        let root = fresh_root("incarnation-given");
+        DataDir::open(&root, &identity(), None).unwrap();
+        let dir = DataDir::open(&root, &identity(), Some(0xAB)).unwrap();
+        assert_eq!(dir.incarnation, 0xAB);
+        assert_eq!(stored(&root)["incarnation"], "00000000000000ab");
+        drop(dir);
+        assert_eq!(
+            DataDir::open(&root, &identity(), None).unwrap().incarnation,
+            0xAB
+        );
+        assert!(parse_incarnation("xyz").is_err());
+        assert!(parse_incarnation("00000000000000000").is_err(), "17 digits");
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

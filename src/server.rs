@@ -45,10 +45,11 @@ struct ShardBoot {
     ready: Arc<AtomicUsize>,
     stop: oneshot::Receiver<()>,
     archive: Option<ArchiveLink>,
-    /// An unfinished rebuild (`crate::rebuild`): its marker and the tracker that
-    /// removes it.
-    rebuild: Option<(Arc<Marker>, Arc<RebuildTracker>)>,
+    rebuild: Option<Rebuild>,
 }
+
+/// An unfinished rebuild (`crate::rebuild`): its marker and the tracker that removes it.
+type Rebuild = (Arc<Marker>, Arc<RebuildTracker>);
 
 /// Runs a node until it is asked to stop. Returns an error message for a failed start.
 pub fn run(config: ServeConfig) -> Result<(), String> {
@@ -144,7 +145,7 @@ fn start_rebuild(
     config: &ServeConfig,
     data_dir: &DataDir,
     members: usize,
-) -> Result<Option<(Arc<Marker>, Arc<RebuildTracker>)>, String> {
+) -> Result<Option<Rebuild>, String> {
     let shards = config.shard_count();
     let marker = if config.rebuild {
         Some(crate::rebuild::prepare(

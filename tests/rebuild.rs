@@ -277,7 +277,7 @@ fn rebuilding_a_replica_under_load_converges_and_loses_no_acknowledged_append() 
     let moved = before
         .iter()
         .zip(&after)
-        .filter(|(b, a)| b.1 != Value::from(3) && (b.1 != a.1 || b.2 != a.2))
+        .filter(|(b, a)| b.1 != 3 && (b.1 != a.1 || b.2 != a.2))
         .count();
     println!("rebuild: {moved} of the groups node 1 or 2 led changed leader meanwhile");
 
