@@ -561,7 +561,7 @@ impl Sim {
         for (id, n) in &self.nodes {
             let r = &n.raft;
             out.push_str(&format!(
-                "\nnode {id} up {} {:?} term {} leader {:?} commit {} persisted {} last {} snap {} applied {} pending {} progress {:?}",
+                "\nnode {id} up {} {:?} term {} leader {:?} commit {} persisted {} last {} snap {} applied {} pending {} rebuilding {:?} catch_up {:?} progress {:?}",
                 n.up,
                 r.role(),
                 r.term(),
@@ -572,6 +572,8 @@ impl Sim {
                 r.snapshot_index(),
                 n.applied.len(),
                 n.pending.len(),
+                n.rebuilding,
+                r.catch_up,
                 r.progress,
             ));
         }

@@ -666,10 +666,11 @@ fn random_run(seed: u64, ticks: u64) -> super::sim::Stats {
         }
     }
     // A proposal to a leader that is deposed before it commits is lost: retry, as a
-    // client would, until the value is applied everywhere.
+    // client would, until the value is applied everywhere. The bound covers a wiped node
+    // that needs two whole snapshots in 16-byte chunks, one at a time (1,000 ticks).
     let marker = u64::MAX - 1;
     let mut applied_everywhere = false;
-    for _ in 0..40 {
+    for _ in 0..100 {
         if let Some(leader) = sim.leader() {
             if !sim.nodes[&leader].applied.contains(&marker) {
                 let _ = sim.propose(leader, marker);
