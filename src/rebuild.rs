@@ -279,6 +279,112 @@ impl RebuildTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datadir::{Identity, DATA_FORMAT_VERSION};
+    use shards::entry::LogRecord;
+
+    fn hard(group: u16, term: u64, vote: u64) -> LogRecord {
+        LogRecord {
+            group,
+            term,
+            index: 0,
+            command: Command::Meta(MetaRecord::HardState {
+                term,
+                vote,
+                commit: 0,
+            }),
+        }
+    }
+
+    fn noop(group: u16, term: u64, index: u64) -> LogRecord {
+        LogRecord {
+            group,
+            term,
+            index,
+            command: Command::Noop,
+        }
+    }
+
+    /// A one-shard data dir whose first segment holds `batches`, one batch each.
+    fn data_dir_with(name: &str, batches: &[Vec<LogRecord>]) -> (DataDir, PathBuf) {
+        let root = std::env::temp_dir().join(format!("starcite-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let identity = Identity {
+            format_version: DATA_FORMAT_VERSION,
+            cluster_id: "c".into(),
+            node_id: 1,
+            shards: 1,
+        };
+        let dir = DataDir::open(&root, &identity, None).unwrap();
+        let log = dir.shard_dir(0).join("log");
+        std::fs::create_dir_all(&log).unwrap();
+        let mut segment = Vec::new();
+        for records in batches {
+            let mut batch = shards::codec::BatchBuilder::new(1);
+            for r in records {
+                batch.push(r).unwrap();
+            }
+            segment.extend(batch.finish());
+        }
+        segment.resize(1 << 20, 0);
+        let path = log.join(format!("{:020}.seg", 1));
+        std::fs::write(&path, segment).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_rebuild_carries_each_groups_newest_term_and_vote_then_deletes_the_log() {
+        let (dir, segment) = data_dir_with(
+            "rebuild-carry",
+            &[
+                vec![hard(5, 2, 1), noop(5, 2, 1)],
+                vec![hard(5, 3, 0), hard(7, 4, 0)],
+                vec![hard(5, 3, 2), hard(5, 2, 1)],
+            ],
+        );
+        let marker = prepare(&dir, 1, false).unwrap();
+        let states = marker.hard_states();
+        assert_eq!((states[&5].term, states[&5].vote), (3, Some(2)));
+        assert_eq!((states[&7].term, states[&7].vote), (4, None));
+        assert!(!segment.exists(), "the log is deleted");
+        assert_eq!(read_marker(&dir.root).unwrap(), Some(marker));
+        // A second --rebuild (the new log is empty) keeps what the marker carried.
+        let again = prepare(&dir, 1, false).unwrap();
+        assert_eq!(again.hard_states(), states);
+        let _ = std::fs::remove_dir_all(&dir.root);
+    }
+
+    #[test]
+    fn a_rebuild_refuses_a_log_it_cannot_read_and_forget_votes_goes_on() {
+        let (dir, segment) = data_dir_with(
+            "rebuild-corrupt",
+            &[vec![hard(5, 2, 1)], vec![hard(5, 3, 2)]],
+        );
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes[44] ^= 0x5A; // inside the first batch's record; a valid batch follows
+        std::fs::write(&segment, bytes).unwrap();
+        let err = prepare(&dir, 1, false).unwrap_err();
+        assert!(
+            err.contains("cannot be read") && err.contains("--rebuild --forget-votes"),
+            "{err}"
+        );
+        assert!(segment.exists() && read_marker(&dir.root).unwrap().is_none());
+        let marker = prepare(&dir, 1, true).unwrap();
+        assert!(marker.forget_votes && marker.groups.is_empty());
+        assert!(!segment.exists());
+        let _ = std::fs::remove_dir_all(&dir.root);
+    }
+
+    #[test]
+    fn a_rebuild_of_a_data_dir_without_any_term_has_nothing_to_carry() {
+        let (dir, segment) = data_dir_with("rebuild-empty", &[]);
+        let err = prepare(&dir, 1, false).unwrap_err();
+        assert!(
+            err.contains("nothing to carry") && err.contains("--forget-votes"),
+            "{err}"
+        );
+        assert!(segment.exists());
+        let _ = std::fs::remove_dir_all(&dir.root);
+    }
 
     #[test]
     fn a_marker_round_trips_its_carried_terms_and_votes() {
