@@ -225,6 +225,7 @@ fn a_wiped_replica_catches_up_while_its_leaders_stay() {
         ..Options::default()
     };
     let mut coverage = Coverage::default();
+    let start = Instant::now();
     for seed in first..first + count {
         let lose_hard_state = seed % 2 == 0;
         match run_wipe_seed(seed, &options, lose_hard_state) {
@@ -234,7 +235,12 @@ fn a_wiped_replica_catches_up_while_its_leaders_stay() {
             ),
         }
     }
-    print_coverage("wipe scenario", count, &coverage, 0.0);
+    print_coverage(
+        "wipe scenario",
+        count,
+        &coverage,
+        start.elapsed().as_secs_f64(),
+    );
     assert_eq!(coverage.rebuilds, count, "one wipe per seed");
     assert!(coverage.snapshot_installs > 0, "{coverage:?}");
 }
