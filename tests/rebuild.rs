@@ -23,7 +23,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::cluster::{is_retryable, post_append, Ack, Cluster, ClusterOpts};
-use common::{seqs, try_request};
+use common::{seqs, try_request, Ws};
 use serde_json::{json, Value};
 
 /// The bound the issue sets on convergence after a rebuild.
@@ -324,6 +324,15 @@ fn rebuilding_a_replica_under_load_converges_and_loses_no_acknowledged_append() 
             "{id} in {view}"
         );
         assert_acks_present(&cluster, 3, id, &acks);
+    }
+    // Node 3's own copy of the history (a tail reads the local replica) is the leader's.
+    for id in &sessions[..2] {
+        let reference = cluster.events(1, id);
+        let path = format!("/v1/sessions/{id}/tail?cursor=0&batch_size=1000");
+        let mut ws = Ws::connect(cluster.addr(3), &path);
+        let tailed = ws.collect_until(reference.len() as u64, Duration::from_secs(20));
+        assert!(tailed == reference, "node 3's history of {id}");
+        ws.close();
     }
     for i in cluster.ids() {
         for g in all_groups() {
