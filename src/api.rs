@@ -242,23 +242,37 @@ impl Api {
         leaderless.sort_unstable();
         // The archive is detail only: it never changes the status code (API.md).
         let archive = archive_detail(&total);
-        if !leaderless.is_empty() {
-            let body = json!({
+        // So are a rebuild's progress and the peers that refuse this node (whose groups
+        // then have no leader, which decides the status).
+        let refused_by: serde_json::Map<String, serde_json::Value> = total
+            .refused_by
+            .iter()
+            .map(|(node, reason)| (node.to_string(), json!(reason)))
+            .collect();
+        let mut body = if leaderless.is_empty() {
+            json!({
+                "status": "ok",
+                "shards": shards,
+                "groups": shards::GROUPS,
+                "groups_without_leader": [],
+                "archive": archive,
+            })
+        } else {
+            json!({
                 "status": "degraded",
                 "reason": "some groups have no leader",
                 "groups_without_leader": leaderless,
                 "archive": archive,
-            });
-            return Response::json(503, body.to_string());
+            })
+        };
+        if total.groups_catching_up > 0 {
+            body["groups_catching_up"] = json!(total.groups_catching_up);
         }
-        let body = json!({
-            "status": "ok",
-            "shards": shards,
-            "groups": shards::GROUPS,
-            "groups_without_leader": [],
-            "archive": archive,
-        });
-        Response::json(200, body.to_string())
+        if !refused_by.is_empty() {
+            body["refused_by_peers"] = serde_json::Value::Object(refused_by);
+        }
+        let status = if leaderless.is_empty() { 200 } else { 503 };
+        Response::json(status, body.to_string())
     }
 
     async fn metrics(&self) -> Response {

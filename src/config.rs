@@ -137,6 +137,23 @@ pub struct ServeConfig {
     /// …or this long after its first event arrived.
     #[arg(long, env = "STARCITE_ARCHIVE_BATCH_DELAY", default_value = "10ms", value_parser = parse_duration)]
     pub archive_batch_delay: Duration,
+
+    /// Repair a damaged data dir: keep each group's term and vote, delete the log
+    /// segments, index files and snapshot, and catch up from the other replicas, voting
+    /// for no one until then (docs/deployment.md, "Repairing a replica").
+    #[arg(long, env = "STARCITE_REBUILD", default_value_t = false)]
+    pub rebuild: bool,
+
+    /// With --rebuild, when the terms and votes cannot be read (the log is damaged, or
+    /// the data dir was deleted by hand): carry nothing and learn the terms from every
+    /// other replica before taking part. Needs every other node up.
+    #[arg(long, env = "STARCITE_FORGET_VOTES", default_value_t = false)]
+    pub forget_votes: bool,
+
+    /// With --rebuild --forget-votes, for a data dir deleted by hand: the incarnation id
+    /// its peers knew (their refusal names it), so that they accept it again.
+    #[arg(long, env = "STARCITE_DATA_INCARNATION")]
+    pub data_incarnation: Option<String>,
 }
 
 /// One member of the cluster as configured.
@@ -187,6 +204,25 @@ impl ServeConfig {
         }
         if self.archive_batch_events == 0 {
             return Err("--archive-batch-events must be at least 1".into());
+        }
+        if self.forget_votes && !self.rebuild {
+            return Err("--forget-votes is a kind of --rebuild: give both".into());
+        }
+        if self.data_incarnation.is_some() && !self.forget_votes {
+            return Err(
+                "--data-incarnation is only for --rebuild --forget-votes (a data dir deleted by hand)"
+                    .into(),
+            );
+        }
+        if let Some(text) = &self.data_incarnation {
+            crate::datadir::parse_incarnation(text)
+                .map_err(|e| format!("--data-incarnation: {e}"))?;
+        }
+        if self.rebuild && self.members()?.len() < 2 {
+            return Err(
+                "--rebuild needs --peers: a node without replicas has nothing to rebuild from"
+                    .into(),
+            );
         }
         if let Some(url) = self.postgres_url() {
             url.parse::<postgres::Config>()
@@ -356,6 +392,38 @@ mod tests {
         assert!(err.contains("at least 3 log segments"), "{err}");
         let err = serve(&["--postgres-url", "postgres://x:notaport/db"]).unwrap_err();
         assert!(err.contains("--postgres-url"), "{err}");
+    }
+
+    #[test]
+    fn rebuild_needs_peers_and_its_options_need_rebuild() {
+        let peers = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003";
+        assert!(serve(&["--peers", peers, "--rebuild"]).unwrap().rebuild);
+        let err = serve(&["--rebuild"]).unwrap_err();
+        assert!(err.contains("needs --peers"), "{err}");
+        let err = serve(&["--peers", peers, "--forget-votes"]).unwrap_err();
+        assert!(err.contains("--rebuild"), "{err}");
+        let err = serve(&["--peers", peers, "--rebuild", "--data-incarnation", "ab"]).unwrap_err();
+        assert!(err.contains("--forget-votes"), "{err}");
+        let config = serve(&[
+            "--peers",
+            peers,
+            "--rebuild",
+            "--forget-votes",
+            "--data-incarnation",
+            "00000000000000ab",
+        ])
+        .unwrap();
+        assert!(config.forget_votes);
+        let err = serve(&[
+            "--peers",
+            peers,
+            "--rebuild",
+            "--forget-votes",
+            "--data-incarnation",
+            "xyz",
+        ])
+        .unwrap_err();
+        assert!(err.contains("not hex"), "{err}");
     }
 
     #[test]

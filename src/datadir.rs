@@ -1,4 +1,12 @@
 //! The data directory: its identity file and the lock that keeps a second process out.
+//!
+//! The identity file also holds the data dir's **incarnation**: a random id drawn when
+//! the directory is created. Peers remember it (`transport::incarnations`) and refuse
+//! a known node that comes back with another one, i.e. with a data dir deleted and
+//! created afresh, which has lost entries it acknowledged and the votes it cast
+//! (docs/deployment.md, "Repairing a replica"). A data dir created before incarnations
+//! existed gets one at its first start with this version (a compatible change: the
+//! format version stays).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -23,15 +31,46 @@ pub struct Identity {
     pub shards: usize,
 }
 
+/// What `starcite.json` holds: the identity, and the incarnation (absent in data dirs
+/// of earlier versions, which get one at start).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    #[serde(flatten)]
+    identity: Identity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incarnation: Option<String>,
+}
+
 /// An open, locked data directory. The lock lasts as long as this value.
 pub struct DataDir {
     pub root: PathBuf,
+    /// This data dir's random id, fixed when it was created (see the module docs).
+    pub incarnation: u64,
     _lock: File,
+}
+
+/// How an incarnation is written: 16 hex digits.
+pub fn format_incarnation(incarnation: u64) -> String {
+    format!("{incarnation:016x}")
+}
+
+pub fn parse_incarnation(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if text.is_empty() || text.len() > 16 {
+        return Err(format!("incarnation {text:?} is not 1-16 hex digits"));
+    }
+    u64::from_str_radix(text, 16).map_err(|_| format!("incarnation {text:?} is not hex"))
 }
 
 impl DataDir {
     /// Creates or opens `root`, takes the exclusive lock and checks (or records) identity.
-    pub fn open(root: &Path, wanted: &Identity) -> Result<DataDir, String> {
+    /// `incarnation`: replaces the data dir's incarnation (`--data-incarnation`, for a
+    /// data dir recreated after a deletion, with `--rebuild --forget-votes`).
+    pub fn open(
+        root: &Path,
+        wanted: &Identity,
+        incarnation: Option<u64>,
+    ) -> Result<DataDir, String> {
         fs::create_dir_all(root)
             .map_err(|e| format!("cannot create data dir {}: {e}", root.display()))?;
         // Absolute from here on: glommio opens directories with openat(-1, path), which
@@ -40,19 +79,47 @@ impl DataDir {
             .map_err(|e| format!("cannot resolve data dir {}: {e}", root.display()))?;
         let lock = lock_exclusive(&root.join(LOCK_FILE))?;
         let path = root.join(IDENTITY_FILE);
-        match fs::read(&path) {
+        let stored = match fs::read(&path) {
             Ok(bytes) => {
-                let found: Identity = serde_json::from_slice(&bytes)
+                let found: Stored = serde_json::from_slice(&bytes)
                     .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
-                check_identity(&found, wanted, root)?;
+                check_identity(&found.identity, wanted, root)?;
+                Some(found)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                write_durably(&path, &serde_json::to_vec_pretty(wanted).expect("json"))?;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let found = match &stored {
+            Some(s) => s
+                .incarnation
+                .as_deref()
+                .map(parse_incarnation)
+                .transpose()?,
+            None => None,
+        };
+        let chosen = incarnation.or(found).unwrap_or_else(rand::random);
+        if found != Some(chosen) {
+            match (stored.is_some(), found) {
+                (false, _) => {}
+                (true, None) => tracing::info!(
+                    incarnation = %format_incarnation(chosen),
+                    "data dir of an earlier version: assigned it an incarnation"
+                ),
+                (true, Some(old)) => tracing::warn!(
+                    old = %format_incarnation(old),
+                    new = %format_incarnation(chosen),
+                    "--data-incarnation replaces the data dir's incarnation"
+                ),
+            }
+            let record = Stored {
+                identity: wanted.clone(),
+                incarnation: Some(format_incarnation(chosen)),
+            };
+            write_durably(&path, &serde_json::to_vec_pretty(&record).expect("json"))?;
         }
         Ok(DataDir {
             root: root.to_path_buf(),
+            incarnation: chosen,
             _lock: lock,
         })
     }
@@ -124,4 +191,73 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
         Ok(())
     })();
     result.map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            format_version: DATA_FORMAT_VERSION,
+            cluster_id: "c".into(),
+            node_id: 2,
+            shards: 1,
+        }
+    }
+
+    fn fresh_root(name: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("starcite-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        root
+    }
+
+    fn stored(root: &Path) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(root.join(IDENTITY_FILE)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_new_data_dir_gets_an_incarnation_that_stays() {
+        let root = fresh_root("incarnation-new");
+        let first = DataDir::open(&root, &identity(), None).unwrap().incarnation;
+        let again = DataDir::open(&root, &identity(), None).unwrap().incarnation;
+        assert_eq!(first, again);
+        assert_eq!(stored(&root)["incarnation"], format_incarnation(first));
+        // Deleted and created afresh: another one.
+        fs::remove_dir_all(&root).unwrap();
+        let other = DataDir::open(&root, &identity(), None).unwrap().incarnation;
+        assert_ne!(other, first);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_data_dir_of_an_earlier_version_is_given_an_incarnation_at_start() {
+        let root = fresh_root("incarnation-migrated");
+        fs::create_dir_all(&root).unwrap();
+        let old = serde_json::to_vec_pretty(&identity()).unwrap();
+        fs::write(root.join(IDENTITY_FILE), old).unwrap();
+        let dir = DataDir::open(&root, &identity(), None).unwrap();
+        let text = stored(&root)["incarnation"].as_str().unwrap().to_string();
+        assert_eq!(parse_incarnation(&text), Ok(dir.incarnation));
+        assert_eq!(stored(&root)["node_id"], 2, "the identity is kept");
+        drop(dir);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn data_incarnation_replaces_the_incarnation() {
+        let root = fresh_root("incarnation-given");
+        DataDir::open(&root, &identity(), None).unwrap();
+        let dir = DataDir::open(&root, &identity(), Some(0xAB)).unwrap();
+        assert_eq!(dir.incarnation, 0xAB);
+        assert_eq!(stored(&root)["incarnation"], "00000000000000ab");
+        drop(dir);
+        assert_eq!(
+            DataDir::open(&root, &identity(), None).unwrap().incarnation,
+            0xAB
+        );
+        assert!(parse_incarnation("xyz").is_err());
+        assert!(parse_incarnation("00000000000000000").is_err(), "17 digits");
+        fs::remove_dir_all(&root).unwrap();
+    }
 }

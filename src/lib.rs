@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod rebuild;
 pub mod server;
 pub mod shard;
 pub mod store;

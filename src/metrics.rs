@@ -89,6 +89,13 @@ pub struct ShardStats {
     pub segments_deleted: u64,
     /// Groups with a replica here that have had no leader for 3 s (or never had one).
     pub leaderless: Vec<u16>,
+    /// Groups still catching up after a rebuild (they vote for no one meanwhile).
+    pub groups_catching_up: u64,
+    /// Peers that refused this node's handshake, and why (the last refusal of each).
+    pub refused_by: BTreeMap<u64, String>,
+    /// Handshakes of peers this shard refused because they came back with a new data
+    /// dir (another incarnation).
+    pub peers_refused: u64,
     /// The archive feed, when `--postgres-url` is set.
     pub archive: Option<ArchiveShardStats>,
     /// The archiver thread's counters (shared by every shard of the node).
@@ -156,6 +163,11 @@ impl ShardStats {
         self.stale_replies_dropped += other.stale_replies_dropped;
         self.segments_deleted += other.segments_deleted;
         self.leaderless.extend_from_slice(&other.leaderless);
+        self.groups_catching_up += other.groups_catching_up;
+        for (node, reason) in &other.refused_by {
+            self.refused_by.insert(*node, reason.clone());
+        }
+        self.peers_refused += other.peers_refused;
         if let Some(theirs) = &other.archive {
             self.archive
                 .get_or_insert_with(Default::default)
@@ -223,6 +235,10 @@ pub fn render(per_shard: &[ShardStats]) -> String {
             "starcite_log_segments_deleted_total",
             total.segments_deleted,
         ),
+        (
+            "starcite_peer_handshakes_refused_new_data_dir_total",
+            total.peers_refused,
+        ),
     ];
     for (name, value) in counters {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
@@ -231,7 +247,7 @@ pub fn render(per_shard: &[ShardStats]) -> String {
     total
         .fsync_latency
         .render(&mut out, "starcite_log_fsync_duration_seconds", "");
-    let gauges: [(&str, Gauge); 6] = [
+    let gauges: [(&str, Gauge); 8] = [
         ("starcite_hot_window_bytes", |s| s.hot_bytes),
         ("starcite_sessions", |s| s.sessions),
         ("starcite_tail_subscribers", |s| s.tail_subscribers),
@@ -240,6 +256,8 @@ pub fn render(per_shard: &[ShardStats]) -> String {
         ("starcite_raft_groups_without_leader", |s| {
             s.groups_without_leader
         }),
+        ("starcite_raft_groups_catching_up", |s| s.groups_catching_up),
+        ("starcite_refused_by_peers", |s| s.refused_by.len() as u64),
     ];
     for (name, get) in gauges {
         let _ = writeln!(out, "# TYPE {name} gauge");

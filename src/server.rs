@@ -17,11 +17,13 @@ use shards::session::Limits;
 use crate::api::Api;
 use crate::archive::{ArchiveConfig, Archiver, ArchiverHandle, Durable, StartError};
 use crate::config::ServeConfig;
-use crate::datadir::{DataDir, Identity, DATA_FORMAT_VERSION};
+use crate::datadir::{parse_incarnation, DataDir, Identity, DATA_FORMAT_VERSION};
 use crate::http::{HttpConfig, Shutdown};
 use crate::node::{serve_peer, MeshMsg, Node, MESH_CHANNEL_CAPACITY};
+use crate::rebuild::{Marker, RebuildTracker};
 use crate::shard::{
-    start_transport, ArchiveLink, PeerSettings, RaftSettings, ShardCore, ShardSettings,
+    start_transport, ArchiveLink, CatchUpSettings, PeerSettings, RaftSettings, ShardCore,
+    ShardSettings,
 };
 
 /// Connections one shard serves at once, at most; more are closed on accept.
@@ -43,7 +45,11 @@ struct ShardBoot {
     ready: Arc<AtomicUsize>,
     stop: oneshot::Receiver<()>,
     archive: Option<ArchiveLink>,
+    rebuild: Option<Rebuild>,
 }
+
+/// An unfinished rebuild (`crate::rebuild`): its marker and the tracker that removes it.
+type Rebuild = (Arc<Marker>, Arc<RebuildTracker>);
 
 /// Runs a node until it is asked to stop. Returns an error message for a failed start.
 pub fn run(config: ServeConfig) -> Result<(), String> {
@@ -65,7 +71,13 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         node_id: config.node_id,
         shards,
     };
-    let data_dir = Arc::new(DataDir::open(&config.data_dir, &identity)?);
+    let incarnation = config
+        .data_incarnation
+        .as_deref()
+        .map(parse_incarnation)
+        .transpose()?;
+    let data_dir = Arc::new(DataDir::open(&config.data_dir, &identity, incarnation)?);
+    let rebuild = start_rebuild(&config, &data_dir, members.len())?;
     let (archiver, mut links) = start_archiver(&config, shards)?;
     let config = Arc::new(config);
     let ready = Arc::new(AtomicUsize::new(0));
@@ -84,6 +96,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             ready: ready.clone(),
             stop: stop_rx,
             archive: links.as_mut().map(|links| links[index].clone()),
+            rebuild: rebuild.clone(),
         };
         let placement = if config.pin {
             Placement::Fixed(index)
@@ -123,6 +136,43 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `--rebuild` deletes the damaged log, keeping the terms and votes in the marker
+/// (`crate::rebuild::prepare`); a marker left by an unfinished rebuild makes this start
+/// catch up too, with or without the flag.
+fn start_rebuild(
+    config: &ServeConfig,
+    data_dir: &DataDir,
+    members: usize,
+) -> Result<Option<Rebuild>, String> {
+    let shards = config.shard_count();
+    let marker = if config.rebuild {
+        Some(crate::rebuild::prepare(
+            data_dir,
+            shards,
+            config.forget_votes,
+        )?)
+    } else {
+        crate::rebuild::read_marker(&data_dir.root)?
+    };
+    let Some(marker) = marker else {
+        return Ok(None);
+    };
+    if members < 2 {
+        return Err(format!(
+            "{} holds an unfinished rebuild ({}) but this node has no --peers to catch up from",
+            data_dir.root.display(),
+            crate::rebuild::MARKER_FILE
+        ));
+    }
+    if !config.rebuild {
+        tracing::warn!(
+            "an unfinished rebuild: every group catches up from its leader before it votes"
+        );
+    }
+    let tracker = RebuildTracker::new(&data_dir.root, shards);
+    Ok(Some((Arc::new(marker), Arc::new(tracker))))
 }
 
 /// Starts the Postgres archiver when a URL is configured: one link per shard. A
@@ -248,6 +298,18 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         },
         archive: boot.archive.clone(),
         retention: config.shard_retention(),
+        catch_up: boot
+            .rebuild
+            .as_ref()
+            .map(|(marker, tracker)| CatchUpSettings {
+                forget_votes: marker.forget_votes,
+                carried: marker
+                    .hard_states()
+                    .into_iter()
+                    .filter(|&(g, _)| shards::shard_of(g, config.shard_count()) == index)
+                    .collect(),
+                tracker: tracker.clone(),
+            }),
     };
     let peer_settings = if members.len() > 1 {
         Some(PeerSettings {
@@ -267,6 +329,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
                 retention_bytes: config.retention_bytes.unwrap_or(0),
                 retention_age_ms: config.retention_age.map_or(0, |a| a.as_millis() as u64),
             },
+            data_incarnation: boot.data_dir.incarnation,
         })
     } else {
         None

@@ -380,6 +380,38 @@ pub fn segment_epochs(dir: &Path) -> Result<Vec<u64>, String> {
     list_segments(dir)
 }
 
+/// Reads segment `epoch` of `dir` with plain blocking I/O and scans it (for
+/// `starcite serve --rebuild`, which reads the log before the executors start).
+pub fn scan_segment_blocking(dir: &Path, epoch: u64) -> Result<codec::SegmentScan, String> {
+    let path = segment_path(dir, epoch);
+    let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    Ok(codec::scan_segment(&bytes, epoch))
+}
+
+/// The start-up refusal message for a damaged log (see `refuse_message`).
+pub fn describe_log_error(dir: &Path, error: &codec::LogError) -> String {
+    refuse_message(dir, error)
+}
+
+/// The log's files in `dir`: segments, their index files, unfinished temp files.
+pub fn log_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("list {}: {e}", dir.display())),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("list {}: {e}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if [".seg", ".idx", ".tmp"].iter().any(|s| name.ends_with(s)) {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// When segment `epoch` was last written.
 pub fn segment_modified(dir: &Path, epoch: u64) -> io::Result<std::time::SystemTime> {
     std::fs::metadata(segment_path(dir, epoch))?.modified()

@@ -62,6 +62,10 @@ pub enum PeerFrame {
         request_crc: u32,
         body: Vec<u8>,
     },
+    /// The sender refuses this connection (its handshake was fine, the peer is not, e.g.
+    /// it came back with a new data dir): the first and last frame on it, so that the
+    /// refused node can say why in its own log.
+    Refused { reason: String },
 }
 
 /// Identifies a forwarded request for as long as the cluster runs: the requesting
@@ -87,6 +91,7 @@ pub struct HeartbeatItem {
     pub group: u16,
     pub term: u64,
     pub commit: u64,
+    pub leader_commit: u64,
 }
 
 /// The [`Body::HeartbeatResponse`] of one group.
@@ -100,10 +105,14 @@ impl HeartbeatItem {
     /// The item of `msg` if it is a heartbeat, for coalescing.
     pub fn from_message(group: u16, msg: &Message<Command>) -> Option<HeartbeatItem> {
         match msg.body {
-            Body::Heartbeat { commit } => Some(HeartbeatItem {
+            Body::Heartbeat {
+                commit,
+                leader_commit,
+            } => Some(HeartbeatItem {
                 group,
                 term: msg.term,
                 commit,
+                leader_commit,
             }),
             _ => None,
         }
@@ -117,6 +126,7 @@ impl HeartbeatItem {
             term: self.term,
             body: Body::Heartbeat {
                 commit: self.commit,
+                leader_commit: self.leader_commit,
             },
         }
     }
@@ -303,6 +313,7 @@ fn check(frame: &PeerFrame) -> Result<(), PeerError> {
             items.iter().try_for_each(|ack| check_group(ack.group))
         }
         PeerFrame::Request { .. } | PeerFrame::Response { .. } => Ok(()),
+        PeerFrame::Refused { .. } => Ok(()),
     }
 }
 
@@ -373,6 +384,10 @@ enum WireFrame<'a> {
         #[rkyv(with = Inline)]
         body: &'a Vec<u8>,
     },
+    Refused {
+        #[rkyv(with = Inline)]
+        reason: &'a String,
+    },
 }
 
 #[derive(Archive, Serialize)]
@@ -414,9 +429,11 @@ enum WireBody<'a> {
         prev_index: u64,
         conflict_term: Option<u64>,
         first_index: u64,
+        catching_up: bool,
     },
     Heartbeat {
         commit: u64,
+        leader_commit: u64,
     },
     HeartbeatResponse,
     InstallSnapshot {
@@ -486,6 +503,7 @@ impl<'a> WireFrame<'a> {
                 request_crc: *request_crc,
                 body,
             },
+            PeerFrame::Refused { reason } => WireFrame::Refused { reason },
         }
     }
 }
@@ -531,12 +549,20 @@ impl<'a> WireBody<'a> {
                 prev_index,
                 conflict_term,
                 first_index,
+                catching_up,
             }) => WireBody::AppendRejected {
                 prev_index: *prev_index,
                 conflict_term: *conflict_term,
                 first_index: *first_index,
+                catching_up: *catching_up,
             },
-            Body::Heartbeat { commit } => WireBody::Heartbeat { commit: *commit },
+            Body::Heartbeat {
+                commit,
+                leader_commit,
+            } => WireBody::Heartbeat {
+                commit: *commit,
+                leader_commit: *leader_commit,
+            },
             Body::HeartbeatResponse => WireBody::HeartbeatResponse,
             Body::InstallSnapshot {
                 meta,
@@ -622,6 +648,9 @@ impl ArchivedWireFrame<'_> {
                 request_crc: request_crc.to_native(),
                 body: body.to_vec(),
             },
+            ArchivedWireFrame::Refused { reason } => PeerFrame::Refused {
+                reason: reason.as_str().to_string(),
+            },
         })
     }
 }
@@ -690,13 +719,19 @@ impl ArchivedWireBody<'_> {
                 prev_index,
                 conflict_term,
                 first_index,
+                catching_up,
             } => Body::AppendResponse(AppendResponse::Rejected {
                 prev_index: prev_index.to_native(),
                 conflict_term: conflict_term.as_ref().map(|term| term.to_native()),
                 first_index: first_index.to_native(),
+                catching_up: *catching_up,
             }),
-            ArchivedWireBody::Heartbeat { commit } => Body::Heartbeat {
+            ArchivedWireBody::Heartbeat {
+                commit,
+                leader_commit,
+            } => Body::Heartbeat {
                 commit: commit.to_native(),
+                leader_commit: leader_commit.to_native(),
             },
             ArchivedWireBody::HeartbeatResponse => Body::HeartbeatResponse,
             ArchivedWireBody::InstallSnapshot {
@@ -855,13 +890,18 @@ mod tests {
                 prev_index: 10,
                 conflict_term: Some(3),
                 first_index: 8,
+                catching_up: false,
             }),
             Body::AppendResponse(AppendResponse::Rejected {
                 prev_index: 10,
                 conflict_term: None,
                 first_index: 5,
+                catching_up: true,
             }),
-            Body::Heartbeat { commit: 12 },
+            Body::Heartbeat {
+                commit: 12,
+                leader_commit: 15,
+            },
             Body::HeartbeatResponse,
             Body::InstallSnapshot {
                 meta,
@@ -922,6 +962,7 @@ mod tests {
                 group,
                 term: 3 + group as u64,
                 commit: u64::MAX - group as u64,
+                leader_commit: u64::MAX - group as u64 / 2,
             })
             .collect();
         let acks: Vec<HeartbeatAck> = (0..GROUPS)
@@ -947,14 +988,21 @@ mod tests {
 
     #[test]
     fn heartbeat_items_split_out_and_rebuild_raft_messages() {
-        let heartbeat = message(5, Body::Heartbeat { commit: 8 });
+        let heartbeat = message(
+            5,
+            Body::Heartbeat {
+                commit: 8,
+                leader_commit: 9,
+            },
+        );
         let item = HeartbeatItem::from_message(42, &heartbeat).unwrap();
         assert_eq!(
             item,
             HeartbeatItem {
                 group: 42,
                 term: 5,
-                commit: 8
+                commit: 8,
+                leader_commit: 9,
             }
         );
         assert_eq!(item.to_message(1, 3), heartbeat);
@@ -964,6 +1012,13 @@ mod tests {
         assert_eq!(ack.to_message(1, 3), response);
         assert_eq!(HeartbeatItem::from_message(42, &response), None);
         assert_eq!(HeartbeatAck::from_message(42, &heartbeat), None);
+    }
+
+    #[test]
+    fn a_refusal_round_trips() {
+        round_trip(PeerFrame::Refused {
+            reason: "node 3 came back with a new data dir".into(),
+        });
     }
 
     #[test]

@@ -13,8 +13,9 @@ pub const FRAME_HEADER_BYTES: usize = 8;
 /// Largest frame payload; a peer announcing more is cut off (bounded memory).
 pub const FRAME_PAYLOAD_BYTES_MAX: usize = 32 << 20;
 /// Version of the node-to-node protocol; peers must speak the same one.
-/// 3: the handshake carries the process incarnation; forwarded requests and replies
-/// carry a [`crate::peer::RequestId`] and the reply the request's crc.
+/// 3: the handshake carries the process and data dir incarnations; forwarded requests
+/// and replies carry a [`crate::peer::RequestId`] and the reply the request's crc;
+/// heartbeats carry the leader's commit, rejections whether the member is catching up.
 pub const WIRE_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +113,9 @@ pub struct Handshake {
     /// complete a request of this one.
     pub incarnation: u64,
     pub settings: ClusterSettings,
+    /// The random id of the sender's data dir, drawn when it was created: peers refuse
+    /// a node they know that comes back with another one ([`check_data_incarnation`]).
+    pub data_incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +144,12 @@ pub enum HandshakeError {
         ours: Box<ClusterSettings>,
         theirs: Box<ClusterSettings>,
     },
+    /// A node we know came back with another data dir: see [`check_data_incarnation`].
+    NewDataDir {
+        node_id: u64,
+        theirs: u64,
+        known: u64,
+    },
 }
 
 impl std::fmt::Display for HandshakeError {
@@ -167,6 +177,18 @@ impl std::fmt::Display for HandshakeError {
                     "cluster-wide settings differ: peer {theirs:?}, ours {ours:?}"
                 )
             }
+            HandshakeError::NewDataDir {
+                node_id,
+                theirs,
+                known,
+            } => write!(
+                f,
+                "node {node_id} came back with a new data dir (incarnation {theirs:016x}, we \
+                 knew {known:016x}): it lost entries it may have acknowledged and the votes it \
+                 cast, so it may not rejoin as it is. Stop it and start it with `starcite \
+                 serve --rebuild --forget-votes --data-incarnation {known:016x}` while every \
+                 other node is up (docs/deployment.md, \"Repairing a replica\")"
+            ),
         }
     }
 }
@@ -227,6 +249,24 @@ impl Handshake {
     }
 }
 
+/// A data dir deleted and created afresh has lost what its node promised (acknowledged
+/// entries, votes: Raft §5.2, §5.3): its node may rejoin only through the repair of
+/// `starcite serve --rebuild --forget-votes`, which takes the old incarnation back.
+/// `known`: the incarnation we last accepted for that node, None if we never met it.
+pub fn check_data_incarnation(
+    theirs: &Handshake,
+    known: Option<u64>,
+) -> Result<(), HandshakeError> {
+    match known {
+        Some(known) if known != theirs.data_incarnation => Err(HandshakeError::NewDataDir {
+            node_id: theirs.node_id,
+            theirs: theirs.data_incarnation,
+            known,
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +287,7 @@ mod tests {
                 retention_bytes: 0,
                 retention_age_ms: 0,
             },
+            data_incarnation: 0xA1,
         }
     }
 
@@ -343,5 +384,35 @@ mod tests {
         ));
         let itself = ours();
         assert!(ours().accept(&itself, &members).is_err());
+    }
+
+    #[test]
+    fn a_known_node_with_a_new_data_dir_is_refused_naming_the_repair() {
+        let peer = Handshake {
+            node_id: 3,
+            data_incarnation: 0xB2,
+            ..ours()
+        };
+        assert_eq!(check_data_incarnation(&peer, None), Ok(()), "never met");
+        assert_eq!(
+            check_data_incarnation(&peer, Some(0xB2)),
+            Ok(()),
+            "the same"
+        );
+        let refused = check_data_incarnation(&peer, Some(0xC3)).unwrap_err();
+        assert_eq!(
+            refused,
+            HandshakeError::NewDataDir {
+                node_id: 3,
+                theirs: 0xB2,
+                known: 0xC3
+            }
+        );
+        let text = refused.to_string();
+        assert!(
+            text.contains("node 3 came back with a new data dir")
+                && text.contains("--rebuild --forget-votes --data-incarnation 00000000000000c3"),
+            "{text}"
+        );
     }
 }

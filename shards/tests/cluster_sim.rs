@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use sim::{run_seed, Bugs, Coverage, Options};
+use sim::{run_seed, run_wipe_seed, Bugs, Coverage, Options};
 
 /// Seeds `cargo test` runs with a few groups each (measured: see the report in
 /// `random_seeds`).
@@ -89,7 +89,7 @@ fn run_seeds(first: u64, count: u64, options: &Options, stop_at_failure: bool) -
 
 fn print_coverage(label: &str, seeds: u64, c: &Coverage, secs: f64) {
     println!(
-        "{label}: {seeds} seeds in {secs:.1}s; coverage: elections {} leader_losses {} truncations {} snapshot_installs {} compactions {} crashes {} torn_tails {} partitions {} figure8 {} dedupe_hits {} retries {} acks {} expected_seq_conflicts {} commits {} messages {}",
+        "{label}: {seeds} seeds in {secs:.1}s; coverage: elections {} leader_losses {} truncations {} snapshot_installs {} compactions {} crashes {} torn_tails {} partitions {} figure8 {} dedupe_hits {} retries {} acks {} expected_seq_conflicts {} commits {} messages {} rebuilds {}",
         c.elections,
         c.leader_losses,
         c.truncations,
@@ -105,6 +105,7 @@ fn print_coverage(label: &str, seeds: u64, c: &Coverage, secs: f64) {
         c.expected_seq_conflicts,
         c.commits,
         c.messages,
+        c.rebuilds,
     );
 }
 
@@ -131,6 +132,7 @@ fn coverage_floor(c: &Coverage) -> Vec<(&'static str, u64, u64)> {
         ("acks", c.acks, 10_000),
         ("expected_seq_conflicts", c.expected_seq_conflicts, 1000),
         ("figure8", c.figure8, 150),
+        ("rebuilds", c.rebuilds, 20),
     ]
 }
 
@@ -209,6 +211,40 @@ fn same_seed_same_trace() {
     assert_ne!(a.trace_hash, c.trace_hash, "different seeds, same trace");
 }
 
+/// A node's data dir is wiped while every group keeps its leader (`starcite serve
+/// --rebuild`, issue 9): the leaders notice the lost acknowledgements and catch it up
+/// (with a snapshot where they compacted), it votes for no one meanwhile, and every
+/// replica converges with every acknowledged append. Half the seeds lose the term and
+/// vote too (`--rebuild --forget-votes`).
+#[test]
+fn a_wiped_replica_catches_up_while_its_leaders_stay() {
+    let first = env_u64("SIM_SEED").unwrap_or(FIRST_SEED);
+    let count = env_u64("SIM_WIPE_SEEDS").unwrap_or(200);
+    let options = Options {
+        verbose: verbose(),
+        ..Options::default()
+    };
+    let mut coverage = Coverage::default();
+    let start = Instant::now();
+    for seed in first..first + count {
+        let lose_hard_state = seed % 2 == 0;
+        match run_wipe_seed(seed, &options, lose_hard_state) {
+            Ok(report) => coverage.add(&report.coverage),
+            Err(e) => panic!(
+                "{e}\nreplay: SIM_SEED={seed} SIM_WIPE_SEEDS=1 SIM_VERBOSE=1 cargo test -p starcite-shards --release --test cluster_sim a_wiped_replica -- --nocapture"
+            ),
+        }
+    }
+    print_coverage(
+        "wipe scenario",
+        count,
+        &coverage,
+        start.elapsed().as_secs_f64(),
+    );
+    assert_eq!(coverage.rebuilds, count, "one wipe per seed");
+    assert!(coverage.snapshot_installs > 0, "{coverage:?}");
+}
+
 /// Runs seeds with `bugs` until the checker fails; it must within 1,000 seeds.
 fn planted(bugs: Bugs, name: &str) {
     let options = Options {
@@ -269,5 +305,16 @@ fn planted_bug_forgotten_dedupe_is_caught() {
             ..Bugs::default()
         },
         "forgotten_dedupe",
+    );
+}
+
+#[test]
+fn planted_bug_vote_while_catching_up_is_caught() {
+    planted(
+        Bugs {
+            vote_while_catching_up: true,
+            ..Bugs::default()
+        },
+        "vote_while_catching_up",
     );
 }

@@ -39,6 +39,7 @@ use crate::store::{Cold, EventStore, ReadPlan};
 use crate::wal::{LogReader, RecordLocation, Wal};
 
 pub use archive::ArchiveLink;
+pub(crate) use recovery::{decode_snapshot_file, SNAPSHOT_FILE};
 pub use replication::{set_isolated, start_transport, PeerSettings};
 pub use retention::Retention;
 
@@ -82,6 +83,19 @@ pub struct ShardSettings {
     pub archive: Option<ArchiveLink>,
     /// This shard's share of the retention settings and disk budget.
     pub retention: Retention,
+    /// A rebuild is under way (`crate::rebuild`): every group starts catching up.
+    pub catch_up: Option<CatchUpSettings>,
+}
+
+/// How groups start when a rebuild is under way (`crate::rebuild`).
+pub struct CatchUpSettings {
+    /// Nothing was carried: groups learn the terms from their peers first.
+    pub forget_votes: bool,
+    /// Each group's carried term and vote; the shard writes them as the first records
+    /// of its new log.
+    pub carried: BTreeMap<u16, shards::raft::HardState>,
+    /// Removes the marker once every shard has caught up.
+    pub tracker: Arc<crate::rebuild::RebuildTracker>,
 }
 
 /// Where a persisted, not yet applied entry lives in the log.
@@ -204,6 +218,8 @@ pub struct ShardCore {
     oldest_segment: Cell<u64>,
     /// Replay after a restart starts in this segment (the last durable snapshot's).
     snapshot_resume_epoch: Cell<u64>,
+    /// A rebuild is under way and some group of this shard is still catching up.
+    rebuild: RefCell<Option<Arc<crate::rebuild::RebuildTracker>>>,
 }
 
 /// Ops that change state: after a forwarding timeout their outcome is unknown.
@@ -277,6 +293,7 @@ impl ShardCore {
             settings.members.clone()
         };
         let mut groups = HashMap::new();
+        let mut carried_to_write = Vec::new();
         for group in
             (0..shards::GROUPS).filter(|&g| shards::shard_of(g, settings.shards) == settings.index)
         {
@@ -288,18 +305,32 @@ impl ShardCore {
             let r = recovered
                 .remove(&group)
                 .unwrap_or_else(|| recovery::RecoveredGroup::fresh(settings.limits));
+            let mut hard_state = r.hard_state;
+            if let Some(carried) = settings
+                .catch_up
+                .as_ref()
+                .and_then(|c| c.carried.get(&group))
+            {
+                hard_state.merge(carried.term, carried.vote);
+                if hard_state != r.hard_state {
+                    carried_to_write.push((group, hard_state));
+                }
+            }
             let restored = Restored {
-                hard_state: r.hard_state,
+                hard_state,
                 snapshot: recovery::snapshot_meta(&r),
                 entries: r.entries,
             };
-            let raft = RaftNode::new(
+            let mut raft = RaftNode::new(
                 raft_config(&settings.raft),
                 settings.node_id,
                 voters,
                 seed,
                 Some(restored),
             );
+            if let Some(c) = &settings.catch_up {
+                raft = raft.catch_up(c.forget_votes);
+            }
             let (state, applied, applied_term, checksum, persisted) =
                 (r.state, r.applied, r.applied_term, r.checksum, r.persisted);
             groups.insert(
@@ -353,7 +384,11 @@ impl ShardCore {
             segment_bytes,
             oldest_segment: Cell::new(oldest_segment),
             snapshot_resume_epoch: Cell::new(resume.0),
+            rebuild: RefCell::new(settings.catch_up.map(|c| c.tracker)),
         });
+        // The carried terms and votes are the first records of the new log; they go
+        // before anything this node promises (one durable batch at a time, in order).
+        core.write_hard_states(carried_to_write);
         glommio::spawn_local(core.clone().run_retention()).detach();
         glommio::spawn_local(core.clone().run_driver(driver_rx)).detach();
         glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
@@ -1154,6 +1189,7 @@ impl ShardCore {
             "applied_index": g.applied,
             "last_index": g.raft.last_index(),
             "snapshot_index": g.raft.snapshot_index(),
+            "catching_up": g.raft.is_catching_up(),
             "checksum": format!("{:016x}", g.checksum),
             "sessions": sessions,
         })
@@ -1199,6 +1235,13 @@ impl ShardCore {
             .count() as u64;
         drop(groups);
         stats.leaderless = self.groups_without_leader();
+        (stats.refused_by, stats.peers_refused) = self.refusals();
+        stats.groups_catching_up = self
+            .groups
+            .borrow()
+            .values()
+            .filter(|g| g.raft.is_catching_up())
+            .count() as u64;
         stats.archive = self.archive_stats();
         stats.archiver = self.archive.as_ref().map(|feed| feed.stats().clone());
         stats

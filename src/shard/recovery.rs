@@ -26,7 +26,7 @@ use super::{place_in_seal, Persisted, ShardSettings};
 use crate::store::EventStore;
 use crate::wal::{RecordLocation, Replayed};
 
-pub(super) const SNAPSHOT_FILE: &str = "snapshot";
+pub(crate) const SNAPSHOT_FILE: &str = "snapshot";
 
 /// Reads the shard's snapshot, if there is one. A snapshot that does not decode is an
 /// error: starting from the log alone could miss sealed segments' runs.
@@ -38,6 +38,11 @@ pub(super) async fn load_snapshot(dir: &Path) -> Result<Option<ShardSnapshot>, S
     else {
         return Ok(None);
     };
+    decode_snapshot_file(&path, &bytes).map(Some)
+}
+
+/// The snapshot in the bytes of the file at `path` (padded, with a length trailer).
+pub(crate) fn decode_snapshot_file(path: &Path, bytes: &[u8]) -> Result<ShardSnapshot, String> {
     let trailer = bytes
         .len()
         .checked_sub(8)
@@ -46,9 +51,7 @@ pub(super) async fn load_snapshot(dir: &Path) -> Result<Option<ShardSnapshot>, S
     let body = bytes
         .get(..len)
         .ok_or_else(|| format!("{} is truncated", path.display()))?;
-    ShardSnapshot::decode(body)
-        .map(Some)
-        .map_err(|e| format!("{}: {e}", path.display()))
+    ShardSnapshot::decode(body).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// An entry record seen during replay, with the event it carries (if any).
@@ -255,13 +258,7 @@ impl Recovery {
                 Command::Meta(MetaRecord::HardState { term, vote, commit }) => {
                     // A record older than the snapshot's hard state never rolls it back.
                     let h = &mut group.hard_state;
-                    if term > h.term {
-                        h.term = term;
-                        h.vote = None;
-                    }
-                    if term == h.term && h.vote.is_none() && vote != 0 {
-                        h.vote = Some(vote);
-                    }
+                    h.merge(term, (vote != 0).then_some(vote));
                     h.commit = h.commit.max(commit);
                 }
                 Command::Meta(MetaRecord::Snapshot {
@@ -392,6 +389,7 @@ mod tests {
         ShardSettings {
             archive: None,
             retention: Default::default(),
+            catch_up: None,
             index: 0,
             shards: 1,
             limits: Limits {

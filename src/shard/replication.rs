@@ -38,6 +38,8 @@ const RAFT_LOG_BYTES_PER_GROUP: u64 = 2 << 20;
 const SNAPSHOT_TRANSFER_BYTES_MAX: usize = 512 << 20;
 /// Bound of one peer's send queue.
 const SEND_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// In each shard dir: the data dir incarnation of every peer (`transport::incarnations`).
+const PEER_INCARNATIONS_FILE: &str = "peers.json";
 /// Frames' payload size we aim under (a heartbeat frame is split past it).
 const HEARTBEATS_PER_FRAME_MAX: usize = 4096;
 
@@ -53,6 +55,8 @@ pub struct PeerSettings {
     /// Every OTHER member's shard-0 peer address.
     pub peers: Vec<(u64, SocketAddr)>,
     pub settings: ClusterSettings,
+    /// This node's data dir incarnation (`crate::datadir`).
+    pub data_incarnation: u64,
 }
 
 /// Log records of one Ready, and what to do once they are durable.
@@ -131,10 +135,12 @@ pub fn start_transport(core: &Rc<ShardCore>, peer: PeerSettings) -> Result<(), S
             shard,
             incarnation: peer.incarnation,
             settings: peer.settings,
+            data_incarnation: peer.data_incarnation,
         },
         send_queue_bytes_max: SEND_QUEUE_BYTES_MAX,
         reconnect_backoff_min: Duration::from_millis(20),
         reconnect_backoff_max: Duration::from_millis(500),
+        incarnations_file: Some(core.dir.join(PEER_INCARNATIONS_FILE)),
     };
     let forwards = Forwards::new(peer.incarnation);
     let (transport, incoming) = Transport::start(config)?;
@@ -147,6 +153,15 @@ pub fn start_transport(core: &Rc<ShardCore>, peer: PeerSettings) -> Result<(), S
 }
 
 impl ShardCore {
+    /// Peers that refused this node's handshake (and why), and how many handshakes this
+    /// shard refused for a new data dir.
+    pub(super) fn refusals(&self) -> (BTreeMap<u64, String>, u64) {
+        match &self.peers.borrow().transport {
+            Some(t) => (t.refused_by(), t.stats().new_data_dir_refusals),
+            None => (BTreeMap::new(), 0),
+        }
+    }
+
     /// Starts the Raft clock and hands out what recovery left committed. A group with
     /// one voter elects itself at once.
     pub(super) async fn start_raft(self: &Rc<Self>) {
@@ -232,6 +247,41 @@ impl ShardCore {
             }
             self.feed_archive();
             self.flush_outbox();
+            self.check_caught_up();
+        }
+    }
+
+    /// A rebuild is under way: once no group of this shard is catching up any more
+    /// (each persisted what a leader of its term had committed), the shard reports it
+    /// once; the last shard removes the marker (`crate::rebuild`).
+    fn check_caught_up(&self) {
+        if self.rebuild.borrow().is_none() {
+            return;
+        }
+        if self
+            .groups
+            .borrow()
+            .values()
+            .any(|g| g.raft.is_catching_up())
+        {
+            return;
+        }
+        if let Some(tracker) = self.rebuild.borrow_mut().take() {
+            tracker.shard_caught_up(self.index);
+        }
+    }
+
+    /// Writes each group's term and vote as log records (the hard state a rebuild
+    /// carried over, which Raft already holds but the new log does not).
+    pub(super) fn write_hard_states(&self, states: Vec<(u16, shards::raft::HardState)>) {
+        for (group, h) in states {
+            self.queue_unit(WriteUnit {
+                group,
+                records: vec![hard_state_record(group, h)],
+                snapshot: None,
+                last_entry: None,
+                messages: Vec::new(),
+            });
         }
     }
 
@@ -301,16 +351,7 @@ impl ShardCore {
             });
         }
         if let Some(h) = ready.hard_state {
-            unit.records.push(LogRecord {
-                group,
-                term: h.term,
-                index: 0,
-                command: Command::Meta(MetaRecord::HardState {
-                    term: h.term,
-                    vote: h.vote.unwrap_or(0),
-                    commit: h.commit,
-                }),
-            });
+            unit.records.push(hard_state_record(group, h));
         }
         if !unit.records.is_empty() || !unit.messages.is_empty() || unit.snapshot.is_some() {
             self.queue_unit(unit);
@@ -797,10 +838,14 @@ impl ShardCore {
         let to = msg.to;
         let outbox = peers.outbox.entry(to).or_default();
         match msg.body {
-            Body::Heartbeat { commit } => outbox.heartbeats.push(HeartbeatItem {
+            Body::Heartbeat {
+                commit,
+                leader_commit,
+            } => outbox.heartbeats.push(HeartbeatItem {
                 group,
                 term: msg.term,
                 commit,
+                leader_commit,
             }),
             Body::HeartbeatResponse => outbox.acks.push(HeartbeatAck {
                 group,
@@ -971,6 +1016,8 @@ impl ShardCore {
                     }
                 }
                 PeerFrame::Request { id, body } => self.serve_request(frame.from, id, body),
+                // Handled by the transport: only ever the first frame of a connection.
+                PeerFrame::Refused { .. } => {}
                 PeerFrame::Response {
                     id,
                     request_crc,
@@ -1068,6 +1115,20 @@ impl ShardCore {
         {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
+    }
+}
+
+/// The log record of a group's hard state (index 0: not an entry).
+fn hard_state_record(group: u16, h: shards::raft::HardState) -> LogRecord {
+    LogRecord {
+        group,
+        term: h.term,
+        index: 0,
+        command: Command::Meta(MetaRecord::HardState {
+            term: h.term,
+            vote: h.vote.unwrap_or(0),
+            commit: h.commit,
+        }),
     }
 }
 

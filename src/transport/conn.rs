@@ -33,6 +33,25 @@ pub(super) fn handshake_frame(ours: &Handshake) -> Vec<u8> {
     frame
 }
 
+/// The frame that tells a peer why we refuse it (see the module docs of `transport`).
+fn refusal_frame(reason: &str) -> Vec<u8> {
+    let payload = shards::peer::encode(&shards::peer::PeerFrame::Refused {
+        reason: reason.to_string(),
+    });
+    let mut frame = Vec::new();
+    encode_frame(&payload, &mut frame);
+    frame
+}
+
+/// Why a peer's handshake is refused.
+enum Refusal {
+    /// Closed without a word (another cluster, a miswired port, ...): the peer's
+    /// handshake check says why on its side, or ours is logged here.
+    Silent(String),
+    /// The peer itself must be repaired: it is told why before the connection closes.
+    Tell(String),
+}
+
 /// Why a connection (or an attempt at one) ended.
 #[derive(Debug)]
 enum ConnEnd {
@@ -44,6 +63,8 @@ enum ConnEnd {
     Replaced,
     /// Nobody receives incoming frames any more.
     ConsumerGone,
+    /// The peer refused us, with this reason (its first frame).
+    Refused(String),
 }
 
 impl std::fmt::Display for ConnEnd {
@@ -54,6 +75,7 @@ impl std::fmt::Display for ConnEnd {
             ConnEnd::Eof => write!(f, "closed by the peer"),
             ConnEnd::Replaced => write!(f, "replaced or shut down"),
             ConnEnd::ConsumerGone => write!(f, "incoming frames have no consumer"),
+            ConnEnd::Refused(reason) => write!(f, "refused by the peer: {reason}"),
         }
     }
 }
@@ -128,9 +150,16 @@ async fn accept_one(shared: &Rc<Shared>, mut stream: TcpStream, pending: Pending
     };
     let (peer_id, incarnation) = match check_handshake(shared, &theirs, None) {
         Ok(peer) => peer,
-        Err(reason) => {
+        Err(Refusal::Silent(reason)) => {
             tracing::warn!(%remote, %reason, "refusing peer connection");
             shared.bump(|s| s.handshakes_refused += 1);
+            return;
+        }
+        Err(Refusal::Tell(reason)) => {
+            // Our half of the handshake, then why: the peer's log says it too.
+            let mut bytes = shared.handshake_frame.clone();
+            bytes.extend_from_slice(&refusal_frame(&reason));
+            let _ = within(HANDSHAKE_TIMEOUT, stream.write_all(&bytes)).await;
             return;
         }
     };
@@ -148,34 +177,69 @@ fn check_handshake(
     shared: &Shared,
     bytes: &[u8],
     expected: Option<u64>,
-) -> Result<(u64, u64), String> {
-    let theirs = Handshake::decode(bytes).map_err(|e| e.to_string())?;
+) -> Result<(u64, u64), Refusal> {
+    let silent = |e: String| Refusal::Silent(e);
+    let theirs = Handshake::decode(bytes).map_err(|e| silent(e.to_string()))?;
     shared
         .config
         .handshake
         .accept(&theirs, &shared.config.members)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| silent(e.to_string()))?;
     match expected {
         Some(expected) if theirs.node_id != expected => {
-            return Err(format!(
+            return Err(silent(format!(
                 "expected node {expected} at this address, found node {}",
                 theirs.node_id
-            ));
+            )));
         }
         // The lower node id dials. Taking a connection from a higher one as well would
         // leave two connections to one peer replacing each other forever.
         None if theirs.node_id > shared.config.node_id => {
-            return Err(format!(
+            return Err(silent(format!(
                 "node {} dialled us, but we dial it (the lower node id dials)",
                 theirs.node_id
-            ));
+            )));
         }
         _ => {}
     }
     if !shared.peers.borrow().contains_key(&theirs.node_id) {
-        return Err(format!("node {} has no peer address here", theirs.node_id));
+        return Err(silent(format!(
+            "node {} has no peer address here",
+            theirs.node_id
+        )));
     }
+    check_incarnation(shared, &theirs)?;
     Ok((theirs.node_id, theirs.incarnation))
+}
+
+/// A node we know must come back with the data dir we knew (`incarnations`); one we
+/// never met is remembered from now on.
+fn check_incarnation(shared: &Shared, theirs: &Handshake) -> Result<(), Refusal> {
+    let node = theirs.node_id;
+    let known = shared.incarnations.borrow().get(node);
+    if let Err(e) = shards::wire::check_data_incarnation(theirs, known) {
+        let reason = e.to_string();
+        shared.bump(|s| {
+            s.handshakes_refused += 1;
+            s.new_data_dir_refusals += 1;
+        });
+        if shared.should_log_refusal(node) {
+            tracing::error!(peer = node, %reason, "refusing peer");
+        }
+        return Err(Refusal::Tell(reason));
+    }
+    if known.is_none() {
+        tracing::info!(
+            peer = node,
+            incarnation = %crate::datadir::format_incarnation(theirs.data_incarnation),
+            "remembering the data dir incarnation of a new peer"
+        );
+    }
+    shared
+        .incarnations
+        .borrow_mut()
+        .record(node, theirs.data_incarnation)
+        .map_err(Refusal::Silent)
 }
 
 /// Keeps one connection to a peer with a higher node id, redialling with backoff.
@@ -250,27 +314,33 @@ async fn dial_once(shared: &Rc<Shared>, peer_id: u64, addr: SocketAddr) -> Dial 
     };
     let incarnation = match check_handshake(shared, &theirs, Some(peer_id)) {
         Ok((_, incarnation)) => incarnation,
-        Err(reason) => {
+        Err(Refusal::Silent(reason)) => {
             tracing::warn!(peer = peer_id, %addr, %reason, "refusing peer");
             shared.bump(|s| s.handshakes_refused += 1);
             return Dial::Refused;
         }
+        Err(Refusal::Tell(reason)) => {
+            let _ = within(HANDSHAKE_TIMEOUT, stream.write_all(&refusal_frame(&reason))).await;
+            return Dial::Refused;
+        }
     };
-    run(shared, peer_id, incarnation, stream, reader).await;
-    Dial::Ran
+    match run(shared, peer_id, incarnation, stream, reader).await {
+        ConnEnd::Refused(_) => Dial::Refused,
+        _ => Dial::Ran,
+    }
 }
 
-/// Runs a handshaken connection until it fails or is replaced.
+/// Runs a handshaken connection until it fails or is replaced; says how it ended.
 async fn run(
     shared: &Rc<Shared>,
     peer_id: u64,
     incarnation: u64,
     stream: TcpStream,
     mut reader: FrameReader,
-) {
+) -> ConnEnd {
     reader.handshake_done();
     let Some(incoming) = shared.incoming.borrow().clone() else {
-        return;
+        return ConnEnd::ConsumerGone;
     };
     let (close_tx, close_rx) = oneshot::channel::<()>();
     let (wake_tx, wake_rx) = local_channel::new_bounded(1);
@@ -282,7 +352,7 @@ async fn run(
         wake: wake_tx,
     };
     if !register(shared, peer_id, incarnation, handle) {
-        return;
+        return ConnEnd::Replaced;
     }
     tracing::info!(peer = peer_id, conn = conn_id, incarnation = %format!("{incarnation:016x}"), "peer connected");
     let (read_half, write_half) = stream.split();
@@ -293,13 +363,25 @@ async fn run(
         ConnEnd::Replaced
     };
     let end = futures_lite::future::or(read, futures_lite::future::or(write, closed)).await;
-    if let ConnEnd::BadFrame(_) = &end {
-        shared.bump(|s| s.frame_errors += 1);
-        tracing::warn!(peer = peer_id, conn = conn_id, reason = %end, "closing peer connection");
-    } else {
-        tracing::info!(peer = peer_id, conn = conn_id, reason = %end, "peer disconnected");
+    match &end {
+        ConnEnd::BadFrame(_) => {
+            shared.bump(|s| s.frame_errors += 1);
+            tracing::warn!(peer = peer_id, conn = conn_id, reason = %end, "closing peer connection");
+        }
+        ConnEnd::Refused(reason) => {
+            shared.bump(|s| s.handshakes_refused += 1);
+            if shared.should_log_refusal(peer_id) {
+                tracing::error!(peer = peer_id, %reason, "refused by peer");
+            }
+            shared
+                .refused_by
+                .borrow_mut()
+                .insert(peer_id, reason.clone());
+        }
+        _ => tracing::info!(peer = peer_id, conn = conn_id, reason = %end, "peer disconnected"),
     }
     deregister(shared, peer_id, conn_id);
+    end
 }
 
 /// Makes `handle` the peer's connection, closing an older one (keep the newest). Frames
@@ -311,7 +393,11 @@ fn register(shared: &Shared, peer_id: u64, incarnation: u64, handle: ConnHandle)
     };
     let reconnect = peer.ever_connected;
     let mut lost = peer.inflight_frames;
-    if peer.incarnation.is_some_and(|known| known != incarnation) && peer.pending_frames > 0 {
+    if peer
+        .process_incarnation
+        .is_some_and(|known| known != incarnation)
+        && peer.pending_frames > 0
+    {
         tracing::info!(
             peer = peer_id,
             frames = peer.pending_frames,
@@ -320,7 +406,7 @@ fn register(shared: &Shared, peer_id: u64, incarnation: u64, handle: ConnHandle)
         lost += std::mem::take(&mut peer.pending_frames);
         peer.pending = Vec::new();
     }
-    peer.incarnation = Some(incarnation);
+    peer.process_incarnation = Some(incarnation);
     if let Some(old) = peer.conn.replace(handle) {
         tracing::info!(
             peer = peer_id,
@@ -369,12 +455,21 @@ async fn read_loop(
     mut reader: FrameReader,
     incoming: Rc<local_channel::LocalSender<Incoming>>,
 ) -> ConnEnd {
+    let mut first = true;
     loop {
         let payload = match reader.next_frame(&mut stream).await {
             Ok(Some(payload)) => payload,
             Ok(None) => return ConnEnd::Eof,
             Err(end) => return end,
         };
+        if std::mem::take(&mut first) {
+            // A refusal can only be the first frame after the handshake.
+            if let Ok(shards::peer::PeerFrame::Refused { reason }) = shards::peer::decode(&payload)
+            {
+                return ConnEnd::Refused(reason);
+            }
+            shared.refused_by.borrow_mut().remove(&peer_id);
+        }
         let bytes = (FRAME_HEADER_BYTES + payload.len()) as u64;
         shared.bump(|s| {
             s.frames_received += 1;

@@ -12,7 +12,11 @@
 //! dials, the higher accepts. Each side's first frame is its [`Handshake`]: the dialer
 //! sends first, the acceptor checks it with [`Handshake::accept`] and answers with its
 //! own (or logs the refusal and closes), and the dialer checks the answer the same way.
-//! A refused dialer waits the maximum backoff before it tries again. A higher node that
+//! A refused dialer waits the maximum backoff before it tries again. A peer we know
+//! that comes back with another data dir incarnation ([`incarnations`]) is refused with
+//! a reason: the refusing side completes its half of the handshake and sends one
+//! `PeerFrame::Refused`, so the refused node logs why and shows it in
+//! [`Transport::refused_by`]. A higher node that
 //! dials us is refused (we dial it). A new connection always replaces an older one to
 //! the same peer (keep the newest: the old one belongs to a previous incarnation of the
 //! peer, or is about to fail anyway).
@@ -40,6 +44,7 @@
 
 mod backoff;
 mod conn;
+pub mod incarnations;
 #[cfg(test)]
 mod tests;
 
@@ -47,8 +52,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use futures::future::{FutureExt, Shared as SharedFuture};
@@ -90,6 +96,8 @@ pub struct TransportConfig {
     pub send_queue_bytes_max: usize,
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
+    /// Where the peers' data dir incarnations are remembered (None: in memory only).
+    pub incarnations_file: Option<PathBuf>,
 }
 
 impl TransportConfig {
@@ -182,6 +190,8 @@ pub struct TransportStats {
     pub handshakes_refused: u64,
     /// Connections closed for a bad frame (crc or length).
     pub frame_errors: u64,
+    /// Of the refused handshakes, those of a known peer with a new data dir.
+    pub new_data_dir_refusals: u64,
     /// Bytes waiting in all send queues now.
     pub queued_bytes: u64,
 }
@@ -204,6 +214,7 @@ impl Transport {
         let local_addr = listener
             .local_addr()
             .map_err(|e| format!("peer listener address: {e}"))?;
+        let incarnations = incarnations::KnownIncarnations::load(config.incarnations_file.clone())?;
         let (incoming_tx, incoming_rx) = local_channel::new_bounded(INCOMING_FRAMES_MAX);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let peers = config
@@ -222,6 +233,9 @@ impl Transport {
             shut: Cell::new(false),
             next_conn_id: Cell::new(1),
             handshakes_pending: Cell::new(0),
+            incarnations: RefCell::new(incarnations),
+            refused_by: RefCell::new(BTreeMap::new()),
+            refusals_logged: RefCell::new(BTreeMap::new()),
         });
         shared.spawn(conn::accept_loop(shared.clone(), listener));
         let dialled: Vec<(u64, SocketAddr)> = shared
@@ -306,6 +320,11 @@ impl Transport {
             .collect()
     }
 
+    /// Peers that refused us (their reason), until one of them accepts us again.
+    pub fn refused_by(&self) -> BTreeMap<u64, String> {
+        self.shared.refused_by.borrow().clone()
+    }
+
     pub fn stats(&self) -> TransportStats {
         let queued: usize = self
             .shared
@@ -350,6 +369,12 @@ struct Shared {
     next_conn_id: Cell<u64>,
     /// Accepted connections that have not finished their handshake.
     handshakes_pending: Cell<usize>,
+    /// The data dir incarnation of every peer we talked to.
+    incarnations: RefCell<incarnations::KnownIncarnations>,
+    /// Peers that refused us, and why.
+    refused_by: RefCell<BTreeMap<u64, String>>,
+    /// When a refusal (ours or theirs) about a peer was last logged.
+    refusals_logged: RefCell<BTreeMap<u64, Instant>>,
 }
 
 impl Shared {
@@ -386,7 +411,24 @@ impl Shared {
     fn bump(&self, f: impl FnOnce(&mut TransportStats)) {
         f(&mut self.stats.borrow_mut());
     }
+
+    /// A refusal about `peer` repeats every reconnect: log it at most every
+    /// `REFUSAL_LOG_INTERVAL`.
+    fn should_log_refusal(&self, peer: u64) -> bool {
+        let now = Instant::now();
+        let mut logged = self.refusals_logged.borrow_mut();
+        match logged.get(&peer) {
+            Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
+            _ => {
+                logged.insert(peer, now);
+                true
+            }
+        }
+    }
 }
+
+/// A repeated refusal about the same peer is logged at most this often.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One peer's send queue and current connection.
 struct Peer {
@@ -399,7 +441,7 @@ struct Peer {
     conn: Option<ConnHandle>,
     ever_connected: bool,
     /// The process incarnation of the peer's last handshake.
-    incarnation: Option<u64>,
+    process_incarnation: Option<u64>,
 }
 
 impl Peer {
@@ -411,7 +453,7 @@ impl Peer {
             inflight_frames: 0,
             conn: None,
             ever_connected: false,
-            incarnation: None,
+            process_incarnation: None,
         }
     }
 

@@ -43,6 +43,7 @@ fn handshake(node_id: u64, cluster_id: &str, shards: u32) -> Handshake {
             retention_bytes: 0,
             retention_age_ms: 0,
         },
+        data_incarnation: 0x1000 + node_id,
     }
 }
 
@@ -64,6 +65,7 @@ fn config(node_id: u64, addrs: &[(u64, SocketAddr)]) -> TransportConfig {
         send_queue_bytes_max: 1 << 20,
         reconnect_backoff_min: Duration::from_millis(10),
         reconnect_backoff_max: Duration::from_millis(100),
+        incarnations_file: None,
     }
 }
 
@@ -286,6 +288,62 @@ fn frames_queued_for_a_peer_that_came_back_as_a_new_process_are_dropped() {
             drop(rx2);
             assert!(eventually(PATIENCE, || one.connected_peers().is_empty()).await);
         }
+    });
+}
+
+/// Node 2 comes back with another data dir incarnation: node 1 (which dials it) and
+/// node 3 (which it dials) refuse it and tell it why; with its old incarnation again
+/// (`--data-incarnation`) it is accepted.
+#[test]
+fn a_known_peer_back_with_a_new_data_dir_is_refused_and_told_why() {
+    run_local(|| async {
+        let addrs = [(1, free_addr()), (2, free_addr()), (3, free_addr())];
+        let (one, rx1) = start(config(1, &addrs));
+        let (three, rx3) = start(config(3, &addrs));
+        let two_as = |incarnation: u64| {
+            let mut cfg = config(2, &addrs);
+            cfg.handshake.data_incarnation = incarnation;
+            start(cfg)
+        };
+        let (two, rx2) = two_as(0xA);
+        two.send(1, b"hi".to_vec()).unwrap();
+        two.send(3, b"hi".to_vec()).unwrap();
+        assert_eq!(recv_until(&rx1, b"hi").await.from, 2);
+        assert_eq!(recv_until(&rx3, b"hi").await.from, 2);
+        drop(two);
+        drop(rx2);
+
+        let (two, rx2) = two_as(0xB);
+        let _ = one.send(2, b"ping".to_vec());
+        let _ = three.send(2, b"ping".to_vec());
+        two.send(1, b"lost".to_vec()).unwrap();
+        assert!(recv_within(&rx2, Duration::from_millis(700))
+            .await
+            .is_none());
+        assert!(recv_within(&rx1, Duration::from_millis(1)).await.is_none());
+        let refused = two.refused_by();
+        assert_eq!(refused.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        for reason in refused.values() {
+            assert!(
+                reason.contains("node 2 came back with a new data dir (incarnation 000000000000000b, we knew 000000000000000a)")
+                    && reason.contains("--rebuild --forget-votes --data-incarnation 000000000000000a"),
+                "{reason}"
+            );
+        }
+        assert!(one.stats().new_data_dir_refusals >= 1);
+        assert!(three.stats().new_data_dir_refusals >= 1);
+        assert_eq!(one.connected_peers(), vec![3], "not to node 2");
+        drop(two);
+        drop(rx2);
+
+        let (two, rx2) = two_as(0xA);
+        two.send(3, b"back".to_vec()).unwrap();
+        assert_eq!(recv_until(&rx3, b"back").await.from, 2);
+        // (Frames queued before it connects were meant for its earlier process.)
+        assert!(eventually(PATIENCE, || one.connected_peers() == vec![2, 3]).await);
+        let _ = one.send(2, b"welcome".to_vec());
+        assert_eq!(recv_until(&rx2, b"welcome").await.from, 1);
+        assert!(eventually(PATIENCE, || two.refused_by().is_empty()).await);
     });
 }
 

@@ -40,11 +40,17 @@
 //! as persisted, and entries after the snapshot up to the stored commit are handed out
 //! again in `committed_entries` (the state machine restarts from the snapshot).
 //!
+//! A node that may have lost entries it acknowledged, or its term and vote (a rebuilt
+//! data dir, a dropped torn tail), starts in the catching-up mode of `catch_up.rs`
+//! ([`RaftNode::catch_up`]): it grants no vote and never campaigns until it holds what
+//! a leader of its term has committed.
+//!
 //! Files: `node.rs` (state, entry points, elections), `replicate.rs` (replication,
-//! commit, heartbeats, snapshots), `log.rs`, `progress.rs`, `rng.rs`; tests in
-//! `tests.rs` on the simulated network and disk of `sim.rs`. Replay one simulation
+//! commit, heartbeats, snapshots), `catch_up.rs`, `log.rs`, `progress.rs`, `rng.rs`;
+//! tests in `tests.rs` on the simulated network and disk of `sim.rs`. Replay one simulation
 //! seed: `RAFT_SIM_SEED=<seed> RAFT_SIM_SEEDS=1 cargo test -p starcite-shards simulation`.
 
+mod catch_up;
 mod log;
 mod node;
 mod progress;
@@ -65,6 +71,9 @@ pub use rng::SplitMix64;
 pub struct PlantedBugs {
     /// Commit by counting replicas an entry of an earlier term (breaks §5.4.2, Figure 8).
     pub commit_previous_term: bool,
+    /// Grant votes and pre-votes while catching up (breaks catch_up.rs: a member that
+    /// lost acknowledged entries helps elect a leader that lacks them).
+    pub vote_while_catching_up: bool,
 }
 
 /// Identifies a member of the group (a node of the cluster).
@@ -164,6 +173,21 @@ pub struct HardState {
     pub commit: u64,
 }
 
+impl HardState {
+    /// Folds in a term and vote written later (log replay) or carried over (a rebuilt
+    /// data dir): the term never goes back, and the vote of a term, once cast, is never
+    /// taken back or replaced (§5.2, one vote per term). `commit` is not touched.
+    pub fn merge(&mut self, term: u64, vote: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        if term == self.term && self.vote.is_none() {
+            self.vote = vote;
+        }
+    }
+}
+
 /// The last (index, term) a state-machine snapshot covers. The bytes are the shell's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SnapshotMeta {
@@ -235,9 +259,12 @@ pub enum Body<T> {
     },
     AppendResponse(AppendResponse),
     /// Liveness and commit index only; `commit` never exceeds what the follower is
-    /// known to hold.
+    /// known to hold. `leader_commit` is the leader's own commit index, unclamped: a
+    /// follower never commits by it, but a follower that is catching up (see
+    /// [`RaftNode::catch_up`]) learns from it how far it must persist.
     Heartbeat {
         commit: u64,
+        leader_commit: u64,
     },
     HeartbeatResponse,
     /// §7 / thesis ch. 5: one chunk of a snapshot, `data` at byte `offset`.
@@ -264,11 +291,14 @@ pub enum AppendResponse {
     /// No entry at `prev_index` with the leader's `prev_term`. Fast backtracking hint
     /// (thesis §5.3 optimisation): `conflict_term` is the follower's term at
     /// `prev_index` (None when its log is shorter) and `first_index` the first index
-    /// the follower holds with that term (or its last index + 1).
+    /// the follower holds with that term (or its last index + 1). `catching_up`: the
+    /// follower may have lost entries it acknowledged (see [`RaftNode::catch_up`]), so
+    /// a log end below the leader's `match_index` for it is news, not a stale answer.
     Rejected {
         prev_index: u64,
         conflict_term: Option<u64>,
         first_index: u64,
+        catching_up: bool,
     },
 }
 

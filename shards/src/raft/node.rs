@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::catch_up::CatchUp;
 use super::log::RaftLog;
 use super::progress::Progress;
 use super::rng::SplitMix64;
@@ -50,6 +51,8 @@ pub struct RaftNode<T> {
     broadcast_pending: bool,
     /// Test-only deliberate bugs (all off): see [`PlantedBugs`].
     pub(super) planted: PlantedBugs,
+    /// Catching up after losing entries (or the term and vote): see `catch_up.rs`.
+    pub(super) catch_up: Option<CatchUp>,
 }
 
 fn no_bytes<T>(_: &T) -> usize {
@@ -123,6 +126,7 @@ impl<T: Clone> RaftNode<T> {
                 term: 0,
             },
             planted: PlantedBugs::default(),
+            catch_up: None,
         };
         node.reset_election_timer();
         node.last_hard_state = node.hard_state();
@@ -210,6 +214,12 @@ impl<T: Clone> RaftNode<T> {
         }
         self.election_elapsed += 1;
         if self.election_elapsed >= self.election_timeout {
+            if self.is_catching_up() {
+                // Never campaigns (catch_up.rs); a fenced member asks for terms instead.
+                self.reset_election_timer();
+                self.fence_probe();
+                return;
+            }
             self.campaign();
         }
     }
@@ -278,6 +288,7 @@ impl<T: Clone> RaftNode<T> {
         if self.role == Role::Leader {
             self.maybe_commit();
         }
+        self.maybe_end_catch_up();
     }
 
     /// Discard the log up to `meta.index`, which a state-machine snapshot now covers.
@@ -378,6 +389,9 @@ impl<T: Clone> RaftNode<T> {
         if !self.voters.contains(&msg.from) || msg.from == self.id {
             return;
         }
+        if !self.fence_step(&msg) {
+            return;
+        }
         if !self.step_term(&msg) {
             return;
         }
@@ -412,9 +426,12 @@ impl<T: Clone> RaftNode<T> {
                 self.follow(from);
                 self.on_append(from, prev_index, prev_term, entries, commit);
             }
-            Body::Heartbeat { commit } => {
+            Body::Heartbeat {
+                commit,
+                leader_commit,
+            } => {
                 self.follow(from);
-                self.on_heartbeat(from, commit);
+                self.on_heartbeat(from, commit, leader_commit);
             }
             Body::InstallSnapshot {
                 meta,
@@ -433,7 +450,7 @@ impl<T: Clone> RaftNode<T> {
                 installed,
             } => self.on_snapshot_response(from, meta, next_offset, installed),
             Body::TimeoutNow => {
-                if self.role != Role::Leader {
+                if self.role != Role::Leader && !self.is_catching_up() {
                     self.become_candidate(true);
                 }
             }
@@ -514,6 +531,7 @@ impl<T: Clone> RaftNode<T> {
         if term > self.term {
             self.term = term;
             self.vote = None;
+            self.forget_announced_commit();
         }
         self.role = Role::Follower;
         self.leader = leader;
@@ -586,8 +604,11 @@ impl<T: Clone> RaftNode<T> {
     }
 
     fn on_pre_vote(&mut self, from: NodeId, term: u64, last_index: u64, last_term: u64) {
-        let granted =
-            term > self.term && !self.in_lease() && self.log.is_up_to_date(last_index, last_term);
+        // A member catching up may lack committed entries it acknowledged (catch_up.rs).
+        let granted = term > self.term
+            && !self.in_lease()
+            && self.may_vote()
+            && self.log.is_up_to_date(last_index, last_term);
         let reply_term = if granted { term } else { self.term };
         self.messages.push(Message {
             from: self.id,
@@ -597,9 +618,11 @@ impl<T: Clone> RaftNode<T> {
         });
     }
 
-    /// §5.2, §5.4.1: one vote per term, only for a log at least as up-to-date.
+    /// §5.2, §5.4.1: one vote per term, only for a log at least as up-to-date; none
+    /// while catching up (catch_up.rs).
     fn on_vote(&mut self, from: NodeId, last_index: u64, last_term: u64) {
         let granted = (self.vote.is_none() || self.vote == Some(from))
+            && self.may_vote()
             && self.log.is_up_to_date(last_index, last_term);
         if granted {
             self.vote = Some(from);
@@ -612,6 +635,11 @@ impl<T: Clone> RaftNode<T> {
             body: Body::VoteResponse { granted },
         };
         self.persisted_messages.push(msg);
+    }
+
+    /// Not while catching up (catch_up.rs), unless that rule is planted away.
+    fn may_vote(&self) -> bool {
+        !self.is_catching_up() || self.planted.vote_while_catching_up
     }
 
     fn on_vote_response(&mut self, from: NodeId, granted: bool) {

@@ -123,7 +123,14 @@ impl<T: Clone> RaftNode<T> {
             let p = self.progress_mut(peer);
             if commit > p.commit_sent && !matches!(p.mode, Mode::Snapshot(_)) {
                 p.commit_sent = commit;
-                self.send(peer, Body::Heartbeat { commit });
+                let leader_commit = self.log.commit;
+                self.send(
+                    peer,
+                    Body::Heartbeat {
+                        commit,
+                        leader_commit,
+                    },
+                );
             }
         }
     }
@@ -140,7 +147,14 @@ impl<T: Clone> RaftNode<T> {
                 let commit = self.heartbeat_commit(&self.progress[&peer]);
                 let p = self.progress_mut(peer);
                 p.commit_sent = p.commit_sent.max(commit);
-                self.send(peer, Body::Heartbeat { commit });
+                let leader_commit = self.log.commit;
+                self.send(
+                    peer,
+                    Body::Heartbeat {
+                        commit,
+                        leader_commit,
+                    },
+                );
             }
         }
     }
@@ -183,6 +197,8 @@ impl<T: Clone> RaftNode<T> {
         entries: Vec<Entry<T>>,
         commit: u64,
     ) {
+        // `commit` is the leader's own commit index (catch_up.rs).
+        self.note_commit_announced(commit);
         let (mut prev_index, mut prev_term, mut entries) = (prev_index, prev_term, entries);
         if prev_index < self.log.commit {
             // Entries up to our commit index match every leader's log (§5.4.3): skip them.
@@ -226,14 +242,17 @@ impl<T: Clone> RaftNode<T> {
                 match_index: last_new,
             }),
         );
+        self.maybe_end_catch_up();
     }
 
     fn reject_hint(&self, prev_index: u64) -> AppendResponse {
+        let catching_up = self.is_catching_up();
         if prev_index > self.log.last_index() {
             return AppendResponse::Rejected {
                 prev_index,
                 conflict_term: None,
                 first_index: self.log.last_index() + 1,
+                catching_up,
             };
         }
         let term = self
@@ -244,15 +263,26 @@ impl<T: Clone> RaftNode<T> {
             prev_index,
             conflict_term: Some(term),
             first_index: self.log.first_index_of_term_at(prev_index),
+            catching_up,
         }
     }
 
-    pub(super) fn on_heartbeat(&mut self, from: NodeId, commit: u64) {
-        let commit = commit.min(self.log.last_index());
-        if commit > self.log.commit {
-            self.log.set_commit(commit);
+    pub(super) fn on_heartbeat(&mut self, from: NodeId, commit: u64, leader_commit: u64) {
+        self.note_commit_announced(leader_commit);
+        // A heartbeat's commit is bounded by the leader's `match_index` for us, which a
+        // member catching up may no longer deserve (its log may even hold other entries
+        // there): while catching up, only AppendEntries, checked by Log Matching (§5.3),
+        // advance its commit index.
+        if self.is_catching_up() {
+            self.answer_heartbeat_beyond_log(from, commit);
+        } else {
+            let commit = commit.min(self.log.last_index());
+            if commit > self.log.commit {
+                self.log.set_commit(commit);
+            }
         }
         self.send(from, Body::HeartbeatResponse);
+        self.maybe_end_catch_up();
     }
 
     pub(super) fn on_append_response(&mut self, from: NodeId, response: AppendResponse) {
@@ -266,7 +296,15 @@ impl<T: Clone> RaftNode<T> {
                 prev_index,
                 conflict_term,
                 first_index,
+                catching_up,
             } => {
+                let next = self.backtrack(prev_index, conflict_term, first_index);
+                if catching_up
+                    && self.lost_acknowledged(from, prev_index, conflict_term, first_index)
+                {
+                    self.restart_after_loss(from, next);
+                    return;
+                }
                 let p = &self.progress[&from];
                 let stale = prev_index <= p.match_index
                     || match p.mode {
@@ -277,17 +315,65 @@ impl<T: Clone> RaftNode<T> {
                 if stale {
                     return;
                 }
-                // Fast backtracking (thesis §5.3): skip a whole conflicting term at once.
-                let next = match conflict_term.and_then(|t| self.log.last_index_of_term(t)) {
-                    Some(last_of_term) => last_of_term + 1,
-                    None => first_index,
-                };
                 let p = self.progress_mut(from);
-                p.next_index = next.min(prev_index).max(p.match_index + 1);
+                p.next_index = next.max(p.match_index + 1);
                 p.mode = Mode::Probe { paused: false };
                 self.send_appends(from);
             }
         }
+    }
+
+    /// Where to probe next after a rejection: fast backtracking (thesis §5.3) skips a
+    /// whole conflicting term at once.
+    fn backtrack(&self, prev_index: u64, conflict_term: Option<u64>, first_index: u64) -> u64 {
+        let next = match conflict_term.and_then(|t| self.log.last_index_of_term(t)) {
+            Some(last_of_term) => last_of_term + 1,
+            None => first_index,
+        };
+        next.min(prev_index).max(1)
+    }
+
+    /// Does this rejection from a follower that is catching up (catch_up.rs) show that
+    /// it no longer holds entries it acknowledged to us (rebuilt data dir, dropped torn
+    /// tail)? Its log ends below its `match_index`, or it holds another entry at an
+    /// index it acknowledged.
+    ///
+    /// Only a catching-up follower's rejection counts: an ordinary one of that kind was
+    /// sent before the acknowledgement and overtaken by it (the network reorders and
+    /// duplicates), so it is stale. A catching-up rejection may be stale too, from
+    /// earlier in the same catch-up; restarting then is still safe (see
+    /// `restart_after_loss`), it only costs a resend.
+    fn lost_acknowledged(
+        &self,
+        from: NodeId,
+        prev_index: u64,
+        conflict_term: Option<u64>,
+        first_index: u64,
+    ) -> bool {
+        let p = &self.progress[&from];
+        if matches!(p.mode, Mode::Snapshot(_)) {
+            return false; // a snapshot is already on its way
+        }
+        match conflict_term {
+            None => first_index <= p.match_index,
+            Some(_) => prev_index <= p.match_index,
+        }
+    }
+
+    /// The follower's acknowledgements no longer hold: nothing is known to match (its
+    /// log may even keep a suffix of another term), so `match_index` goes to 0 and
+    /// probing starts at `next`, with entries or, when we compacted them, a snapshot
+    /// (thesis §5.3). A lower `match_index` never undoes a commit (the commit index
+    /// never goes back); it only stops this follower from counting until it
+    /// acknowledges again, and bounds the commit index our heartbeats tell it.
+    fn restart_after_loss(&mut self, from: NodeId, next: u64) {
+        let p = self.progress_mut(from);
+        p.match_index = 0;
+        p.match_at_heartbeat = 0;
+        p.commit_sent = 0;
+        p.become_probe();
+        p.next_index = next;
+        self.send_appends(from);
     }
 
     fn on_accepted(&mut self, from: NodeId, match_index: u64) {

@@ -58,6 +58,10 @@ pub struct SimNode {
     pub applied: Vec<u64>,
     /// Per-node persist delay override (rounds).
     pub persist_rounds: Option<u64>,
+    /// Durable marker of a rebuild (like `starcite serve --rebuild`'s file): while it is
+    /// set, the node restarts in catching-up mode; `Some(true)`: its term and vote were
+    /// lost too. Cleared once the node is no longer catching up.
+    pub rebuilding: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -67,6 +71,8 @@ pub struct Stats {
     pub truncations: u64,
     pub appends_sent: u64,
     pub messages_delivered: u64,
+    /// Disks wiped and rebuilt (counted by the caller).
+    pub wipes: u64,
 }
 
 pub struct Sim {
@@ -124,6 +130,7 @@ impl Sim {
                     pending: Vec::new(),
                     applied: Vec::new(),
                     persist_rounds: None,
+                    rebuilding: None,
                 };
                 (id, node)
             })
@@ -211,9 +218,33 @@ impl Sim {
             snapshot: node.disk_snapshot.0,
             entries: node.disk_log.clone(),
         };
-        node.raft = RaftNode::new(config, id, ids, seed, Some(restored));
+        let raft = RaftNode::new(config, id, ids, seed, Some(restored));
+        node.raft = match node.rebuilding {
+            Some(lost_hard_state) => raft.catch_up(lost_hard_state),
+            None => raft,
+        };
         node.applied = decode_state(&node.disk_snapshot.1);
         node.up = true;
+    }
+
+    /// The node's disk is lost: it restarts from an empty log in catching-up mode,
+    /// keeping its term and vote (`starcite serve --rebuild`) unless `lose_hard_state`
+    /// (a data dir deleted by hand, repaired with `--rebuild --forget-votes`).
+    pub fn wipe(&mut self, id: NodeId, lose_hard_state: bool) {
+        self.crash(id);
+        let node = self.nodes.get_mut(&id).unwrap();
+        node.disk_log.clear();
+        node.disk_snapshot = (SnapshotMeta::default(), Vec::new());
+        node.disk_hard_state = if lose_hard_state {
+            HardState::default()
+        } else {
+            HardState {
+                commit: 0,
+                ..node.disk_hard_state
+            }
+        };
+        node.rebuilding = Some(lose_hard_state || node.rebuilding == Some(true));
+        self.restart(id);
     }
 
     pub fn propose(&mut self, id: NodeId, value: u64) -> Result<u64, super::ProposeError> {
@@ -337,6 +368,10 @@ impl Sim {
         while self.nodes[&id].up && self.nodes[&id].raft.has_ready() {
             let ready = self.raft_mut(id).ready();
             self.perform(id, ready);
+        }
+        let node = self.nodes.get_mut(&id).unwrap();
+        if node.up && node.rebuilding.is_some() && !node.raft.is_catching_up() {
+            node.rebuilding = None;
         }
     }
 
@@ -526,7 +561,7 @@ impl Sim {
         for (id, n) in &self.nodes {
             let r = &n.raft;
             out.push_str(&format!(
-                "\nnode {id} up {} {:?} term {} leader {:?} commit {} persisted {} last {} snap {} applied {} pending {} progress {:?}",
+                "\nnode {id} up {} {:?} term {} leader {:?} commit {} persisted {} last {} snap {} applied {} pending {} rebuilding {:?} catch_up {:?} progress {:?}",
                 n.up,
                 r.role(),
                 r.term(),
@@ -537,6 +572,8 @@ impl Sim {
                 r.snapshot_index(),
                 n.applied.len(),
                 n.pending.len(),
+                n.rebuilding,
+                r.catch_up,
                 r.progress,
             ));
         }

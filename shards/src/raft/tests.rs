@@ -624,6 +624,7 @@ fn random_run(seed: u64, ticks: u64) -> super::sim::Stats {
     cfg.max_inflight = 1 + rng.below(4) as usize;
     let mut sim = Sim::new(n, cfg, net, seed);
     let mut value = 0u64;
+    let mut wipes = 0u64;
     for _ in 0..ticks {
         let ids = sim.ids();
         let pick = ids[rng.below(n as u64) as usize];
@@ -638,6 +639,12 @@ fn random_run(seed: u64, ticks: u64) -> super::sim::Stats {
             11..=13 => {
                 let applied = sim.raft(pick).applied_index();
                 sim.compact(pick, applied.saturating_sub(rng.below(5)));
+            }
+            // A lost disk, rebuilt (one node at a time: two members catching up at once
+            // leave a 3-node group without a quorum of voters).
+            14 if sim.nodes[&pick].up && sim.nodes.values().all(|n| n.rebuilding.is_none()) => {
+                sim.wipe(pick, rng.chance(30));
+                wipes += 1;
             }
             _ => {}
         }
@@ -659,10 +666,11 @@ fn random_run(seed: u64, ticks: u64) -> super::sim::Stats {
         }
     }
     // A proposal to a leader that is deposed before it commits is lost: retry, as a
-    // client would, until the value is applied everywhere.
+    // client would, until the value is applied everywhere. The bound covers a wiped node
+    // that needs two whole snapshots in 16-byte chunks, one at a time (1,000 ticks).
     let marker = u64::MAX - 1;
     let mut applied_everywhere = false;
-    for _ in 0..40 {
+    for _ in 0..100 {
         if let Some(leader) = sim.leader() {
             if !sim.nodes[&leader].applied.contains(&marker) {
                 let _ = sim.propose(leader, marker);
@@ -680,7 +688,9 @@ fn random_run(seed: u64, ticks: u64) -> super::sim::Stats {
         sim.dump()
     );
     sim.check_logs();
-    sim.stats.clone()
+    let mut stats = sim.stats.clone();
+    stats.wipes = wipes;
+    stats
 }
 
 #[test]
@@ -696,6 +706,7 @@ fn simulation_random_faults_keep_safety() {
     let mut elections = 0;
     let mut snapshots = 0;
     let mut truncations = 0;
+    let mut wipes = 0;
     for seed in first..first + seeds {
         // Replay one seed: RAFT_SIM_SEED=<seed> RAFT_SIM_SEEDS=1 cargo test -p starcite-shards simulation
         let result = std::panic::catch_unwind(|| random_run(seed, 300));
@@ -709,12 +720,17 @@ fn simulation_random_faults_keep_safety() {
         elections += stats.elections;
         snapshots += stats.snapshots_installed;
         truncations += stats.truncations;
+        wipes += stats.wipes;
     }
-    eprintln!("raft simulation: {seeds} seeds, {elections} elections, {snapshots} snapshot installs, {truncations} truncations");
+    eprintln!(
+        "raft simulation: {seeds} seeds, {elections} elections, {snapshots} snapshot installs, \
+         {truncations} truncations, {wipes} wiped disks"
+    );
     if seeds >= 100 {
         assert!(elections >= seeds, "coverage: {elections} elections");
         assert!(snapshots >= 5, "coverage: {snapshots} snapshot installs");
         assert!(truncations >= 5, "coverage: {truncations} truncations");
+        assert!(wipes >= 5, "coverage: {wipes} wiped disks");
     }
 }
 
@@ -773,7 +789,7 @@ fn heartbeats_skipped_when_appends_went_out() {
             } => {
                 *last_told = (*last_told).max((*commit).min(prev_index + entries.len() as u64));
             }
-            Body::Heartbeat { commit } => {
+            Body::Heartbeat { commit, .. } => {
                 assert!(
                     *commit > *last_told,
                     "a heartbeat to busy {} without news: {commit}",
@@ -783,5 +799,441 @@ fn heartbeats_skipped_when_appends_went_out() {
             }
             _ => {}
         }
+    }
+}
+
+// ---- Catching up (catch_up.rs): members that lost what they had promised ----
+
+/// Runs until every live node applied the same entries as the leader and none is
+/// still catching up.
+fn converge_after_wipe(sim: &mut Sim, wiped: u64) {
+    sim.run_until(600, |s| {
+        let leader = s.leader();
+        leader.is_some_and(|l| {
+            s.nodes[&wiped].applied == s.nodes[&l].applied && !s.raft(wiped).is_catching_up()
+        })
+    })
+    .unwrap_or_else(|| panic!("node {wiped} did not catch up: {}", sim.dump()));
+    assert_eq!(sim.nodes[&wiped].rebuilding, None, "the marker is cleared");
+}
+
+#[test]
+fn s5_3_leader_resends_to_a_follower_that_lost_acknowledged_entries_while_it_stays_leader() {
+    for quiet in [true, false] {
+        let mut sim = Sim::new(3, config(), NetConfig::default(), 30);
+        let leader = elect(&mut sim);
+        commit_values(&mut sim, 12, 100);
+        sim.settle();
+        let follower = sim.ids().into_iter().find(|&id| id != leader).unwrap();
+        let acknowledged = sim.raft(leader).progress[&follower].match_index;
+        assert!(acknowledged >= 13, "the follower acknowledged the entries");
+        let term = sim.raft(leader).term();
+        sim.wipe(follower, false);
+        assert_eq!(sim.raft(follower).last_index(), 0);
+        assert_eq!(sim.raft(follower).term(), term, "--rebuild keeps the term");
+        if !quiet {
+            commit_values(&mut sim, 3, 200);
+        }
+        // A quiet group too: the heartbeat's commit lies beyond the follower's log.
+        converge_after_wipe(&mut sim, follower);
+        assert_eq!(sim.leader(), Some(leader), "the leader stayed the same");
+        assert_eq!(sim.raft(leader).term(), term);
+        assert_eq!(
+            sim.raft(follower).last_index(),
+            sim.raft(leader).last_index()
+        );
+    }
+}
+
+#[test]
+fn s7_a_follower_that_lost_entries_the_leader_compacted_gets_a_snapshot() {
+    let mut sim = Sim::new(3, config(), NetConfig::default(), 31);
+    let leader = elect(&mut sim);
+    commit_values(&mut sim, 30, 100);
+    sim.settle();
+    let applied = sim.raft(leader).applied_index();
+    sim.compact(leader, applied);
+    let follower = sim.ids().into_iter().find(|&id| id != leader).unwrap();
+    sim.wipe(follower, false);
+    converge_after_wipe(&mut sim, follower);
+    assert!(sim.stats.snapshots_installed >= 1, "a snapshot was sent");
+    assert!(sim.raft(follower).snapshot_index() >= applied);
+    assert_eq!(sim.leader(), Some(leader));
+}
+
+/// A leader of term 2 over entries 1..=3 whose follower 2 acknowledged all of them.
+fn leader_with_acknowledging_follower() -> RaftNode<u64> {
+    let mut node = leader_over_previous_term_entry();
+    let noop = node.ready().entries_to_persist.last().unwrap().clone();
+    node.on_persisted(noop.index, noop.term);
+    node.step(Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: Body::AppendResponse(AppendResponse::Accepted { match_index: 3 }),
+    });
+    assert_eq!(node.progress[&2].match_index, 3);
+    node.ready();
+    node
+}
+
+fn rejection(first_index: u64, catching_up: bool) -> Message<u64> {
+    Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: Body::AppendResponse(AppendResponse::Rejected {
+            prev_index: 3,
+            conflict_term: None,
+            first_index,
+            catching_up,
+        }),
+    }
+}
+
+#[test]
+fn a_stale_rejection_overtaken_by_the_acknowledgement_does_not_reset_progress() {
+    let mut node = leader_with_acknowledging_follower();
+    // Sent before the acknowledgement (the follower's log was shorter then), delivered
+    // after it: not news.
+    node.step(rejection(1, false));
+    assert_eq!(node.progress[&2].match_index, 3);
+    let sent = node.ready().messages;
+    assert!(
+        !sent
+            .iter()
+            .any(|m| m.to == 2 && matches!(m.body, Body::Append { .. })),
+        "nothing is resent: {sent:?}"
+    );
+}
+
+#[test]
+fn a_catching_up_follower_whose_log_ends_below_its_match_is_probed_from_its_log_end() {
+    let mut node = leader_with_acknowledging_follower();
+    node.step(rejection(2, true));
+    assert_eq!(
+        node.progress[&2].match_index, 0,
+        "nothing is known to match until it acknowledges again"
+    );
+    let appends: Vec<(u64, usize)> = node
+        .ready()
+        .messages
+        .iter()
+        .filter(|m| m.to == 2)
+        .filter_map(|m| match &m.body {
+            Body::Append {
+                prev_index,
+                entries,
+                ..
+            } => Some((*prev_index, entries.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appends, vec![(1, 2)], "entries 2 and 3 are sent again");
+    // A catching-up follower whose log is not shorter than its match: ordinary news.
+    let mut node = leader_with_acknowledging_follower();
+    node.step(rejection(4, true));
+    assert_eq!(node.progress[&2].match_index, 3);
+    // One holding an entry of another term where it acknowledged ours (a suffix of an
+    // old term that a lost write had replaced): probed again from that term's start.
+    let mut node = leader_with_acknowledging_follower();
+    node.step(Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: Body::AppendResponse(AppendResponse::Rejected {
+            prev_index: 2,
+            conflict_term: Some(1),
+            first_index: 2,
+            catching_up: true,
+        }),
+    });
+    assert_eq!(node.progress[&2].match_index, 0);
+    let probes: Vec<u64> = node
+        .ready()
+        .messages
+        .iter()
+        .filter_map(|m| match &m.body {
+            Body::Append { prev_index, .. } if m.to == 2 => Some(*prev_index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(probes, vec![1], "after the leader's last entry of term 1");
+}
+
+/// A member of term 3 (voted for 2) with entries 1 (term 1) and 2 (term 3), starting in
+/// catching-up mode.
+fn catching_up_member(term_and_vote_lost: bool) -> RaftNode<u64> {
+    let restored = Restored {
+        hard_state: HardState {
+            term: 3,
+            vote: Some(2),
+            commit: 0,
+        },
+        snapshot: SnapshotMeta::default(),
+        entries: vec![
+            Entry {
+                term: 1,
+                index: 1,
+                payload: Payload::Data(1u64),
+            },
+            Entry {
+                term: 3,
+                index: 2,
+                payload: Payload::Data(2),
+            },
+        ],
+    };
+    RaftNode::new(config(), 1, vec![1, 2, 3], 5, Some(restored)).catch_up(term_and_vote_lost)
+}
+
+fn granted_votes(ready: &super::Ready<u64>) -> Vec<Body<u64>> {
+    ready
+        .messages
+        .iter()
+        .chain(&ready.persisted_messages)
+        .map(|m| m.body.clone())
+        .filter(|b| matches!(b, Body::VoteResponse { .. } | Body::PreVoteResponse { .. }))
+        .collect()
+}
+
+#[test]
+fn a_catching_up_member_grants_no_vote_or_pre_vote_and_never_campaigns() {
+    let mut node = catching_up_member(false);
+    for _ in 0..100 {
+        node.tick();
+    }
+    let ready = node.ready();
+    assert_eq!(node.role(), Role::Follower);
+    assert!(
+        ready.messages.is_empty() && ready.persisted_messages.is_empty(),
+        "no campaign: {ready:?}"
+    );
+    // An up-to-date candidate of a later term gets neither a pre-vote nor a vote.
+    for body in [
+        Body::PreVote {
+            last_index: 9,
+            last_term: 4,
+        },
+        Body::Vote {
+            last_index: 9,
+            last_term: 4,
+            transfer: true,
+        },
+    ] {
+        node.step(Message {
+            from: 3,
+            to: 1,
+            term: 4,
+            body,
+        });
+    }
+    assert_eq!(
+        granted_votes(&node.ready()),
+        vec![
+            Body::PreVoteResponse { granted: false },
+            Body::VoteResponse { granted: false }
+        ]
+    );
+    assert_eq!(node.hard_state().vote, None, "no vote recorded");
+    node.step(Message {
+        from: 3,
+        to: 1,
+        term: 4,
+        body: Body::TimeoutNow,
+    });
+    assert_eq!(node.role(), Role::Follower, "not even a transfer");
+}
+
+fn append_from_2(term: u64, prev: (u64, u64), entries: &[(u64, u64)], commit: u64) -> Message<u64> {
+    Message {
+        from: 2,
+        to: 1,
+        term,
+        body: Body::Append {
+            prev_index: prev.0,
+            prev_term: prev.1,
+            entries: entries
+                .iter()
+                .map(|&(index, term)| Entry {
+                    term,
+                    index,
+                    payload: Payload::Data(index * 10),
+                })
+                .collect(),
+            commit,
+        },
+    }
+}
+
+#[test]
+fn catching_up_ends_once_a_current_term_leaders_commit_is_persisted() {
+    let mut node = catching_up_member(false);
+    // Leader 2 of term 3 sends entry 3 and announces commit 3 (an entry of term 3).
+    node.step(append_from_2(3, (2, 3), &[(3, 3)], 3));
+    assert!(node.is_catching_up(), "entry 3 is not durable yet");
+    let ready = node.ready();
+    let last = ready.entries_to_persist.last().unwrap();
+    node.on_persisted(last.index, last.term);
+    assert!(
+        !node.is_catching_up(),
+        "everything up to commit 3 is durable"
+    );
+
+    // A commit index at an entry of an earlier term does not end it: the leader has not
+    // committed anything of its own term, so it may not know every commit yet.
+    let mut node = catching_up_member(false);
+    node.on_persisted(2, 3);
+    node.step(append_from_2(4, (2, 3), &[(3, 4)], 1));
+    let last = node.ready().entries_to_persist.last().unwrap().clone();
+    node.on_persisted(last.index, last.term);
+    assert!(node.is_catching_up(), "commit 1 is of term 1, not 4");
+    // The leader commits its entry of term 4 and says so in a heartbeat.
+    node.step(Message {
+        from: 2,
+        to: 1,
+        term: 4,
+        body: Body::Heartbeat {
+            commit: 3,
+            leader_commit: 3,
+        },
+    });
+    assert!(!node.is_catching_up());
+    assert_eq!(
+        node.commit_index(),
+        1,
+        "heartbeats commit nothing while catching up"
+    );
+    node.step(Message {
+        from: 2,
+        to: 1,
+        term: 4,
+        body: Body::Heartbeat {
+            commit: 3,
+            leader_commit: 3,
+        },
+    });
+    assert_eq!(node.commit_index(), 3, "they do again afterwards");
+
+    // A heartbeat's clamped commit is not an announcement: only the leader's own.
+    let mut node = catching_up_member(false);
+    node.on_persisted(2, 3);
+    node.step(Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: Body::Heartbeat {
+            commit: 2,
+            leader_commit: 5,
+        },
+    });
+    assert!(node.is_catching_up(), "the leader committed up to 5");
+}
+
+#[test]
+fn a_heartbeat_beyond_a_catching_up_log_is_answered_with_its_real_end() {
+    let mut node = catching_up_member(false);
+    node.step(Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: Body::Heartbeat {
+            commit: 7,
+            leader_commit: 7,
+        },
+    });
+    let bodies: Vec<Body<u64>> = node.ready().messages.into_iter().map(|m| m.body).collect();
+    assert!(
+        bodies.contains(&Body::AppendResponse(AppendResponse::Rejected {
+            prev_index: 7,
+            conflict_term: None,
+            first_index: 3,
+            catching_up: true,
+        })),
+        "{bodies:?}"
+    );
+    assert_eq!(
+        node.commit_index(),
+        0,
+        "a heartbeat commits nothing while catching up"
+    );
+}
+
+#[test]
+fn a_member_that_lost_its_term_and_vote_answers_nothing_until_every_voter_told_its_term() {
+    let mut node = catching_up_member(true);
+    // The leader (term 7) is heard from, node 3 not yet: nothing is acknowledged.
+    node.step(append_from_2(7, (2, 3), &[(3, 7)], 2));
+    let ready = node.ready();
+    assert!(ready.messages.is_empty() && ready.persisted_messages.is_empty());
+    assert!(ready.entries_to_persist.is_empty(), "{ready:?}");
+    assert!(node.is_fenced());
+    // An election timeout later it asks node 3 (and only node 3) for its term.
+    for _ in 0..2 * config().election_ticks {
+        node.tick();
+    }
+    let probes: Vec<(u64, u64)> = node
+        .ready()
+        .messages
+        .iter()
+        .filter(|m| matches!(m.body, Body::PreVote { .. }))
+        .map(|m| (m.to, m.term))
+        .collect();
+    assert!(!probes.is_empty() && probes.iter().all(|&(to, _)| to == 3));
+    node.step(Message {
+        from: 3,
+        to: 1,
+        term: 9,
+        body: Body::PreVoteResponse { granted: false },
+    });
+    assert!(!node.is_fenced());
+    assert_eq!(
+        (node.term(), node.hard_state().vote),
+        (9, Some(1)),
+        "the highest term heard, its vote used up"
+    );
+    assert!(node.is_catching_up());
+    // Leader 2's term 7 is now stale: it learns term 9 instead of an acknowledgement.
+    node.step(append_from_2(7, (2, 3), &[(3, 7)], 2));
+    let answers: Vec<Body<u64>> = node.ready().messages.into_iter().map(|m| m.body).collect();
+    assert_eq!(answers, vec![Body::HeartbeatResponse]);
+    // A candidate of term 9 gets no vote, not even once caught up.
+    node.step(Message {
+        from: 3,
+        to: 1,
+        term: 9,
+        body: Body::Vote {
+            last_index: 9,
+            last_term: 9,
+            transfer: false,
+        },
+    });
+    assert_eq!(
+        granted_votes(&node.ready()),
+        vec![Body::VoteResponse { granted: false }]
+    );
+}
+
+#[test]
+fn a_member_wiped_with_its_term_and_vote_rejoins_without_breaking_safety() {
+    for seed in 0..20 {
+        let net = NetConfig {
+            drop_percent: 5,
+            duplicate_percent: 5,
+            delay_rounds_max: 3,
+            ..NetConfig::default()
+        };
+        let mut sim = Sim::new(3, config(), net, 40 + seed);
+        let leader = elect(&mut sim);
+        commit_values(&mut sim, 10, 100);
+        let victim = sim.ids()[seed as usize % 3];
+        sim.wipe(victim, seed % 2 == 0);
+        let leader_now = sim
+            .run_until(300, |s| s.leader().is_some())
+            .map(|_| sim.leader());
+        assert!(leader_now.is_some(), "seed {seed}: a leader (was {leader})");
+        commit_values(&mut sim, 5, 300);
+        converge_after_wipe(&mut sim, victim);
+        sim.check_logs();
     }
 }

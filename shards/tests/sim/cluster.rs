@@ -33,6 +33,9 @@ pub struct Bugs {
     /// Shell bug: a node that becomes leader rebuilds its session state from a snapshot
     /// without the dedupe windows (idempotency keys forgotten after failover).
     pub forgotten_dedupe: bool,
+    /// Raft knob: a rebuilt node (wiped data dir) votes while it is catching up, so it
+    /// can help elect a leader that lacks entries only it had acknowledged.
+    pub vote_while_catching_up: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +81,9 @@ pub struct Coverage {
     pub expected_seq_conflicts: u64,
     pub messages: u64,
     pub commits: u64,
+    /// Disks wiped and rebuilt (`starcite serve --rebuild`, with or without the term
+    /// and vote).
+    pub rebuilds: u64,
 }
 
 impl Coverage {
@@ -97,6 +103,7 @@ impl Coverage {
         self.expected_seq_conflicts += o.expected_seq_conflicts;
         self.messages += o.messages;
         self.commits += o.commits;
+        self.rebuilds += o.rebuilds;
     }
 }
 
@@ -201,6 +208,10 @@ pub(super) struct Node {
     pub replicas: BTreeMap<u16, Replica>,
     disks: Vec<ShardDisk>,
     restarts: u64,
+    /// The durable `rebuilding` marker of `starcite serve --rebuild`: while set, every
+    /// replica restarts catching up (`Some(true)`: term and vote lost too). Removed
+    /// once no replica of the node is catching up.
+    pub rebuilding: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +428,7 @@ impl Cluster {
                 replicas,
                 disks,
                 restarts: 0,
+                rebuilding: None,
             });
         }
         for &g in &groups {
@@ -457,6 +469,7 @@ impl Cluster {
         );
         raft.plant_bugs(PlantedBugs {
             commit_previous_term: self.options.bugs.previous_term_commit,
+            vote_while_catching_up: self.options.bugs.vote_while_catching_up,
         });
         raft
     }
@@ -499,14 +512,13 @@ impl Cluster {
             self.tick_once().map_err(|e| self.failure(&e))?;
         }
         self.heal();
+        self.finish()
+    }
+
+    /// After the faults: every group must acknowledge a new append within the bound, then
+    /// (no new requests) every replica must converge, every rebuilt node included.
+    fn finish(mut self) -> Result<Report, String> {
         let heal_start = self.tick;
-        let acks_before: BTreeMap<u16, usize> = self
-            .params
-            .groups
-            .iter()
-            .map(|&g| (g, self.checker.acks_after(g, 0)))
-            .collect();
-        let _ = acks_before;
         let mut progressed: BTreeSet<u16> = BTreeSet::new();
         let bound = self.options.heal_ticks;
         while progressed.len() < self.params.groups.len() {
@@ -554,6 +566,53 @@ impl Cluster {
             params: self.describe(),
             ticks: self.tick,
         })
+    }
+
+    /// Scenario (no random faults, no message loss): clients append for a while, then
+    /// the disk of the node that leads the fewest groups is wiped and rebuilt. Every
+    /// group it did not lead must keep its leader, and every replica converge with every
+    /// acknowledged append.
+    pub fn run_wipe_scenario(mut self, lose_hard_state: bool) -> Result<Report, String> {
+        self.loss_percent = 0;
+        self.params.duplicate_percent = 0;
+        for _ in 0..80 {
+            self.tick_once().map_err(|e| self.failure(&e))?;
+        }
+        let leaders: BTreeMap<u16, Option<(NodeId, u64)>> = self
+            .params
+            .groups
+            .iter()
+            .map(|&g| {
+                let leader = self.leader_of(g);
+                let term = leader.map(|l| self.node(l).replicas[&g].raft.term());
+                (g, leader.zip(term))
+            })
+            .collect();
+        let led = |n: NodeId| {
+            leaders
+                .values()
+                .filter(|l| l.is_some_and(|(id, _)| id == n))
+                .count()
+        };
+        let victim = (1..=self.params.nodes as u64)
+            .min_by_key(|&n| led(n))
+            .expect("nodes");
+        self.wipe(victim, lose_hard_state);
+        for _ in 0..60 {
+            self.tick_once().map_err(|e| self.failure(&e))?;
+        }
+        for (&g, &leader) in &leaders {
+            let now = self.leader_of(g);
+            let term = now.map(|l| self.node(l).replicas[&g].raft.term());
+            if leader.is_some_and(|(l, _)| l != victim) && now.zip(term) != leader {
+                let e = format!(
+                    "group {g}: leader {leader:?} before node {victim} was wiped, {:?} after",
+                    now.zip(term)
+                );
+                return Err(self.failure(&e));
+            }
+        }
+        self.finish()
     }
 
     pub fn describe(&self) -> String {
@@ -638,6 +697,9 @@ impl Cluster {
             if snapshots.windows(2).any(|w| w[0] != w[1]) {
                 return false;
             }
+            if self.rebuilding_nodes() > 0 {
+                return false; // a rebuilt node must end catching up
+            }
             // Only Noops may follow a committed log: nothing uncommitted anywhere.
             if self.voters[&g]
                 .iter()
@@ -695,6 +757,7 @@ impl Cluster {
         for _ in 0..self.params.rounds_per_tick {
             self.round_once()?;
         }
+        self.clear_caught_up_markers();
         let mut checker = std::mem::replace(&mut self.checker, Checker::new(0));
         let result = checker.check_step(self);
         self.checker = checker;
@@ -890,7 +953,10 @@ impl Cluster {
             };
             let snap = restored.snapshot;
             let shadow = restored.entries.clone();
-            let raft = self.new_raft(id, g, restarts, Some(restored));
+            let mut raft = self.new_raft(id, g, restarts, Some(restored));
+            if let Some(lost_hard_state) = self.node(id).rebuilding {
+                raft = raft.catch_up(lost_hard_state);
+            }
             let r = self.rep(id, g);
             r.raft = raft;
             r.gs = gs;
@@ -901,6 +967,61 @@ impl Cluster {
             r.waiters.clear();
         }
         self.node_mut(id).up = true;
+    }
+
+    /// The node's data dir is lost and rebuilt (`starcite serve --rebuild`): it stops,
+    /// every group's log and snapshot go, the term and vote stay (unless
+    /// `lose_hard_state`: a data dir deleted by hand, `--rebuild --forget-votes`), the
+    /// marker is set and the node restarts catching up.
+    pub fn wipe(&mut self, id: NodeId, lose_hard_state: bool) {
+        self.crash(id);
+        self.cov.rebuilds += 1;
+        self.note(|| format!("wipe node {id} (term and vote lost: {lose_hard_state})"));
+        self.trace
+            .add(0x3199 ^ id ^ u64::from(lose_hard_state) << 8);
+        let node = self.node_mut(id);
+        node.rebuilding = Some(lose_hard_state || node.rebuilding == Some(true));
+        for r in node.replicas.values_mut() {
+            let d = &mut r.disk;
+            d.hard = if lose_hard_state {
+                HardState::default()
+            } else {
+                HardState {
+                    commit: 0,
+                    ..d.hard
+                }
+            };
+            d.snap = SnapshotMeta::default();
+            d.snap_data.clear();
+            d.log.clear();
+        }
+        self.restart(id);
+    }
+
+    /// Nodes whose rebuild marker is still set.
+    pub fn rebuilding_nodes(&self) -> usize {
+        self.nodes.iter().filter(|n| n.rebuilding.is_some()).count()
+    }
+
+    /// The marker goes once every replica of the node has caught up (and so persisted
+    /// what it must).
+    fn clear_caught_up_markers(&mut self) {
+        for node in &mut self.nodes {
+            if node.up
+                && node.rebuilding.is_some()
+                && node.replicas.values().all(|r| !r.raft.is_catching_up())
+            {
+                node.rebuilding = None;
+                let id = node.id;
+                self.trace.add(0xCA7C ^ id);
+                if self.options.verbose {
+                    self.log.push(format!(
+                        "[t{} r{}] node {id} caught up",
+                        self.tick, self.round
+                    ));
+                }
+            }
+        }
     }
 
     // ---- the shell ----

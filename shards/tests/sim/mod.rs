@@ -19,9 +19,26 @@ pub use cluster::{Bugs, Coverage, Options, Report};
 
 /// Runs one seed; `Err` carries the checker's (or a production assertion's) complaint.
 pub fn run_seed(seed: u64, options: &Options) -> Result<Report, String> {
+    run_with(seed, options, |c| c.run())
+}
+
+/// Runs the wipe scenario (`Cluster::run_wipe_scenario`) of one seed.
+pub fn run_wipe_seed(
+    seed: u64,
+    options: &Options,
+    lose_hard_state: bool,
+) -> Result<Report, String> {
+    run_with(seed, options, |c| c.run_wipe_scenario(lose_hard_state))
+}
+
+fn run_with(
+    seed: u64,
+    options: &Options,
+    run: impl FnOnce(cluster::Cluster) -> Result<Report, String>,
+) -> Result<Report, String> {
     let options = options.clone();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        cluster::Cluster::new(seed, &options).run()
+        run(cluster::Cluster::new(seed, &options))
     }));
     match result {
         Ok(r) => r,

@@ -51,6 +51,7 @@ pub struct Schedule {
     crash: u64,
     partition: u64,
     figure8: u64,
+    rebuild: u64,
 }
 
 impl Schedule {
@@ -59,6 +60,7 @@ impl Schedule {
         let crash = rng.range(5, 25);
         let partition = rng.range(5, 25);
         let figure8 = rng.range(5, 30);
+        let rebuild = rng.range(1, 6);
         Schedule {
             rng,
             script: Script::Idle,
@@ -66,6 +68,7 @@ impl Schedule {
             crash,
             partition,
             figure8,
+            rebuild,
         }
     }
 
@@ -186,6 +189,16 @@ impl Schedule {
         }
         if self.rng.chance_mille(10) {
             c.loss_percent = self.rng.range(0, 30);
+        }
+        // A lost data dir, rebuilt with (or, a third of the time, without) its term and
+        // vote. One node at a time: two members catching up at once leave a 3-voter
+        // group without a quorum until one of them is done.
+        if self.rng.chance_mille(self.rebuild) && c.rebuilding_nodes() == 0 {
+            let id = 1 + self.rng.below(n);
+            let lose_hard_state = self.rng.chance(33);
+            if c.is_up(id) {
+                c.wipe(id, lose_hard_state);
+            }
         }
     }
 
