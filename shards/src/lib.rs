@@ -13,6 +13,8 @@
 //! - [`peer`]: what travels inside those frames: Raft messages, coalesced heartbeats,
 //!   forwarded requests.
 //! - [`raft`]: the sans-IO Raft core (issue 3, in progress).
+//! - [`storage`]: whether the log may take more writes (full disk, disk budget, the
+//!   reserve kept for Raft's own records).
 //!
 //! The `starcite` crate (in `src/`) is the shell: it moves bytes, runs timers and does the
 //! I/O these modules ask for.
@@ -24,6 +26,7 @@ pub mod peer;
 pub mod raft;
 pub mod session;
 pub mod snapshot;
+pub mod storage;
 pub mod time;
 pub mod validate;
 pub mod wire;
