@@ -358,6 +358,18 @@ impl Wal {
             self.space.record(FileKind::Segment, Err(error));
             return;
         }
+        // A full disk answers at once: no need to write (and delete) megabytes of zeros
+        // every second to learn it.
+        if let Some(free) = free_bytes(&self.dir).filter(|&free| free < bytes) {
+            let error = format!(
+                "pre-writing segment {} in {}: {free} bytes free, a segment takes {bytes}",
+                self.next_epoch,
+                self.dir.display()
+            );
+            self.space
+                .record(FileKind::Segment, Err((FullReason::NoSpace, error)));
+            return;
+        }
         self.space.grew(bytes);
         self.space.next.set(NextSegment::Preparing);
         let (dir, epoch, space) = (self.dir.clone(), self.next_epoch, self.space.clone());
@@ -754,6 +766,25 @@ pub fn remove_segment(dir: &Path, epoch: u64, space: &LogSpace) -> io::Result<()
             Ok(())
         }
     }
+}
+
+/// Bytes this process may still write on the file system holding `dir` (root may use
+/// the blocks reserved for it), or None when the file system does not say.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `path` is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let blocks = if unsafe { libc::geteuid() } == 0 {
+        stat.f_bfree
+    } else {
+        stat.f_bavail
+    };
+    Some(blocks.saturating_mul(stat.f_frsize))
 }
 
 /// Bytes of every file in `dir` (what the disk budget counts).

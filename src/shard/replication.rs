@@ -542,19 +542,18 @@ impl ShardCore {
     // ---- the committer ----
 
     /// One batch write (one durable write) for every record queued while the previous
-    /// batch was being written, then each Ready's persisted report and messages. While a
-    /// file creation is failing it also wakes every `STORAGE_RETRY_PERIOD` to try again
-    /// (see `storage`).
+    /// batch was being written, then each Ready's persisted report and messages. It also
+    /// wakes every `STORAGE_RETRY_PERIOD` without a write: a file creation that failed in
+    /// the background (the next segment's pre-write) is tried again even when no write
+    /// comes (client writes are refused meanwhile), see `storage`.
     pub(super) async fn run_committer(self: Rc<Self>, mut wal: Wal, wake: LocalReceiver<()>) {
         let mut bytes_since_snapshot = 0u64;
         loop {
-            if self.storage_needs_retry(&wal) {
-                if let Some(None) = with_timeout(STORAGE_RETRY_PERIOD, wake.recv()).await {
-                    return;
-                }
-                self.retry_storage(&mut wal, true).await;
-            } else if wake.recv().await.is_none() {
+            if let Some(None) = with_timeout(STORAGE_RETRY_PERIOD, wake.recv()).await {
                 return;
+            }
+            if self.storage_needs_retry(&wal) {
+                self.retry_storage(&mut wal, true).await;
             }
             self.write_queued(&mut wal, &mut bytes_since_snapshot).await;
         }
