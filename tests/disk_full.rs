@@ -319,7 +319,10 @@ fn a_full_disk_refuses_writes_keeps_reads_survives_restarts_and_recovers() {
         return;
     }
     let started = Instant::now();
-    let mut opts = Opts::new("disk-full").shards(1);
+    // Shard snapshots every segment: they are written (or fail) while the disk fills.
+    let mut opts = Opts::new("disk-full")
+        .shards(1)
+        .arg("--snapshot-log-bytes", &SEGMENT_BYTES.to_string());
     opts.segment_bytes = SEGMENT_BYTES;
     let mut server = Server::start(opts);
     server.terminate();
@@ -357,8 +360,13 @@ fn a_full_disk_refuses_writes_keeps_reads_survives_restarts_and_recovers() {
 
     // Space returns: writes resume without a restart.
     disk.free_space();
+    let freed = Instant::now();
     let mut n = last_n + 1;
     wait_writes_resume(&server, id, n, &mut acked);
+    println!(
+        "writes resumed {} ms after space returned",
+        freed.elapsed().as_millis()
+    );
     for _ in 0..20 {
         n += 1;
         let resp = server.append(id, &append_body(n));
