@@ -240,8 +240,11 @@ impl Api {
         }
         let mut leaderless = std::mem::take(&mut total.leaderless);
         leaderless.sort_unstable();
-        // The archive is detail only: it never changes the status code (API.md).
+        // The archive and a full disk are detail only: they never change the status
+        // code (API.md: ready = shards run and groups have leaders). A node whose
+        // storage is full still serves reads, and its groups' writes go to other nodes.
         let archive = archive_detail(&total);
+        let storage = storage_detail(&total);
         // So are a rebuild's progress and the peers that refuse this node (whose groups
         // then have no leader, which decides the status).
         let refused_by: serde_json::Map<String, serde_json::Value> = total
@@ -256,6 +259,7 @@ impl Api {
                 "groups": shards::GROUPS,
                 "groups_without_leader": [],
                 "archive": archive,
+                "storage_full": storage,
             })
         } else {
             json!({
@@ -263,6 +267,7 @@ impl Api {
                 "reason": "some groups have no leader",
                 "groups_without_leader": leaderless,
                 "archive": archive,
+                "storage_full": storage,
             })
         };
         if total.groups_catching_up > 0 {
@@ -485,6 +490,22 @@ impl Api {
     }
 }
 
+/// Shards whose storage is full, for `/health/ready`: `[{"shard", "reason",
+/// "log_blocked"}]`, empty when every shard takes writes.
+fn storage_detail(total: &crate::metrics::ShardStats) -> serde_json::Value {
+    let mut full = total.storage_full.clone();
+    full.sort_unstable_by_key(|f| f.shard);
+    full.iter()
+        .map(|f| {
+            json!({
+                "shard": f.shard,
+                "reason": f.reason.as_str(),
+                "log_blocked": f.log_blocked,
+            })
+        })
+        .collect()
+}
+
 /// The archive's state for `/health/ready`.
 fn archive_detail(total: &crate::metrics::ShardStats) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
@@ -636,7 +657,9 @@ pub fn error_response(error: &ApiError) -> Response {
         ApiError::StorageFull => (
             507,
             "storage_full",
-            "the node's disk budget is exhausted; not applied".into(),
+            "the leader's storage is full (no space left, or --max-disk-bytes reached); not \
+             applied"
+                .into(),
         ),
         ApiError::EventsExpired {
             first_available_seq,

@@ -129,7 +129,8 @@ pub struct ServeConfig {
     #[arg(long, env = "STARCITE_RETENTION_AGE", value_parser = parse_duration)]
     pub retention_age: Option<Duration>,
 
-    /// Disk budget of the node's logs; past it client writes get 507 `storage_full`.
+    /// Disk budget of the node's logs (split across shards): the log's files never pass
+    /// it; when the next segment does not fit, client writes get 507 `storage_full`.
     /// Default: unlimited.
     #[arg(long, env = "STARCITE_MAX_DISK_BYTES")]
     pub max_disk_bytes: Option<u64>,

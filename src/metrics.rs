@@ -87,6 +87,12 @@ pub struct ShardStats {
     pub stale_replies_dropped: u64,
     /// Log segments deleted by retention.
     pub segments_deleted: u64,
+    /// Raft messages from a leader cut or dropped because the log had no room for them.
+    pub storage_deferred: u64,
+    /// Bytes of the log's files (segments and index files).
+    pub log_disk_bytes: u64,
+    /// Shards whose storage is full (client writes get 507), one entry per shard.
+    pub storage_full: Vec<StorageFull>,
     /// Groups with a replica here that have had no leader for 3 s (or never had one).
     pub leaderless: Vec<u16>,
     /// Groups still catching up after a rebuild (they vote for no one meanwhile).
@@ -100,6 +106,15 @@ pub struct ShardStats {
     pub archive: Option<ArchiveShardStats>,
     /// The archiver thread's counters (shared by every shard of the node).
     pub archiver: Option<std::sync::Arc<crate::archive::ArchiveStats>>,
+}
+
+/// A shard whose storage is full (`shards::storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageFull {
+    pub shard: usize,
+    pub reason: shards::storage::FullReason,
+    /// Not even Raft's records can be written (no room and no next segment).
+    pub log_blocked: bool,
 }
 
 /// A shard's share of the archive lag (groups it leads).
@@ -162,6 +177,9 @@ impl ShardStats {
         self.peer_frames_dropped += other.peer_frames_dropped;
         self.stale_replies_dropped += other.stale_replies_dropped;
         self.segments_deleted += other.segments_deleted;
+        self.storage_deferred += other.storage_deferred;
+        self.log_disk_bytes += other.log_disk_bytes;
+        self.storage_full.extend_from_slice(&other.storage_full);
         self.leaderless.extend_from_slice(&other.leaderless);
         self.groups_catching_up += other.groups_catching_up;
         for (node, reason) in &other.refused_by {
@@ -239,6 +257,10 @@ pub fn render(per_shard: &[ShardStats]) -> String {
             "starcite_peer_handshakes_refused_new_data_dir_total",
             total.peers_refused,
         ),
+        (
+            "starcite_storage_deferred_messages_total",
+            total.storage_deferred,
+        ),
     ];
     for (name, value) in counters {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
@@ -247,7 +269,7 @@ pub fn render(per_shard: &[ShardStats]) -> String {
     total
         .fsync_latency
         .render(&mut out, "starcite_log_fsync_duration_seconds", "");
-    let gauges: [(&str, Gauge); 8] = [
+    let gauges: [(&str, Gauge); 9] = [
         ("starcite_hot_window_bytes", |s| s.hot_bytes),
         ("starcite_sessions", |s| s.sessions),
         ("starcite_tail_subscribers", |s| s.tail_subscribers),
@@ -258,6 +280,7 @@ pub fn render(per_shard: &[ShardStats]) -> String {
         }),
         ("starcite_raft_groups_catching_up", |s| s.groups_catching_up),
         ("starcite_refused_by_peers", |s| s.refused_by.len() as u64),
+        ("starcite_log_disk_bytes", |s| s.log_disk_bytes),
     ];
     for (name, get) in gauges {
         let _ = writeln!(out, "# TYPE {name} gauge");
@@ -265,10 +288,40 @@ pub fn render(per_shard: &[ShardStats]) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", get(stats));
         }
     }
+    render_storage_full(&mut out, per_shard);
     if let (Some(feed), Some(archiver)) = (&total.archive, &total.archiver) {
         render_archive(&mut out, feed, archiver);
     }
     out
+}
+
+/// `starcite_storage_full{shard,reason}`: 1 for the reason a shard refuses client
+/// writes (507), 0 for the others; `starcite_log_blocked{shard}`: 1 while not even
+/// Raft's records can be written.
+fn render_storage_full(out: &mut String, per_shard: &[ShardStats]) {
+    use shards::storage::FullReason;
+    out.push_str("# TYPE starcite_storage_full gauge\n");
+    for (shard, stats) in per_shard.iter().enumerate() {
+        let full = stats.storage_full.first();
+        for reason in FullReason::ALL {
+            let on = full.is_some_and(|f| f.reason == reason);
+            let _ = writeln!(
+                out,
+                "starcite_storage_full{{shard=\"{shard}\",reason=\"{}\"}} {}",
+                reason.as_str(),
+                u8::from(on)
+            );
+        }
+    }
+    out.push_str("# TYPE starcite_log_blocked gauge\n");
+    for (shard, stats) in per_shard.iter().enumerate() {
+        let blocked = stats.storage_full.first().is_some_and(|f| f.log_blocked);
+        let _ = writeln!(
+            out,
+            "starcite_log_blocked{{shard=\"{shard}\"}} {}",
+            u8::from(blocked)
+        );
+    }
 }
 
 fn render_archive(
@@ -357,5 +410,24 @@ mod tests {
             "starcite_http_request_duration_seconds_bucket{route=\"append\",le=\"+Inf\"} 4"
         ));
         assert!(text.contains("starcite_log_fsync_duration_seconds_count{} 2"));
+        assert!(text.contains("starcite_storage_full{shard=\"1\",reason=\"no_space\"} 0"));
+    }
+
+    #[test]
+    fn storage_full_gauge_names_the_shard_and_its_reason() {
+        let full = ShardStats {
+            storage_full: vec![StorageFull {
+                shard: 1,
+                reason: shards::storage::FullReason::Budget,
+                log_blocked: true,
+            }],
+            ..ShardStats::default()
+        };
+        let text = render(&[ShardStats::default(), full]);
+        assert!(text.contains("starcite_storage_full{shard=\"1\",reason=\"budget\"} 1"));
+        assert!(text.contains("starcite_storage_full{shard=\"1\",reason=\"no_space\"} 0"));
+        assert!(text.contains("starcite_storage_full{shard=\"0\",reason=\"budget\"} 0"));
+        assert!(text.contains("starcite_log_blocked{shard=\"1\"} 1"));
+        assert!(text.contains("starcite_log_blocked{shard=\"0\"} 0"));
     }
 }

@@ -6,8 +6,14 @@
 //! padded to whole blocks, so a block that holds acknowledged records is never written
 //! again. The format of records and batches, and the recovery rules, live in
 //! `shards::codec`; this module only moves bytes.
+//!
+//! A file that cannot be created (the next segment, an index file, the device probe)
+//! never stops the log: the failure goes to the shard's [`LogSpace`] (client writes are
+//! then refused with 507, see `shards::storage`) and the creation is tried again later.
+//! Only an error writing the ACTIVE segment stops the process: nothing about that file
+//! can be trusted any more.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,6 +24,7 @@ use glommio::io::{DmaFile, OpenOptions};
 use shards::codec::{self, ScanOutcome};
 use shards::entry::LogRecord;
 use shards::snapshot::{self, SIDECAR_HEADER_BYTES};
+use shards::storage::{FileKind, FullReason, StorageHealth};
 
 /// Bytes zeroed per write while pre-writing a segment.
 const PREWRITE_CHUNK_BYTES: usize = 1 << 20;
@@ -57,40 +64,206 @@ pub struct Written {
     pub sealed: Option<u64>,
 }
 
+/// What the log's files take on disk and whether the log can grow: shared by the log's
+/// owner (the committer) and the rest of the shard (admission of writes, retention,
+/// metrics). One per shard, on its executor.
+pub struct LogSpace {
+    shard: usize,
+    /// `--max-disk-bytes`, this shard's share: the log's files never pass it.
+    budget: Option<u64>,
+    /// Bytes of every file in the log directory (a segment being pre-written counts
+    /// whole from its start).
+    files_bytes: Cell<u64>,
+    /// Bytes left in the active segment (0 without one).
+    active_free: Cell<u64>,
+    next: Cell<NextSegment>,
+    health: RefCell<StorageHealth>,
+}
+
+/// Where the segment after the active one is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NextSegment {
+    /// Not started: the device is not probed yet, or the budget has no room for it.
+    Missing,
+    /// Being pre-written in the background.
+    Preparing,
+    /// Pre-written and synced: the log can roll into it.
+    Ready,
+    /// Its creation failed (the failure is in the health); tried again by `retry`.
+    Failed,
+}
+
+impl LogSpace {
+    pub fn new(shard: usize, budget: Option<u64>) -> Rc<LogSpace> {
+        Rc::new(LogSpace {
+            shard,
+            budget,
+            files_bytes: Cell::new(0),
+            active_free: Cell::new(0),
+            next: Cell::new(NextSegment::Missing),
+            health: RefCell::new(StorageHealth::default()),
+        })
+    }
+
+    pub fn files_bytes(&self) -> u64 {
+        self.files_bytes.get()
+    }
+
+    pub fn active_free(&self) -> u64 {
+        self.active_free.get()
+    }
+
+    /// A next segment is pre-written or being pre-written (see `shards::storage::Room`).
+    pub fn next_segment(&self) -> bool {
+        matches!(self.next.get(), NextSegment::Preparing | NextSegment::Ready)
+    }
+
+    /// Storage is full (client writes are refused), and why.
+    pub fn full(&self) -> Option<FullReason> {
+        self.health.borrow().full()
+    }
+
+    pub fn failing(&self, kind: FileKind) -> Option<FullReason> {
+        self.health.borrow().failing(kind)
+    }
+
+    /// Records the outcome of creating a file of `kind`. Logs when a kind starts or
+    /// stops failing and when the shard becomes full or writable (not per attempt).
+    pub fn record(&self, kind: FileKind, outcome: Result<(), (FullReason, String)>) {
+        let shard = self.shard;
+        let was = self.failing(kind);
+        let transition = self
+            .health
+            .borrow_mut()
+            .record(kind, outcome.as_ref().map(|_| ()).map_err(|e| e.0));
+        match (&outcome, was) {
+            (Err((reason, error)), None) => tracing::warn!(
+                shard,
+                file = kind.as_str(),
+                reason = reason.as_str(),
+                %error,
+                "cannot create a log file; trying again every second"
+            ),
+            (Ok(()), Some(_)) => {
+                tracing::info!(shard, file = kind.as_str(), "log file created again")
+            }
+            _ => {}
+        }
+        match transition.map(|t| t.after) {
+            Some(Some(reason)) => tracing::error!(
+                shard,
+                reason = reason.as_str(),
+                "storage full: client writes get 507 storage_full until space returns \
+                 (reads, tails and retries of committed appends keep working)"
+            ),
+            Some(None) => tracing::info!(shard, "storage writable again: client writes accepted"),
+            None => {}
+        }
+    }
+
+    /// A file of `new_bytes` replacing one of `replaced_bytes` stays within the budget.
+    fn fits(&self, new_bytes: u64, replaced_bytes: u64) -> bool {
+        shards::storage::within_budget(
+            self.budget,
+            self.files_bytes.get(),
+            new_bytes,
+            replaced_bytes,
+        )
+    }
+
+    fn grew(&self, bytes: u64) {
+        self.files_bytes.set(self.files_bytes.get() + bytes);
+    }
+
+    fn shrank(&self, bytes: u64) {
+        self.files_bytes
+            .set(self.files_bytes.get().saturating_sub(bytes));
+    }
+
+    fn budget_error(&self, what: &str, bytes: u64) -> (FullReason, String) {
+        let error = format!(
+            "{what} of {bytes} bytes would take the log's files from {} past the budget of {} \
+             bytes (--max-disk-bytes)",
+            self.files_bytes.get(),
+            self.budget.unwrap_or(0)
+        );
+        (FullReason::Budget, error)
+    }
+}
+
+/// Why a file could not be created: ENOSPC and EDQUOT are "no space", anything else an
+/// I/O error (glommio keeps the error kind, not always the errno).
+pub fn reason_of(error: &io::Error) -> FullReason {
+    let no_space = matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(
+            error.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        );
+    if no_space {
+        FullReason::NoSpace
+    } else {
+        FullReason::IoError
+    }
+}
+
+/// The segment batches are appended to.
+struct Active {
+    file: Rc<DmaFile>,
+    epoch: u64,
+    write_pos: u64,
+}
+
 pub struct Wal {
     dir: PathBuf,
     segment_bytes: u64,
-    active: Rc<DmaFile>,
-    active_epoch: u64,
-    write_pos: u64,
-    /// The next segment, pre-written in the background while the active one fills.
-    next: Option<glommio::task::JoinHandle<io::Result<()>>>,
+    /// None while an empty log's first segment cannot be created.
+    active: Option<Active>,
+    /// The epoch of the segment after the active one (of the first one without one).
+    next_epoch: u64,
+    /// The next segment, pre-written in the background while the active one fills; its
+    /// task says whether the file was created. None until it can be started.
+    next: Option<glommio::task::JoinHandle<bool>>,
     fsync_delay: Option<Duration>,
-}
-
-/// What one durable write did, for metrics.
-pub struct WriteStats {
-    pub bytes: usize,
-    pub fsync_us: u64,
+    space: Rc<LogSpace>,
+    /// Budget kept free for the active segment's index file (`index_bytes_max`).
+    index_allowance: u64,
+    /// glommio has seen a non-empty file of this device (see `probe_device`): only
+    /// then may the log create (and open) new files.
+    probed: bool,
 }
 
 impl Wal {
     /// Opens the log in `dir`, replaying every valid record from position `resume`
-    /// (segment epoch, offset) to `visit` in log order.
+    /// (segment epoch, offset) to `visit` in log order. A full disk does not stop it:
+    /// without room for the probe file, the next segment or an empty log's first one,
+    /// the log opens read-only for client data (see [`LogSpace`]).
     pub async fn open(
         dir: &Path,
         segment_bytes: u64,
         fsync_delay: Option<Duration>,
         resume: (u64, u64),
+        space: Rc<LogSpace>,
         mut visit: impl FnMut(Replayed),
     ) -> Result<Wal, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        probe_device(dir).await?;
         remove_unfinished_segments(dir)?;
+        space.files_bytes.set(dir_bytes(dir)?);
         let epochs: Vec<u64> = list_segments(dir)?
             .into_iter()
             .filter(|&epoch| epoch >= resume.0)
             .collect();
+        let mut wal = Wal {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            active: None,
+            next_epoch: resume.0.max(1),
+            next: None,
+            fsync_delay,
+            space,
+            index_allowance: shards::storage::index_bytes_max(segment_bytes),
+            probed: false,
+        };
+        wal.probe().await;
         let mut outcomes = Vec::with_capacity(epochs.len());
         let mut tail: Option<(u64, u64, Option<u64>)> = None;
         for (i, &epoch) in epochs.iter().enumerate() {
@@ -111,63 +284,178 @@ impl Wal {
             tail = Some((epoch, end, torn_at));
         }
         codec::classify_log(&outcomes).map_err(|e| refuse_message(dir, &e))?;
-        let (active_epoch, write_pos, active) = match tail {
-            Some((epoch, end, torn_at)) => {
-                let file = open_segment(dir, epoch).await?;
-                if torn_at.is_some() {
-                    zero_from(&file, end, segment_bytes).await?;
-                }
-                (epoch, end, file)
+        if let Some((epoch, end, torn_at)) = tail {
+            let file = open_segment(dir, epoch).await?;
+            if torn_at.is_some() {
+                // Overwrites pre-written blocks in place: needs no new space.
+                zero_from(&file, end, segment_bytes).await?;
             }
-            None => {
-                let epoch = resume.0.max(1);
-                prewrite_segment(dir.to_path_buf(), epoch, segment_bytes)
-                    .await
-                    .map_err(|e| format!("create first segment in {}: {e}", dir.display()))?;
-                (epoch, 0, open_segment(dir, epoch).await?)
-            }
-        };
-        let mut wal = Wal {
-            dir: dir.to_path_buf(),
-            segment_bytes,
-            active: Rc::new(active),
-            active_epoch,
-            write_pos,
-            next: None,
-            fsync_delay,
-        };
-        wal.start_prewrite();
+            wal.active = Some(Active {
+                file: Rc::new(file),
+                epoch,
+                write_pos: end,
+            });
+            wal.next_epoch = epoch + 1;
+        } else {
+            wal.create_first_segment().await;
+        }
+        wal.publish_room();
         Ok(wal)
     }
 
-    fn start_prewrite(&mut self) {
-        let dir = self.dir.clone();
-        let epoch = self.active_epoch + 1;
+    /// An empty log's first segment, created before the log serves (so that the first
+    /// writes need not wait for it). If it cannot be created the log opens without an
+    /// active segment: client writes get 507 until `retry` creates one.
+    async fn create_first_segment(&mut self) {
+        let (bytes, epoch) = (self.segment_bytes, self.next_epoch);
+        if !self.probed {
+            return;
+        }
+        if !self.space.fits(bytes, 0) {
+            let error = self.space.budget_error("the first log segment", bytes);
+            self.space.record(FileKind::Segment, Err(error));
+            return;
+        }
+        self.space.grew(bytes);
+        let created = match prewrite_segment(self.dir.clone(), epoch, bytes).await {
+            Ok(()) => open_segment(&self.dir, epoch).await.map_err(|e| {
+                // The file is there but cannot be opened: an I/O error, not a full disk.
+                (FullReason::IoError, e)
+            }),
+            Err(e) => {
+                self.space.shrank(bytes);
+                let error = format!("creating segment {epoch} in {}: {e}", self.dir.display());
+                Err((reason_of(&e), error))
+            }
+        };
+        match created {
+            Ok(file) => {
+                self.active = Some(Active {
+                    file: Rc::new(file),
+                    epoch,
+                    write_pos: 0,
+                });
+                self.next_epoch = epoch + 1;
+            }
+            Err(e) => self.space.record(FileKind::Segment, Err(e)),
+        }
+    }
+
+    /// Starts pre-writing the next segment in the background (the first one of an
+    /// empty log: the first write rolls into it), unless one is on its way, the device
+    /// is not probed yet, or the budget has no room for it (then storage is full,
+    /// reason `budget`, until `retry` finds room). The owner calls it once after
+    /// `open` (after writing what start-up must write: a pre-write takes a full
+    /// disk's last bytes) and the log calls it again at every roll.
+    pub fn start_next(&mut self) {
+        if self.next.is_some() || !self.probed {
+            return;
+        }
         let bytes = self.segment_bytes;
-        let task = glommio::spawn_local(async move { prewrite_segment(dir, epoch, bytes).await });
+        // The active segment's index file is written when the log rolls into this one.
+        if !self.space.fits(bytes + self.index_allowance, 0) {
+            let error = self.space.budget_error("a new log segment", bytes);
+            self.space.record(FileKind::Segment, Err(error));
+            return;
+        }
+        // A full disk answers at once: no need to write (and delete) megabytes of zeros
+        // every second to learn it.
+        if let Some(free) = free_bytes(&self.dir).filter(|&free| free < bytes) {
+            let error = format!(
+                "pre-writing segment {} in {}: {free} bytes free, a segment takes {bytes}",
+                self.next_epoch,
+                self.dir.display()
+            );
+            self.space
+                .record(FileKind::Segment, Err((FullReason::NoSpace, error)));
+            return;
+        }
+        self.space.grew(bytes);
+        self.space.next.set(NextSegment::Preparing);
+        let (dir, epoch, space) = (self.dir.clone(), self.next_epoch, self.space.clone());
+        let task = glommio::spawn_local(async move {
+            match prewrite_segment(dir.clone(), epoch, bytes).await {
+                Ok(()) => {
+                    space.next.set(NextSegment::Ready);
+                    space.record(FileKind::Segment, Ok(()));
+                    true
+                }
+                Err(e) => {
+                    // `create_durably` removed the temp file: its space is back.
+                    space.shrank(bytes);
+                    space.next.set(NextSegment::Failed);
+                    let error = format!("pre-writing segment {epoch} in {}: {e}", dir.display());
+                    space.record(FileKind::Segment, Err((reason_of(&e), error)));
+                    false
+                }
+            }
+        });
         self.next = Some(task.detach());
+    }
+
+    /// Tries again what failed to be created: the device probe and the next segment
+    /// (index files and snapshots are retried by the shard, which owns their content).
+    pub async fn retry(&mut self) {
+        if !self.probed || self.space.failing(FileKind::Probe).is_some() {
+            self.probe().await;
+        }
+        if self.space.next.get() == NextSegment::Failed {
+            // The failed attempt's task has finished: start a new one.
+            self.next = None;
+        }
+        self.start_next();
+    }
+
+    /// Something the log creates itself (probe, next segment) is missing.
+    pub fn needs_retry(&self) -> bool {
+        !self.probed
+            || matches!(
+                self.space.next.get(),
+                NextSegment::Missing | NextSegment::Failed
+            )
     }
 
     /// Writes a prefix of `records` (at least one) as ONE batch, durably (write +
     /// fdatasync), and says where each landed. One batch per fsync keeps the recovery
     /// rule of `shards::codec`: a later batch is never on disk without an earlier one.
-    /// Panics on I/O errors: after a failed fsync nothing about the file can be trusted,
-    /// and crashing (then recovering from what is really on disk) is the safe answer.
-    pub async fn write(&mut self, records: &[LogRecord]) -> Written {
+    ///
+    /// Returns None, writing nothing, when the active segment has no room for the first
+    /// record and no next segment could be created: the caller waits, calls
+    /// [`Wal::retry`], and tries again.
+    ///
+    /// Panics on I/O errors of the active segment: after a failed write or fsync nothing
+    /// about the file can be trusted, and crashing (then recovering from what is really
+    /// on disk) is the safe answer.
+    pub async fn write(&mut self, records: &[LogRecord]) -> Option<Written> {
         assert!(!records.is_empty());
         let mut sealed = None;
         let (batch, offsets) = loop {
-            let room = (self.segment_bytes - self.write_pos) as usize;
-            let (builder, offsets) = fill_batch(records, self.active_epoch, room);
-            if !offsets.is_empty() {
-                break (builder.finish(), offsets);
+            if let Some(active) = &self.active {
+                let room = (self.segment_bytes - active.write_pos) as usize;
+                let (builder, offsets) = fill_batch(records, active.epoch, room);
+                if !offsets.is_empty() {
+                    break (builder.finish(), offsets);
+                }
+                assert!(
+                    active.write_pos > 0,
+                    "a single record larger than a segment"
+                );
             }
-            assert!(self.write_pos > 0, "a single record larger than a segment");
-            sealed = Some(self.active_epoch);
-            self.roll().await;
+            let previous = self.active.as_ref().map(|a| a.epoch);
+            if !self.roll().await {
+                // A segment sealed by an earlier roll of this call was written into
+                // before: that cannot happen (a fresh segment takes the first record).
+                assert!(sealed.is_none(), "rolled twice in one write");
+                return None;
+            }
+            sealed = previous;
         };
-        let pos = self.write_pos;
-        let mut buf = self.active.alloc_dma_buffer(batch.len());
+        let active = self
+            .active
+            .as_ref()
+            .expect("the batch fits the active segment");
+        let pos = active.write_pos;
+        let mut buf = active.file.alloc_dma_buffer(batch.len());
         buf.as_bytes_mut().copy_from_slice(&batch);
         let started = Instant::now();
         if let Some(delay) = injected_fsync_delay().or(self.fsync_delay) {
@@ -175,12 +463,13 @@ impl Wal {
         }
         // The segment is open with O_DSYNC (and O_DIRECT): the write returns once the
         // batch is durable, like write + fdatasync but in one device round trip.
-        self.active
+        active
+            .file
             .write_at(buf, pos)
             .await
             .unwrap_or_else(|e| panic!("log write at {pos} in {}: {e}", self.dir.display()));
         let fsync_us = started.elapsed().as_micros() as u64;
-        let epoch = u32::try_from(self.active_epoch).expect("epoch fits u32");
+        let epoch = u32::try_from(active.epoch).expect("epoch fits u32");
         let crcs = offsets
             .iter()
             .map(|&o| frame_crc(&batch, o as usize))
@@ -192,45 +481,118 @@ impl Wal {
                 offset: u32::try_from(pos + offset).expect("segment offsets fit u32"),
             })
             .collect();
-        self.write_pos += batch.len() as u64;
-        Written {
+        self.active.as_mut().expect("checked").write_pos += batch.len() as u64;
+        self.publish_room();
+        Some(Written {
             taken: offsets.len(),
             locations,
             crcs,
             bytes: batch.len(),
             fsync_us,
             sealed,
-        }
+        })
     }
 
     /// The position after the last durable batch: every record written later is at or
-    /// after it.
+    /// after it (the start of the first segment while an empty log has none).
     pub fn durable_position(&self) -> (u64, u64) {
-        (self.active_epoch, self.write_pos)
+        match &self.active {
+            Some(active) => (active.epoch, active.write_pos),
+            None => (self.next_epoch, 0),
+        }
     }
 
-    /// Writes the index file of sealed segment `epoch` durably.
-    pub async fn write_sidecar(&self, epoch: u64, bytes: &[u8]) {
-        write_file_durably(&self.dir, &sidecar_name(epoch), bytes)
-            .await
-            .unwrap_or_else(|e| panic!("writing index of segment {epoch}: {e}"));
+    /// Writes the index file of sealed segment `epoch` durably, within the budget. On
+    /// failure no temp file is left behind; the caller keeps the offsets in memory and
+    /// tries again later.
+    pub async fn write_index(&self, epoch: u64, bytes: &[u8]) -> Result<(), (FullReason, String)> {
+        let name = sidecar_name(epoch);
+        let replaced = std::fs::metadata(self.dir.join(&name)).map_or(0, |m| m.len());
+        let new = bytes.len() as u64;
+        if !self.space.fits(new, replaced) {
+            return Err(self
+                .space
+                .budget_error("the index file of a sealed segment", new));
+        }
+        self.space.grew(new);
+        match write_file_durably(&self.dir, &name, bytes).await {
+            Ok(()) => {
+                self.space.shrank(replaced);
+                Ok(())
+            }
+            Err(e) => {
+                self.space.shrank(new);
+                let error = format!(
+                    "writing index of segment {epoch} in {}: {e}",
+                    self.dir.display()
+                );
+                Err((reason_of(&e), error))
+            }
+        }
     }
 
-    /// Switches to the pre-written next segment. Everything in the active segment is
-    /// already fsynced (each write is synced before the next starts), so a torn tail can
-    /// only ever be in the last segment.
-    async fn roll(&mut self) {
-        let next = self.next.take().expect("next segment is being prepared");
-        next.await
-            .expect("prewrite task finished")
-            .unwrap_or_else(|e| panic!("pre-writing a log segment in {}: {e}", self.dir.display()));
-        let file = open_segment(&self.dir, self.active_epoch + 1)
+    /// Switches to the pre-written next segment, waiting for its pre-write if it is
+    /// still running. Everything in the active segment is already fsynced (each write
+    /// is synced before the next starts), so a torn tail can only ever be in the last
+    /// segment. Returns false when no next segment exists (its creation failed or was
+    /// never started: see `retry`).
+    async fn roll(&mut self) -> bool {
+        let Some(next) = self.next.take() else {
+            return false;
+        };
+        if !next.await.unwrap_or(false) {
+            return false;
+        }
+        let file = open_segment(&self.dir, self.next_epoch)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        self.active = Rc::new(file);
-        self.active_epoch += 1;
-        self.write_pos = 0;
-        self.start_prewrite();
+        // From here on no await: admission never sees "no next segment" in between.
+        self.active = Some(Active {
+            file: Rc::new(file),
+            epoch: self.next_epoch,
+            write_pos: 0,
+        });
+        self.next_epoch += 1;
+        self.publish_room();
+        self.space.next.set(NextSegment::Missing);
+        self.start_next();
+        true
+    }
+
+    fn publish_room(&self) {
+        let free = self
+            .active
+            .as_ref()
+            .map_or(0, |a| self.segment_bytes - a.write_pos);
+        self.space.active_free.set(free);
+    }
+
+    /// glommio decides once per block device whether its iopoll ring works, by reading
+    /// the first block of the first file opened there with O_DIRECT (see
+    /// `probe_device`). The log opens no file before this succeeded: with no room for
+    /// the probe file, an existing (non-empty, pre-written) segment serves the same
+    /// purpose; with neither, the log creates nothing until `retry` can write it.
+    async fn probe(&mut self) {
+        let outcome = if self.space.fits(PROBE_BYTES as u64, 0) {
+            self.space.grew(PROBE_BYTES as u64);
+            let outcome = probe_device(&self.dir).await;
+            self.space.shrank(PROBE_BYTES as u64);
+            outcome.map_err(|e| {
+                let error = format!("writing the device probe in {}: {e}", self.dir.display());
+                (reason_of(&e), error)
+            })
+        } else {
+            Err(self
+                .space
+                .budget_error("the device probe file", PROBE_BYTES as u64))
+        };
+        let written = outcome.is_ok();
+        self.space.record(FileKind::Probe, outcome);
+        if written {
+            self.probed = true;
+        } else if !self.probed {
+            self.probed = probe_with_a_segment(&self.dir).await;
+        }
     }
 
     /// A handle that reads records back; it opens segments by name, so it works for
@@ -417,15 +779,60 @@ pub fn segment_modified(dir: &Path, epoch: u64) -> io::Result<std::time::SystemT
     std::fs::metadata(segment_path(dir, epoch))?.modified()
 }
 
-/// Deletes sealed segment `epoch`, then its index file (retention). The oldest first:
-/// segments stay contiguous. A crash in between leaves an index file without its
-/// segment, which nothing reads (start-up forgets runs of missing segments).
-pub fn remove_segment(dir: &Path, epoch: u64) -> io::Result<()> {
-    std::fs::remove_file(segment_path(dir, epoch))?;
-    match std::fs::remove_file(dir.join(sidecar_name(epoch))) {
+/// Deletes sealed segment `epoch`, then its index file (retention), and gives their
+/// bytes back to `space`. The oldest first: segments stay contiguous. A crash in
+/// between leaves an index file without its segment, which nothing reads (start-up
+/// forgets runs of missing segments).
+pub fn remove_segment(dir: &Path, epoch: u64, space: &LogSpace) -> io::Result<()> {
+    let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
+    let (segment, index) = (segment_path(dir, epoch), dir.join(sidecar_name(epoch)));
+    let segment_bytes = size(&segment);
+    std::fs::remove_file(&segment)?;
+    space.shrank(segment_bytes);
+    let index_bytes = size(&index);
+    match std::fs::remove_file(&index) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(_) => Ok(()),
+        Ok(()) => {
+            space.shrank(index_bytes);
+            Ok(())
+        }
     }
+}
+
+/// Bytes this process may still write on the file system holding `dir` (root may use
+/// the blocks reserved for it), or None when the file system does not say.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `path` is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let blocks = if unsafe { libc::geteuid() } == 0 {
+        stat.f_bfree
+    } else {
+        stat.f_bavail
+    };
+    Some(blocks.saturating_mul(stat.f_frsize))
+}
+
+/// Bytes of every file in `dir` (what the disk budget counts).
+fn dir_bytes(dir: &Path) -> Result<u64, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("list {}: {e}", dir.display()))?;
+    let mut bytes = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("list {}: {e}", dir.display()))?;
+        let metadata = entry
+            .metadata()
+            .map_err(|e| format!("stat {}: {e}", entry.path().display()))?;
+        if metadata.is_file() {
+            bytes += metadata.len();
+        }
+    }
+    Ok(bytes)
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<u64>, String> {
@@ -454,20 +861,49 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, String> {
     Ok(epochs)
 }
 
+/// Size of the device probe file: one block.
+const PROBE_BYTES: usize = 4096;
+const PROBE_FILE: &str = "iopoll-probe.tmp";
+
 /// glommio decides once per block device whether its iopoll ring works, by reading the
 /// first block of the first file opened there. On an EMPTY file that read "succeeds"
 /// (0 bytes), glommio then sends every later read to the poll ring, and on a virtio
 /// disk each of them fails with EOPNOTSUPP. So the first file we open with O_DIRECT is
-/// this one block of zeros, which makes the probe give the right answer.
-async fn probe_device(dir: &Path) -> Result<(), String> {
-    let path = dir.join("iopoll-probe.tmp");
-    std::fs::write(&path, [0u8; 4096]).map_err(|e| format!("write {}: {e}", path.display()))?;
-    let file = DmaFile::open(&path)
-        .await
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
-    let _ = file.close().await;
+/// this one block of zeros, which makes the probe give the right answer. It is written
+/// at every start (and removed at once); a failure leaves no file behind.
+async fn probe_device(dir: &Path) -> io::Result<()> {
+    let path = dir.join(PROBE_FILE);
+    let written = std::fs::write(&path, [0u8; PROBE_BYTES]);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    let opened = DmaFile::open(&path).await;
     let _ = std::fs::remove_file(&path);
+    let _ = opened?.close().await;
     Ok(())
+}
+
+/// The probe's fallback on a full disk: an existing segment is pre-written, so never
+/// empty, and does the same. Returns whether one was opened.
+async fn probe_with_a_segment(dir: &Path) -> bool {
+    let Some(epoch) = list_segments(dir).ok().and_then(|e| e.last().copied()) else {
+        return false;
+    };
+    let path = segment_path(dir, epoch);
+    if std::fs::metadata(&path).map_or(true, |m| m.len() == 0) {
+        return false;
+    }
+    match DmaFile::open(&path).await {
+        Ok(file) => {
+            let _ = file.close().await;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot open a segment to probe the device");
+            false
+        }
+    }
 }
 
 /// A crash while pre-writing leaves a `.tmp` file that never held records.
@@ -557,11 +993,28 @@ async fn create_durably(
     pause: Option<Duration>,
 ) -> io::Result<()> {
     let tmp_path = dir.join(format!("{name}.tmp"));
+    let created = write_temp(dir, &tmp_path, name, len, fill, pause).await;
+    if created.is_err() {
+        // A half-written temp file would keep the space a full disk needs back.
+        let _ = std::fs::remove_file(&tmp_path);
+    }
+    created
+}
+
+/// `create_durably` up to the rename and the directory fsync.
+async fn write_temp(
+    dir: &Path,
+    tmp_path: &Path,
+    name: &str,
+    len: usize,
+    fill: impl Fn(&mut [u8], usize),
+    pause: Option<Duration>,
+) -> io::Result<()> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .dma_open(&tmp_path)
+        .dma_open(tmp_path)
         .await?;
     let mut pos = 0;
     while pos < len {
@@ -630,5 +1083,108 @@ fn injected_fsync_delay() -> Option<Duration> {
     match INJECTED_FSYNC_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed) {
         u64::MAX => None,
         ms => Some(Duration::from_millis(ms)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shards::entry::{AppendEntry, Command};
+
+    const SEGMENT: u64 = 1 << 20;
+
+    fn record(index: u64) -> LogRecord {
+        LogRecord {
+            group: 0,
+            term: 1,
+            index,
+            command: Command::Append(AppendEntry {
+                session_id: "s".into(),
+                seq: index,
+                inserted_at_us: 1,
+                event_type: "t".into(),
+                payload: format!("\"{}\"", "x".repeat(100 << 10)),
+                actor: None,
+                source: None,
+                metadata: "{}".into(),
+                refs: "{}".into(),
+                idempotency_key: None,
+                producer_id: None,
+                producer_seq: None,
+                digest: [0; 16],
+            }),
+        }
+    }
+
+    fn run(test: impl std::future::Future<Output = ()> + 'static) {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(1 << 20)
+            .make()
+            .expect("executor")
+            .run(test);
+    }
+
+    fn fresh_dir(name: &str) -> PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join("test-data")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn the_budget_stops_new_segments_and_the_log_waits_instead_of_failing() {
+        let dir = fresh_dir("wal-budget");
+        let test_dir = dir.clone();
+        run(async move {
+            let dir = test_dir;
+            let budget = 3 * SEGMENT;
+            let space = LogSpace::new(0, Some(budget));
+            let mut wal = Wal::open(&dir, SEGMENT, None, (1, 0), space.clone(), |_| {})
+                .await
+                .expect("open");
+            wal.start_next();
+            let mut index = 0;
+            let blocked = loop {
+                index += 1;
+                assert!(index < 100, "the log never ran out of budget");
+                match wal.write(&[record(index)]).await {
+                    Some(written) => {
+                        if let Some(epoch) = written.sealed {
+                            wal.write_index(epoch, &[0u8; 4096]).await.expect("index");
+                        }
+                    }
+                    None => break index,
+                }
+                assert!(dir_bytes(&dir).unwrap() <= budget, "files past the budget");
+            };
+            // Two segments and an index file fit; a third segment (with room for the
+            // second one's index file) does not.
+            assert_eq!(space.full(), Some(FullReason::Budget));
+            assert_eq!(wal.durable_position().0, 2);
+            assert!(dir_bytes(&dir).unwrap() <= budget);
+            // Retention gives a segment back: the log goes on by itself.
+            remove_segment(&dir, 1, &space).expect("remove");
+            wal.retry().await;
+            let written = wal.write(&[record(blocked)]).await.expect("room again");
+            assert_eq!(written.sealed, Some(2));
+            // Segment 3 took the room segment 1 left: no fourth one fits either.
+            assert_eq!(space.full(), Some(FullReason::Budget));
+            assert!(dir_bytes(&dir).unwrap() <= budget);
+            assert_eq!(space.files_bytes(), dir_bytes(&dir).unwrap());
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn errors_of_full_disks_are_no_space() {
+        let enospc = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(reason_of(&enospc), FullReason::NoSpace);
+        // glommio keeps only the kind of the error it wraps.
+        let wrapped = io::Error::new(enospc.kind(), "Writing path ...");
+        assert_eq!(reason_of(&wrapped), FullReason::NoSpace);
+        let eio = io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(reason_of(&eio), FullReason::IoError);
     }
 }

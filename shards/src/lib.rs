@@ -15,6 +15,8 @@
 //! - [`forwarding`]: which reply completes which forwarded request (request ids across
 //!   process restarts and connections).
 //! - [`raft`]: the sans-IO Raft core (issue 3, in progress).
+//! - [`storage`]: whether the log may take more writes (full disk, disk budget, the
+//!   reserve kept for Raft's own records).
 //!
 //! The `starcite` crate (in `src/`) is the shell: it moves bytes, runs timers and does the
 //! I/O these modules ask for.
@@ -27,6 +29,7 @@ pub mod peer;
 pub mod raft;
 pub mod session;
 pub mod snapshot;
+pub mod storage;
 pub mod time;
 pub mod validate;
 pub mod wire;

@@ -17,6 +17,7 @@ mod archive;
 mod recovery;
 mod replication;
 mod retention;
+mod storage;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -36,7 +37,7 @@ use crate::metrics::ShardStats;
 use crate::node::with_timeout;
 use crate::ops::{ApiError, ArchivedFilter, Op, Reply};
 use crate::store::{Cold, EventStore, ReadPlan};
-use crate::wal::{LogReader, RecordLocation, Wal};
+use crate::wal::{LogReader, LogSpace, RecordLocation, Wal};
 
 pub use archive::ArchiveLink;
 pub(crate) use recovery::{decode_snapshot_file, SNAPSHOT_FILE};
@@ -213,13 +214,24 @@ pub struct ShardCore {
     archive: Option<archive::ArchiveFeed>,
     retention: Retention,
     log_dir: PathBuf,
-    segment_bytes: u64,
     /// The oldest log segment on disk.
     oldest_segment: Cell<u64>,
     /// Replay after a restart starts in this segment (the last durable snapshot's).
     snapshot_resume_epoch: Cell<u64>,
     /// A rebuild is under way and some group of this shard is still catching up.
     rebuild: RefCell<Option<Arc<crate::rebuild::RebuildTracker>>>,
+    /// The log's files, room and storage-full state (see `storage`).
+    space: Rc<LogSpace>,
+    /// Bytes of the active segment kept for Raft's records (`shards::storage`).
+    reserve_bytes: u64,
+    /// The committer writes nothing: no room and no next segment.
+    log_blocked: Cell<bool>,
+    /// Failed file creations are tried again from then on.
+    storage_retry_at: Cell<Instant>,
+    snapshot_retry_at: Cell<Instant>,
+    /// A shard whose storage is full hands leadership away again from then on.
+    handoff_at: Cell<Option<Instant>>,
+    handoff_turn: Cell<usize>,
 }
 
 /// Ops that change state: after a forwarding timeout their outcome is unknown.
@@ -260,13 +272,22 @@ impl ShardCore {
         let mut recovery = recovery::Recovery::new(&settings, snapshot)?;
         let resume = recovery.resume;
         let mut replay_error = None;
-        let wal = Wal::open(&log_dir, segment_bytes, fsync_delay, resume, |item| {
+        let space = LogSpace::new(settings.index, settings.retention.max_disk_bytes);
+        let replay = |item| {
             if replay_error.is_none() {
                 if let Err(e) = recovery.replay(item) {
                     replay_error = Some(e);
                 }
             }
-        })
+        };
+        let mut wal = Wal::open(
+            &log_dir,
+            segment_bytes,
+            fsync_delay,
+            resume,
+            space.clone(),
+            replay,
+        )
         .await?;
         if let Some(e) = replay_error {
             return Err(e);
@@ -281,12 +302,20 @@ impl ShardCore {
             store.drop_through((oldest_segment - 1) as u32);
         }
         // Segments sealed during replay get their index files (again: an old one, if
-        // any, may be missing or may not match the runs replay just built).
+        // any, may be missing or may not match the runs replay just built). One that
+        // cannot be written (full disk) stays in memory, where readers find it, and is
+        // written when space returns.
+        let mut sealing = HashMap::new();
         for (epoch, offsets) in seals {
             let bytes =
                 shards::snapshot::encode_sidecar(epoch, &offsets, shards::codec::BLOCK_BYTES);
-            wal.write_sidecar(epoch, &bytes).await;
+            if let Err(e) = wal.write_index(epoch, &bytes).await {
+                space.record(shards::storage::FileKind::Index, Err(e));
+                let epoch = u32::try_from(epoch).expect("epoch fits u32");
+                sealing.insert(epoch, Rc::new(offsets));
+            }
         }
+        wal.start_next();
         let members = if settings.members.is_empty() {
             vec![settings.node_id]
         } else {
@@ -374,17 +403,23 @@ impl ShardCore {
             durable_position: Cell::new(wal.durable_position()),
             snapshot_log_bytes,
             snapshot_running: Cell::new(false),
-            sealing: RefCell::new(HashMap::new()),
+            sealing: RefCell::new(sealing),
             peers: RefCell::new(replication::Peers::default()),
             proposed: RefCell::new(std::collections::BTreeSet::new()),
             wake_driver,
             archive: settings.archive.map(archive::ArchiveFeed::new),
             retention: settings.retention,
             log_dir,
-            segment_bytes,
             oldest_segment: Cell::new(oldest_segment),
             snapshot_resume_epoch: Cell::new(resume.0),
             rebuild: RefCell::new(settings.catch_up.map(|c| c.tracker)),
+            space,
+            reserve_bytes: shards::storage::reserve_bytes(segment_bytes),
+            log_blocked: Cell::new(false),
+            storage_retry_at: Cell::new(Instant::now()),
+            snapshot_retry_at: Cell::new(Instant::now()),
+            handoff_at: Cell::new(None),
+            handoff_turn: Cell::new(0),
         });
         // The carried terms and votes are the first records of the new log; they go
         // before anything this node promises (one durable batch at a time, in order).
@@ -611,11 +646,15 @@ impl ShardCore {
         if self.shutting_down.get() {
             return Err(ApiError::Unavailable);
         }
+        // Decided after the dedupe rules (callers answered retries before proposing).
         // What frees space (archive progress) still goes through a full disk.
-        if !matches!(command, Command::ArchiveProgress(_)) && self.disk_full() {
-            return Err(ApiError::StorageFull);
-        }
         let bytes = command_bytes(&command);
+        let class = shards::storage::WriteClass::of_proposal(&command);
+        match shards::storage::admit(class, self.space.full(), self.room(), bytes as u64) {
+            shards::storage::Admission::Admit => {}
+            shards::storage::Admission::Full(_) => return Err(ApiError::StorageFull),
+            shards::storage::Admission::Wait => return Err(ApiError::Overloaded),
+        }
         if self.units_records.get() >= PENDING_RECORDS_MAX
             || (self.units_bytes.get() > 0 && self.units_bytes.get() + bytes > PENDING_BYTES_MAX)
         {
@@ -1242,6 +1281,17 @@ impl ShardCore {
             .values()
             .filter(|g| g.raft.is_catching_up())
             .count() as u64;
+        stats.log_disk_bytes = self.space.files_bytes();
+        stats.storage_full = self
+            .space
+            .full()
+            .map(|reason| crate::metrics::StorageFull {
+                shard: self.index,
+                reason,
+                log_blocked: self.log_blocked.get(),
+            })
+            .into_iter()
+            .collect();
         stats.archive = self.archive_stats();
         stats.archiver = self.archive.as_ref().map(|feed| feed.stats().clone());
         stats
@@ -1307,7 +1357,7 @@ pub(crate) fn command_bytes(command: &Command) -> usize {
         }
 }
 
-const COMMAND_FIXED_BYTES: usize = 64;
+pub(crate) const COMMAND_FIXED_BYTES: usize = 64;
 
 /// `command_bytes` of an event.
 pub(crate) fn event_bytes(e: &shards::entry::AppendEntry) -> usize {

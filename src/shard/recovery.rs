@@ -31,6 +31,9 @@ pub(crate) const SNAPSHOT_FILE: &str = "snapshot";
 /// Reads the shard's snapshot, if there is one. A snapshot that does not decode is an
 /// error: starting from the log alone could miss sealed segments' runs.
 pub(super) async fn load_snapshot(dir: &Path) -> Result<Option<ShardSnapshot>, String> {
+    // A crash while a snapshot was written leaves its temp file, which never became the
+    // snapshot: its space goes back (it matters on a full disk).
+    let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
     let path = dir.join(SNAPSHOT_FILE);
     let Some(bytes) = crate::wal::read_file(&path)
         .await

@@ -22,9 +22,11 @@ use shards::peer::{HeartbeatAck, HeartbeatItem, PeerFrame, RequestId};
 use shards::raft::{Body, Entry, Message, Payload, Ready, Role, SnapshotMeta};
 use shards::session::GroupState;
 use shards::snapshot::{fold_checksum, GroupTransfer};
+use shards::storage::FileKind;
 use shards::validate::render_event;
 use shards::wire::{ClusterSettings, Handshake, WIRE_VERSION};
 
+use super::storage::STORAGE_RETRY_PERIOD;
 use super::{command_bytes, Group, Persisted, ShardCore, FORWARDED_IN_FLIGHT_MAX};
 use crate::node::with_timeout;
 use crate::ops::{ApiError, Reply};
@@ -34,6 +36,10 @@ use crate::wal::{RecordLocation, Wal};
 /// Bytes of applied entries each group keeps in memory, at most (on top of the
 /// `--raft-log-entries` count): a follower further behind gets a snapshot.
 const RAFT_LOG_BYTES_PER_GROUP: u64 = 2 << 20;
+/// Bytes of applied entries a group keeps, at most, for a follower that is being sent a
+/// snapshot (the entries after the snapshot, which it needs next): past this the
+/// leader compacts anyway and the follower gets a newer snapshot.
+const RAFT_LOG_BYTES_FOR_SNAPSHOT_MAX: u64 = 16 << 20;
 /// Bytes of events one snapshot for a follower may carry, at most.
 const SNAPSHOT_TRANSFER_BYTES_MAX: usize = 512 << 20;
 /// Bound of one peer's send queue.
@@ -212,7 +218,7 @@ impl ShardCore {
         }
     }
 
-    fn group_ids(&self) -> Vec<u16> {
+    pub(super) fn group_ids(&self) -> Vec<u16> {
         let mut ids: Vec<u16> = self.groups.borrow().keys().copied().collect();
         ids.sort_unstable();
         ids
@@ -590,51 +596,79 @@ impl ShardCore {
     // ---- the committer ----
 
     /// One batch write (one durable write) for every record queued while the previous
-    /// batch was being written, then each Ready's persisted report and messages.
+    /// batch was being written, then each Ready's persisted report and messages. It also
+    /// wakes every `STORAGE_RETRY_PERIOD` without a write: a file creation that failed in
+    /// the background (the next segment's pre-write) is tried again even when no write
+    /// comes (client writes are refused meanwhile), see `storage`.
     pub(super) async fn run_committer(self: Rc<Self>, mut wal: Wal, wake: LocalReceiver<()>) {
         let mut bytes_since_snapshot = 0u64;
-        while wake.recv().await.is_some() {
-            loop {
-                let mut units: Vec<WriteUnit> = self.units.borrow_mut().drain(..).collect();
-                self.units_records.set(0);
-                self.units_bytes.set(0);
-                if units.is_empty() {
-                    break;
+        loop {
+            if let Some(None) = with_timeout(STORAGE_RETRY_PERIOD, wake.recv()).await {
+                return;
+            }
+            if self.storage_needs_retry(&wal) {
+                self.retry_storage(&mut wal, true).await;
+            }
+            self.write_queued(&mut wal, &mut bytes_since_snapshot).await;
+        }
+    }
+
+    /// Writes every queued unit, batch after batch, until none is left.
+    async fn write_queued(self: &Rc<Self>, wal: &mut Wal, bytes_since_snapshot: &mut u64) {
+        loop {
+            let mut units: Vec<WriteUnit> = self.units.borrow_mut().drain(..).collect();
+            self.units_records.set(0);
+            self.units_bytes.set(0);
+            if units.is_empty() {
+                return;
+            }
+            let mut records = Vec::new();
+            for unit in units.iter_mut() {
+                records.append(&mut unit.records);
+            }
+            let mut done = 0;
+            while done < records.len() {
+                let Some(written) = wal.write(&records[done..]).await else {
+                    self.wait_for_segment(wal).await;
+                    continue;
+                };
+                self.log_unblocked();
+                if let Some(epoch) = written.sealed {
+                    self.seal(wal, epoch).await;
                 }
-                let mut records = Vec::new();
-                for unit in units.iter_mut() {
-                    records.append(&mut unit.records);
+                self.durable_position.set(wal.durable_position());
+                self.record_write(&written);
+                *bytes_since_snapshot += written.bytes as u64;
+                let placed = written.locations.iter().zip(&written.crcs);
+                for (record, (loc, crc)) in records[done..].iter().zip(placed) {
+                    self.on_record_durable(record, *loc, *crc);
                 }
-                let mut done = 0;
-                while done < records.len() {
-                    let written = wal.write(&records[done..]).await;
-                    if let Some(epoch) = written.sealed {
-                        self.seal(&wal, epoch).await;
-                    }
-                    self.durable_position.set(wal.durable_position());
-                    self.record_write(&written);
-                    bytes_since_snapshot += written.bytes as u64;
-                    let placed = written.locations.iter().zip(&written.crcs);
-                    for (record, (loc, crc)) in records[done..].iter().zip(placed) {
-                        self.on_record_durable(record, *loc, *crc);
-                    }
-                    done += written.taken;
-                }
-                for unit in units {
-                    self.complete_unit(unit);
-                }
-                self.flush_outbox();
-                if bytes_since_snapshot >= self.snapshot_log_bytes && !self.snapshot_running.get() {
-                    bytes_since_snapshot = 0;
-                    self.snapshot_running.set(true);
-                    let resume = self.durable_position.get();
-                    let sessions = self.store.borrow().capture();
-                    let entries = self.capture_entries();
-                    let task = self.clone().write_snapshot(resume, sessions, entries);
-                    glommio::spawn_local(task).detach();
-                }
+                done += written.taken;
+            }
+            for unit in units {
+                self.complete_unit(unit);
+            }
+            self.flush_outbox();
+            // A snapshot never covers a sealed segment whose index file is not written.
+            if *bytes_since_snapshot >= self.snapshot_log_bytes
+                && !self.snapshot_running.get()
+                && self.sealing.borrow().is_empty()
+            {
+                *bytes_since_snapshot = 0;
+                self.start_snapshot();
             }
         }
+    }
+
+    /// Captures the event index, the resume position and the entries not applied yet
+    /// (between two batches of the committer) and writes a snapshot in the background.
+    pub(super) fn start_snapshot(self: &Rc<Self>) {
+        self.snapshot_running.set(true);
+        let resume = self.durable_position.get();
+        let sessions = self.store.borrow().capture();
+        let entries = self.capture_entries();
+        let task = self.clone().write_snapshot(resume, sessions, entries);
+        glommio::spawn_local(task).detach();
     }
 
     fn record_write(&self, written: &crate::wal::Written) {
@@ -724,9 +758,8 @@ impl ShardCore {
         self.sealing
             .borrow_mut()
             .insert(epoch as u32, offsets.clone());
-        let bytes = shards::snapshot::encode_sidecar(epoch, &offsets, shards::codec::BLOCK_BYTES);
-        wal.write_sidecar(epoch, &bytes).await;
-        self.sealing.borrow_mut().remove(&(epoch as u32));
+        // Written now, or (no space) kept in `sealing` and written by a later retry.
+        self.write_pending_indexes(wal).await;
     }
 
     /// Writes a shard snapshot: the event index, the resume position and the entries not
@@ -766,6 +799,7 @@ impl ShardCore {
         {
             Ok(()) => {
                 self.snapshot_resume_epoch.set(resume.0);
+                self.space.record(FileKind::Snapshot, Ok(()));
                 tracing::info!(
                     shard = self.index,
                     bytes = total,
@@ -773,7 +807,11 @@ impl ShardCore {
                     "snapshot written"
                 )
             }
-            Err(e) => tracing::error!(shard = self.index, error = %e, "snapshot failed"),
+            Err(e) => {
+                let error = format!("writing the snapshot in {}: {e}", self.dir.display());
+                self.space
+                    .record(FileKind::Snapshot, Err((crate::wal::reason_of(&e), error)));
+            }
         }
         self.snapshot_running.set(false);
     }
@@ -1028,7 +1066,11 @@ impl ShardCore {
         }
     }
 
-    fn step(&self, group: u16, msg: Message<Command>) {
+    fn step(&self, group: u16, mut msg: Message<Command>) {
+        if !self.admit_message(&mut msg) {
+            self.stats.borrow_mut().storage_deferred += 1;
+            return;
+        }
         {
             let mut groups = self.groups.borrow_mut();
             let Some(g) = groups.get_mut(&group) else {
@@ -1167,9 +1209,16 @@ fn compact(g: &mut Group, keep: u64) {
     if g.building_snapshot || !(over_count || over_bytes) {
         return;
     }
+    // A follower being sent a snapshot needs the entries after it once installed.
+    let limit = match g.raft.snapshot_in_flight_index() {
+        Some(sending) if g.retained_bytes <= RAFT_LOG_BYTES_FOR_SNAPSHOT_MAX => {
+            sending.min(g.applied)
+        }
+        _ => g.applied,
+    };
     let mut index = first;
     let mut bytes = g.retained_bytes;
-    while index < g.applied && (g.applied - index > keep || bytes > RAFT_LOG_BYTES_PER_GROUP / 2) {
+    while index < limit && (g.applied - index > keep || bytes > RAFT_LOG_BYTES_PER_GROUP / 2) {
         index += 1;
         if let Some(Entry {
             payload: Payload::Data(command),

@@ -9,9 +9,10 @@
 //!
 //! What is deleted stays readable from Postgres; without an archive readers get the
 //! `expired` gap (tails) or 410 `events_expired` (`/events`). The disk budget
-//! (`--max-disk-bytes`) counts every segment file, including the pre-written next one;
-//! past it client writes get 507 `storage_full` while archive progress still commits,
-//! so space comes back as the archive catches up.
+//! (`--max-disk-bytes`) is enforced by the log itself (`crate::wal::LogSpace`): it never
+//! creates a file that would take the log's files past it, and client writes get 507
+//! `storage_full` meanwhile (see `storage`), while archive progress still commits, so
+//! space comes back as the archive catches up.
 
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
@@ -33,18 +34,10 @@ pub struct Retention {
 }
 
 impl ShardCore {
-    /// Bytes of log segment files: from the oldest to the active one, plus the next
-    /// one being pre-written.
+    /// Bytes of the log's files: every segment (the pre-written next one included) and
+    /// index file.
     pub(super) fn log_disk_bytes(&self) -> u64 {
-        let active = self.durable_position.get().0;
-        let files = active.saturating_sub(self.oldest_segment.get()) + 2;
-        files * self.segment_bytes
-    }
-
-    pub(super) fn disk_full(&self) -> bool {
-        self.retention
-            .max_disk_bytes
-            .is_some_and(|max| self.log_disk_bytes() > max)
+        self.space.files_bytes()
     }
 
     pub(super) async fn run_retention(self: Rc<Self>) {
@@ -85,13 +78,16 @@ impl ShardCore {
         if self.archive.is_some() && !self.segment_archived(oldest) {
             return false;
         }
-        // A snapshot for a follower is reading history back from the log.
-        if self.groups.borrow().values().any(|g| g.building_snapshot) {
+        // A snapshot for a follower is reading history back from the log; a segment
+        // whose index file is not written yet is read through its offsets in memory.
+        if self.groups.borrow().values().any(|g| g.building_snapshot)
+            || self.sealing.borrow().contains_key(&(oldest as u32))
+        {
             return false;
         }
         let dropped = self.store.borrow_mut().drop_through(oldest as u32);
         self.reader.forget(oldest);
-        if let Err(error) = crate::wal::remove_segment(&self.log_dir, oldest) {
+        if let Err(error) = crate::wal::remove_segment(&self.log_dir, oldest, &self.space) {
             tracing::error!(shard = self.index, segment = oldest, %error, "retention: cannot delete");
             return false;
         }

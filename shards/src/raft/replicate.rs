@@ -453,6 +453,27 @@ impl<T: Clone> RaftNode<T> {
         Ok(())
     }
 
+    /// The lowest index of a snapshot this leader is sending (None when it sends none).
+    /// The follower needs the entries after it as soon as it has installed it: a
+    /// leader that compacts them meanwhile sends it a newer snapshot instead, and a
+    /// follower whose transfers take longer than the log keeps would never catch up
+    /// (thesis §5.4.2: the leader must keep what it still has to send).
+    pub fn snapshot_in_flight_index(&self) -> Option<u64> {
+        if self.role != Role::Leader {
+            return None;
+        }
+        self.progress
+            .values()
+            .filter_map(|p| match &p.mode {
+                Mode::Snapshot(SnapshotTransfer {
+                    data: Some((meta, _)),
+                    ..
+                }) => Some(meta.index),
+                _ => None,
+            })
+            .min()
+    }
+
     /// The shell cannot produce a snapshot for `peer` now; it is asked again after a
     /// heartbeat interval.
     pub fn snapshot_failed(&mut self, peer: NodeId) {

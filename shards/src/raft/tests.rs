@@ -523,6 +523,42 @@ fn install_snapshot_for_lagging_follower_in_chunks() {
     assert_eq!(sim.nodes[&lagging].applied, sim.nodes[&leader].applied);
 }
 
+/// §5.4.2 of the thesis: the leader must still hold the entries after a snapshot when
+/// the follower has installed it; the shell keeps them while a transfer is named here.
+#[test]
+fn a_leader_names_the_snapshot_it_is_sending_until_the_follower_has_it() {
+    // Delays spread the chunks over several ticks.
+    let net = NetConfig {
+        delay_rounds_max: 3,
+        ..NetConfig::default()
+    };
+    let mut sim = Sim::new(3, config(), net, 15);
+    let leader = elect(&mut sim);
+    let lagging = sim.ids().into_iter().find(|&id| id != leader).unwrap();
+    sim.crash(lagging);
+    let leader = sim.leader().unwrap();
+    commit_values(&mut sim, 40, 500);
+    let applied = sim.raft(leader).applied_index();
+    sim.compact(leader, applied);
+    assert_eq!(sim.raft(leader).snapshot_in_flight_index(), None);
+    sim.restart(lagging);
+    sim.run_until(300, |s| {
+        s.raft(leader).snapshot_in_flight_index() == Some(applied)
+    })
+    .expect("the transfer is named while it runs");
+    sim.run_until(300, |s| {
+        s.nodes[&lagging].applied.len() as u64 >= applied
+            && s.raft(leader).snapshot_in_flight_index().is_none()
+    })
+    .expect("installed, and no longer named");
+    assert_eq!(sim.raft(lagging).snapshot_index(), applied);
+    assert_eq!(
+        sim.raft(lagging).snapshot_in_flight_index(),
+        None,
+        "not a leader"
+    );
+}
+
 #[test]
 fn leadership_transfer_moves_leader() {
     let mut sim = Sim::new(3, config(), NetConfig::default(), 16);

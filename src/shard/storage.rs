@@ -1,0 +1,221 @@
+//! The storage-full state of a shard (docs/architecture.md, "Storage full"): what
+//! happens when the log cannot create a file, and how it recovers by itself.
+//!
+//! The rules are decided in `shards::storage` (pure); this module applies them:
+//! - admission: a write proposed here, or a leader's entries arriving here, go into the
+//!   log only as `shards::storage::admit` says (507 for client writes while full);
+//! - retries: every [`STORAGE_RETRY_PERIOD`] the committer tries again what could not be
+//!   created (device probe, next segment, index files of sealed segments, the shard
+//!   snapshot), so writes resume by themselves when space returns;
+//! - leadership: a leader whose storage is full hands the groups it leads to other
+//!   voters (Raft's leadership transfer), so the cluster keeps taking writes for them.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use shards::entry::Command;
+use shards::raft::{Body, Message, Payload};
+use shards::storage::{self, FileKind, Room};
+
+use super::{
+    command_bytes, ShardCore, COMMAND_FIXED_BYTES, PENDING_BYTES_MAX, PENDING_RECORDS_MAX,
+};
+use crate::wal::Wal;
+
+/// How often a failed file creation is tried again.
+pub(super) const STORAGE_RETRY_PERIOD: Duration = Duration::from_secs(1);
+/// How often a failed shard snapshot is tried again (a snapshot encodes every group's
+/// state: retrying it every second would cost a full disk's node CPU for nothing).
+const SNAPSHOT_RETRY_PERIOD: Duration = Duration::from_secs(5);
+/// How often a shard whose storage is full hands its groups' leadership away again
+/// (a group may come back to it through an election meanwhile).
+const HANDOFF_PERIOD: Duration = Duration::from_secs(10);
+
+impl ShardCore {
+    /// The room the log has now for more records (see `shards::storage::Room`).
+    pub(super) fn room(&self) -> Room {
+        let queued = self.units_bytes.get() as u64;
+        Room {
+            next_segment: self.space.next_segment(),
+            free_bytes: self.space.active_free().saturating_sub(queued),
+            reserve_bytes: self.reserve_bytes,
+        }
+    }
+
+    /// Whether a message from a leader goes to Raft now. A leader's entries are cut to
+    /// the prefix the log takes (client data only above the reserve without a next
+    /// segment); a snapshot only with a next segment; with the write queue at its
+    /// bound (the log cannot write), entries, snapshots and vote requests wait. Raft
+    /// treats what is dropped or cut as lost messages and sends it again.
+    pub(super) fn admit_message(&self, msg: &mut Message<Command>) -> bool {
+        // Only a log that cannot write lets the queue grow: a writing committer takes
+        // everything queued at each batch (a snapshot being installed alone may queue
+        // more records than the client bound, and must not be refused for it).
+        let queue_full = self.log_blocked.get()
+            && (self.units.borrow().len() >= PENDING_RECORDS_MAX
+                || self.units_records.get() >= PENDING_RECORDS_MAX
+                || self.units_bytes.get() >= PENDING_BYTES_MAX);
+        match &mut msg.body {
+            Body::Append { entries, .. } if !entries.is_empty() => {
+                if queue_full {
+                    return false;
+                }
+                let sizes = entries.iter().map(|e| match &e.payload {
+                    Payload::Data(c) => (storage::is_client_data(c), command_bytes(c) as u64),
+                    Payload::Noop => (false, COMMAND_FIXED_BYTES as u64),
+                });
+                let keep = storage::admitted_prefix(sizes, self.room());
+                if keep < entries.len() {
+                    entries.truncate(keep);
+                    self.stats.borrow_mut().storage_deferred += 1;
+                }
+                true
+            }
+            Body::InstallSnapshot { .. } => !queue_full && self.space.next_segment(),
+            Body::Vote { .. } => !queue_full,
+            _ => true,
+        }
+    }
+
+    /// Something failed to be created and is to be tried again.
+    pub(super) fn storage_needs_retry(&self, wal: &Wal) -> bool {
+        wal.needs_retry() || self.space.full().is_some() || !self.sealing.borrow().is_empty()
+    }
+
+    /// Tries again, at most once per [`STORAGE_RETRY_PERIOD`], what could not be
+    /// created; hands leadership away while storage stays full. Runs in the committer
+    /// (which owns the log), between batches; `between_batches` is false while a batch
+    /// waits for a segment (no snapshot may be captured then).
+    pub(super) async fn retry_storage(self: &Rc<Self>, wal: &mut Wal, between_batches: bool) {
+        let now = Instant::now();
+        if now < self.storage_retry_at.get() {
+            return;
+        }
+        self.storage_retry_at.set(now + STORAGE_RETRY_PERIOD);
+        wal.retry().await;
+        self.write_pending_indexes(wal).await;
+        if between_batches && self.space.failing(FileKind::Snapshot).is_some() {
+            self.retry_snapshot(now);
+        }
+        if self.space.full().is_some() {
+            self.hand_off_leadership(now);
+        }
+    }
+
+    /// Writes the index files of sealed segments that could not be written before
+    /// (readers use their offsets in memory meanwhile), oldest first.
+    pub(super) async fn write_pending_indexes(&self, wal: &Wal) {
+        let mut pending: Vec<(u32, Rc<Vec<u32>>)> = self
+            .sealing
+            .borrow()
+            .iter()
+            .map(|(&epoch, offsets)| (epoch, offsets.clone()))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        pending.sort_unstable_by_key(|p| p.0);
+        let mut failure = None;
+        for (epoch, offsets) in pending {
+            let bytes = shards::snapshot::encode_sidecar(
+                u64::from(epoch),
+                &offsets,
+                shards::codec::BLOCK_BYTES,
+            );
+            match wal.write_index(u64::from(epoch), &bytes).await {
+                Ok(()) => {
+                    self.sealing.borrow_mut().remove(&epoch);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        self.space
+            .record(FileKind::Index, failure.map_or(Ok(()), Err));
+    }
+
+    /// Starts a shard snapshot again after one failed (not while an index file is
+    /// pending: a snapshot must never cover a sealed segment without its index file).
+    fn retry_snapshot(self: &Rc<Self>, now: Instant) {
+        if self.snapshot_running.get()
+            || !self.sealing.borrow().is_empty()
+            || now < self.snapshot_retry_at.get()
+        {
+            return;
+        }
+        self.snapshot_retry_at.set(now + SNAPSHOT_RETRY_PERIOD);
+        self.start_snapshot();
+    }
+
+    /// A leader whose storage is full cannot take client writes: it hands each group it
+    /// leads to another voter (turn by turn, so a dead voter is not asked forever). Raft
+    /// brings the target up to date first and abandons the transfer after an election
+    /// timeout if it does not answer.
+    fn hand_off_leadership(&self, now: Instant) {
+        if self.handoff_at.get().is_some_and(|at| now < at) {
+            return;
+        }
+        self.handoff_at.set(Some(now + HANDOFF_PERIOD));
+        let turn = self.handoff_turn.get();
+        self.handoff_turn.set(turn.wrapping_add(1));
+        let mut handed = 0usize;
+        for group in self.group_ids() {
+            {
+                let mut groups = self.groups.borrow_mut();
+                let Some(g) = groups.get_mut(&group) else {
+                    continue;
+                };
+                if !g.leading {
+                    continue;
+                }
+                let others: Vec<u64> = g
+                    .raft
+                    .voters()
+                    .iter()
+                    .copied()
+                    .filter(|&v| v != self.node_id)
+                    .collect();
+                if others.is_empty() {
+                    continue;
+                }
+                let to = others[(turn + usize::from(group)) % others.len()];
+                if g.raft.transfer_leader(to).is_ok() {
+                    handed += 1;
+                }
+            }
+            self.process(group);
+        }
+        self.flush_outbox();
+        if handed > 0 {
+            tracing::warn!(
+                shard = self.index,
+                groups = handed,
+                "storage full: handing the leadership of this node's groups to other voters"
+            );
+        }
+    }
+
+    /// The committer cannot write: the active segment has no room for the next record
+    /// and no next segment could be created. It waits (every queued record stays
+    /// queued, within the queue's bounds) and tries again.
+    pub(super) async fn wait_for_segment(self: &Rc<Self>, wal: &mut Wal) {
+        if !self.log_blocked.replace(true) {
+            tracing::error!(
+                shard = self.index,
+                "log full: no room in the active segment and no next segment; Raft's records \
+                 wait for space (this replica acknowledges nothing meanwhile)"
+            );
+        }
+        glommio::timer::sleep(STORAGE_RETRY_PERIOD).await;
+        self.retry_storage(wal, false).await;
+    }
+
+    /// A batch was written: the log is not blocked.
+    pub(super) fn log_unblocked(&self) {
+        if self.log_blocked.replace(false) {
+            tracing::info!(shard = self.index, "log writable again");
+        }
+    }
+}
