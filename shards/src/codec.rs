@@ -55,6 +55,7 @@
 mod batch;
 mod record;
 mod scan;
+mod tail;
 
 pub use batch::{
     find_valid_batch_after, scan_batch, BatchBuilder, BatchScan, PushError, BATCH_MAGIC,
@@ -65,6 +66,7 @@ pub use scan::{
     classify_log, scan_segment, LogError, ReadRequest, ScanOutcome, ScannedRecord, SegmentScan,
     SegmentScanner, SegmentSummary,
 };
+pub use tail::{classify_torn_tail, TornTail, SECTOR_BYTES};
 
 /// Batches start at multiples of this and are padded with zeros to a multiple of it.
 pub const BLOCK_BYTES: usize = 4096;

@@ -92,6 +92,17 @@ pub(super) fn header_is_valid(h: &[u8], epoch: u64) -> bool {
     !is_zero(h) && parse_header(h, epoch).is_ok()
 }
 
+/// The records length a non-zero header `h` announces, if the header checks out.
+pub(super) fn header_records_bytes(h: &[u8], epoch: u64) -> Option<usize> {
+    let h = h.get(..BATCH_HEADER_BYTES)?;
+    if is_zero(h) {
+        return None;
+    }
+    parse_header(h, epoch)
+        .ok()
+        .map(|header| header.records_bytes)
+}
+
 /// What is at a block boundary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchScan {
