@@ -49,6 +49,9 @@ pub struct RaftNode<T> {
     last_soft_state: SoftState,
     /// Proposals were appended since the last Ready: AppendEntries go out with it.
     broadcast_pending: bool,
+    /// False while the shell says this replica must not lead (its copy of the group's
+    /// data is damaged): it never starts a campaign, but still votes.
+    campaign_allowed: bool,
     /// Test-only deliberate bugs (all off): see [`PlantedBugs`].
     pub(super) planted: PlantedBugs,
     /// Catching up after losing entries (or the term and vote): see `catch_up.rs`.
@@ -125,6 +128,7 @@ impl<T: Clone> RaftNode<T> {
                 leader: None,
                 term: 0,
             },
+            campaign_allowed: true,
             planted: PlantedBugs::default(),
             catch_up: None,
         };
@@ -145,6 +149,18 @@ impl<T: Clone> RaftNode<T> {
     #[doc(hidden)]
     pub fn plant_bugs(&mut self, bugs: PlantedBugs) {
         self.planted = bugs;
+    }
+
+    /// Allows or forbids this replica to campaign (pre-vote, vote or a leadership
+    /// transfer's TimeoutNow). Forbidden, it keeps voting for others and following a
+    /// leader, so a group whose other replicas are healthy elects one of them. A leader
+    /// is not deposed by this: the shell hands its leadership over (`transfer_leader`).
+    pub fn set_campaign(&mut self, allowed: bool) {
+        self.campaign_allowed = allowed;
+    }
+
+    pub fn may_campaign(&self) -> bool {
+        self.campaign_allowed
     }
 
     pub fn id(&self) -> NodeId {
@@ -220,7 +236,14 @@ impl<T: Clone> RaftNode<T> {
                 self.fence_probe();
                 return;
             }
-            self.campaign();
+            if self.campaign_allowed {
+                self.campaign();
+            } else {
+                // The leader went silent but this replica may not stand: it forgets that
+                // leader (so it is out of lease and grants the others' pre-votes, §9.6
+                // thesis) and waits for one of them to win.
+                self.become_follower(self.term, None);
+            }
         }
     }
 
@@ -450,7 +473,7 @@ impl<T: Clone> RaftNode<T> {
                 installed,
             } => self.on_snapshot_response(from, meta, next_offset, installed),
             Body::TimeoutNow => {
-                if self.role != Role::Leader && !self.is_catching_up() {
+                if self.role != Role::Leader && !self.is_catching_up() && self.campaign_allowed {
                     self.become_candidate(true);
                 }
             }

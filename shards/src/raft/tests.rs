@@ -585,6 +585,70 @@ fn leadership_transfer_moves_leader() {
     commit_values(&mut sim, 3, 80);
 }
 
+/// A replica whose data is damaged (the shell forbids it to campaign) never becomes
+/// leader: it refuses a leadership transfer's TimeoutNow, and when the leader dies it
+/// votes for the other healthy replica instead of standing itself (§5.2 still elects).
+#[test]
+fn s5_2_a_replica_that_may_not_campaign_never_leads_but_still_votes() {
+    let mut sim = Sim::new(3, config(), NetConfig::default(), 17);
+    let leader = elect(&mut sim);
+    commit_values(&mut sim, 3, 1);
+    let damaged = sim.ids().into_iter().find(|&id| id != leader).unwrap();
+    let healthy = sim
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader && id != damaged)
+        .unwrap();
+    sim.raft_mut(damaged).set_campaign(false);
+    assert!(!sim.raft(damaged).may_campaign());
+
+    // A transfer to it is refused by the target; the leader stays and takes writes again
+    // once the transfer times out.
+    sim.raft_mut(leader).transfer_leader(damaged).unwrap();
+    sim.run_ticks(30);
+    assert_eq!(sim.leader(), Some(leader));
+    assert_eq!(sim.raft(damaged).role(), Role::Follower);
+    commit_values(&mut sim, 2, 10);
+
+    // The leader dies: only the healthy replica stands, and wins with the damaged one's
+    // vote (two of three).
+    sim.crash(leader);
+    sim.run_until(300, |s| s.leader().is_some())
+        .expect("the healthy replica is elected");
+    assert_eq!(sim.leader(), Some(healthy));
+    sim.run_ticks(100);
+    assert_ne!(sim.raft(damaged).role(), Role::Leader);
+    assert_eq!(sim.raft(damaged).leader(), Some(healthy));
+
+    // Repaired, it may lead again: a transfer to it now succeeds.
+    sim.raft_mut(damaged).set_campaign(true);
+    sim.raft_mut(healthy).transfer_leader(damaged).unwrap();
+    sim.run_until(30, |s| s.leader() == Some(damaged))
+        .expect("the repaired replica takes the leadership");
+}
+
+/// Alone with a replica that may not campaign, a group has no leader (one vote is not a
+/// majority of three), and the damaged replica never stands: availability needs a
+/// healthy majority, which is what a group of three with one damaged replica has.
+#[test]
+fn s5_2_no_campaign_without_a_healthy_candidate() {
+    let mut sim = Sim::new(3, config(), NetConfig::default(), 18);
+    let leader = elect(&mut sim);
+    let damaged = sim.ids().into_iter().find(|&id| id != leader).unwrap();
+    sim.raft_mut(damaged).set_campaign(false);
+    let term = sim.raft(damaged).term();
+    sim.crash(leader);
+    let other = sim
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader && id != damaged)
+        .unwrap();
+    sim.crash(other);
+    sim.run_ticks(200);
+    assert_eq!(sim.raft(damaged).role(), Role::Follower);
+    assert_eq!(sim.raft(damaged).term(), term, "it never asked for votes");
+}
+
 #[test]
 fn single_voter_commits_after_own_persist() {
     let mut node = RaftNode::new(config(), 7, vec![7], 1, None);
