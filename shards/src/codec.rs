@@ -51,21 +51,32 @@
 //! returned**, and a segment is rolled only after everything in it is fsynced.
 //! Otherwise a crash could persist a later batch without an earlier one, and the scan
 //! would (rightly, from what it can see) report corruption.
+//!
+//! # Verification
+//!
+//! [`SegmentVerifier`] (the scrubber's) walks a sealed segment to its end and, unlike
+//! the recovery scan, goes on after damage: it reports every record whose crc32 holds
+//! and every span of bytes that cannot be trusted, so the shell can tell which events
+//! need repair.
 
 mod batch;
 mod record;
 mod scan;
 mod tail;
+mod verify;
 
 pub use batch::{
     find_valid_batch_after, scan_batch, BatchBuilder, BatchScan, PushError, BATCH_MAGIC,
     FORMAT_VERSION,
 };
-pub use record::{decode_record, encode_record, read_record_at, record_frame_bytes, DecodeError};
-pub use scan::{
-    classify_log, scan_segment, LogError, ReadRequest, ScanOutcome, ScannedRecord, SegmentScan,
-    SegmentScanner, SegmentSummary,
+pub use record::{
+    decode_record, encode_record, read_record_at, record_crc, record_frame_bytes, DecodeError,
 };
+pub use scan::{
+    classify_log, scan_segment, scan_segment_from, LogError, ReadRequest, ScanOutcome,
+    ScannedRecord, SegmentScan, SegmentScanner, SegmentSummary,
+};
+pub use verify::{DamagedSpan, SegmentVerifier, VerifiedRecord};
 pub use tail::{classify_torn_tail, TornTail, SECTOR_BYTES};
 
 /// Batches start at multiples of this and are padded with zeros to a multiple of it.

@@ -773,3 +773,18 @@ fn scan_summary_feeds_classify_log() {
     let scan = scan_segment(&seg, EPOCH);
     assert_eq!(classify_log(&[scan.summary(EPOCH)]), Ok(()));
 }
+
+/// A scan from a snapshot's resume position does not judge what lies before it (the
+/// snapshot covers it; the scrubber verifies it), so old damage never blocks a start.
+#[test]
+fn a_scan_from_the_resume_position_ignores_damage_before_it() {
+    let (mut seg, offsets) = segment(&three_batches(1));
+    seg[offsets[0] + 40] ^= 0xFF;
+    let whole = scan_segment(&seg, 1);
+    assert!(matches!(whole.outcome, ScanOutcome::Corrupt { .. }));
+    let from = scan_segment_from(&seg, 1, offsets[1] as u64);
+    assert_eq!(from.outcome, ScanOutcome::Clean);
+    assert_eq!(indexes(&from), (4..=9).collect::<Vec<_>>());
+    let written: usize = three_batches(1).iter().map(Vec::len).sum();
+    assert_eq!(from.end, written as u64);
+}

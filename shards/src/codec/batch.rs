@@ -20,10 +20,10 @@ pub const FORMAT_VERSION: u16 = 1;
 const RECORD_FRAME_BYTES_MIN: usize = RECORD_HEADER_BYTES + RECORD_ALIGN_BYTES;
 
 /// The fields of a batch header after the checks that need no records.
-struct BatchHeader {
-    records_bytes: usize,
-    record_count: u32,
-    records_crc: u32,
+pub(super) struct BatchHeader {
+    pub(super) records_bytes: usize,
+    pub(super) record_count: u32,
+    pub(super) records_crc: u32,
 }
 
 fn encode_header(epoch: u64, records: &[u8], record_count: u32) -> [u8; BATCH_HEADER_BYTES] {
@@ -42,7 +42,7 @@ fn encode_header(epoch: u64, records: &[u8], record_count: u32) -> [u8; BATCH_HE
 
 /// Checks a non-zero header. The crc is checked right after the magic so that a
 /// failure of a later check names a field that was really written that way.
-fn parse_header(h: &[u8], epoch: u64) -> Result<BatchHeader, String> {
+pub(super) fn parse_header(h: &[u8], epoch: u64) -> Result<BatchHeader, String> {
     let magic = read_u32(h, 0);
     if magic != BATCH_MAGIC {
         return Err(format!("bad magic {magic:#010x}"));
@@ -80,7 +80,7 @@ fn parse_header(h: &[u8], epoch: u64) -> Result<BatchHeader, String> {
     })
 }
 
-fn is_zero(bytes: &[u8]) -> bool {
+pub(super) fn is_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|&b| b == 0)
 }
 
@@ -160,7 +160,7 @@ pub fn scan_batch(bytes: &[u8], epoch: u64) -> BatchScan {
 
 /// Decodes a records area whose crc matched. A failure here means the writer and
 /// reader disagree about the format, which is still reported, never trusted.
-fn decode_records(area: &[u8], count: u32) -> Result<Vec<ScannedRecord>, String> {
+pub(super) fn decode_records(area: &[u8], count: u32) -> Result<Vec<ScannedRecord>, String> {
     let count = count as usize;
     if count > area.len() / RECORD_FRAME_BYTES_MIN {
         return Err(format!(

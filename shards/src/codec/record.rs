@@ -104,6 +104,13 @@ pub fn encode_record(rec: &LogRecord, out: &mut Vec<u8>) {
     }
 }
 
+/// The crc32 a record's frame carries: of its rkyv bytes. Two records with the same
+/// crc32 are (but for a 2^-32 chance) the same bytes, which is how a copy fetched from
+/// another replica is recognised as the original of a damaged record.
+pub fn record_crc(rec: &LogRecord) -> u32 {
+    crc32fast::hash(&serialize(rec))
+}
+
 /// Decodes the record at the start of `bytes` (more bytes may follow) and returns it with
 /// the number of bytes its frame occupies, padding included.
 pub fn decode_record(bytes: &[u8]) -> Result<(LogRecord, usize), DecodeError> {

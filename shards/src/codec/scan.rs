@@ -94,10 +94,21 @@ pub struct SegmentScanner {
 
 impl SegmentScanner {
     pub fn new(epoch: u64, segment_bytes: u64) -> Self {
+        Self::starting_at(epoch, segment_bytes, 0)
+    }
+
+    /// A scan that starts at block boundary `at` (a snapshot's resume position): what
+    /// lies before it is covered by the snapshot and not judged here (the scrubber
+    /// verifies it).
+    pub fn starting_at(epoch: u64, segment_bytes: u64, at: u64) -> Self {
+        assert!(
+            at.is_multiple_of(BLOCK_BYTES as u64),
+            "a scan starts at a block boundary, not {at}"
+        );
         let mut scanner = Self {
             epoch,
             segment_bytes,
-            at: 0,
+            at,
             need: BATCH_HEADER_BYTES,
             phase: Phase::Batches,
             records: Vec::new(),
@@ -264,7 +275,13 @@ impl SegmentScanner {
 
 /// Scans a whole segment held in memory (its length is the segment's size).
 pub fn scan_segment(bytes: &[u8], epoch: u64) -> SegmentScan {
-    let mut scanner = SegmentScanner::new(epoch, bytes.len() as u64);
+    scan_segment_from(bytes, epoch, 0)
+}
+
+/// Scans a segment held in memory from block boundary `from` on (see
+/// [`SegmentScanner::starting_at`]).
+pub fn scan_segment_from(bytes: &[u8], epoch: u64, from: u64) -> SegmentScan {
+    let mut scanner = SegmentScanner::starting_at(epoch, bytes.len() as u64, from);
     while let Some(request) = scanner.next_read() {
         scanner.feed(&bytes[request.offset as usize..]);
     }
