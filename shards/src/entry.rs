@@ -8,6 +8,10 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+/// The term of an index-0 `Append` record that repairs a damaged event (see
+/// [`MetaRecord`]). No Raft term reaches it.
+pub const REPAIR_TERM: u64 = u64::MAX;
+
 /// One record of a shard's write-ahead log: an entry of one Raft group.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct LogRecord {
@@ -37,7 +41,10 @@ pub enum Command {
 
 /// Raft state a shard writes to its log besides entries (records with index 0). A
 /// history event (an event carried by a received snapshot) is a `Command::Append` in a
-/// record with index 0; it counts only once the group's `Snapshot` record follows it.
+/// record with index 0 and term 0; it counts only once the group's `Snapshot` record
+/// follows it. A *repaired* event is a `Command::Append` in a record with index 0 and
+/// term [`REPAIR_TERM`]: a copy, fetched from another replica, of a committed event whose
+/// own record is damaged on this replica; from then on the event index points at it.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum MetaRecord {
     /// The group's term, vote (0: none) and commit index; the latest one counts.

@@ -9,6 +9,9 @@
 //!   recovery scan that classifies torn tails and corruption.
 //! - [`time`]: RFC 3339 formatting of microsecond timestamps.
 //! - [`snapshot`]: shard snapshot and segment index formats, the replay rule.
+//! - [`scrub`]: damage detection and repair decisions: auditing a verified segment
+//!   against the event index, rebuilding index files, checking copies fetched from
+//!   peers, the scrubber's pace.
 //! - [`wire`]: node-to-node frames and handshake (the transport of issue 3).
 //! - [`peer`]: what travels inside those frames: Raft messages, coalesced heartbeats,
 //!   forwarded requests.
@@ -27,6 +30,7 @@ pub mod forwarding;
 pub mod json;
 pub mod peer;
 pub mod raft;
+pub mod scrub;
 pub mod session;
 pub mod snapshot;
 pub mod storage;

@@ -13,11 +13,33 @@
 //! A segment index file (`.idx`, "sidecar") is written when a segment is sealed: the
 //! byte offset of every event in the segment, grouped by session run, so that the
 //! memory needed to find an old event does not grow with the number of events (only
-//! with sessions × segments).
+//! with sessions × segments). Its header carries a crc32 of the offsets, checked when a
+//! reader opens the file ([`decode_sidecar`]).
+//!
+//! # Snapshot file
+//!
+//! ```text
+//! 0      8  magic "SCSNAP03" (version 3; "SCSNAP02" files, without repaired events,
+//!           are still read)
+//! 8      4  crc32 of bytes 12..L
+//! 12     …  rkyv bytes of ShardSnapshot; L = end of the body
+//! L      8  L (u64 LE)
+//! …         zeros to a whole number of 4 KiB blocks
+//! end-8  8  L again (u64 LE): a reader finds the body from the file's end
+//! ```
+//!
+//! Only bytes 0..L are checksummed. The two copies of L let a reader tell a damaged
+//! trailer (the body is found through the copy and still checked) from a file that is
+//! cut short ([`decode_snapshot_file`]).
 
 use rkyv::{Archive, Deserialize, Serialize};
 
-const SNAPSHOT_MAGIC: [u8; 8] = *b"SCSNAP02";
+const SNAPSHOT_MAGIC: [u8; 8] = *b"SCSNAP03";
+/// Snapshots written before repaired events existed (no `SessionIndex::repaired`).
+const SNAPSHOT_MAGIC_V2: [u8; 8] = *b"SCSNAP02";
+/// Where the body's checksum sits in a snapshot, and where the checksummed bytes start.
+const SNAPSHOT_CRC_AT: usize = 8;
+const SNAPSHOT_BODY_AT: usize = 12;
 const TRANSFER_MAGIC: [u8; 8] = *b"SCXFER01";
 const SIDECAR_MAGIC: [u8; 8] = *b"SCIDX001";
 /// Sidecar header: magic, epoch u64, count u32, crc32 of the offsets u32, then padding.
@@ -45,6 +67,60 @@ pub struct SessionIndex {
     pub active_epoch: u32,
     pub active_first_seq: u64,
     pub active: Vec<u32>,
+    /// Events whose original record is damaged, read from a repaired copy instead.
+    pub repaired: Vec<RepairedEvent>,
+}
+
+/// Event `seq` of a session is read from the repaired copy at (`epoch`, `offset`), not
+/// from where its runs say (see `entry::REPAIR_TERM`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepairedEvent {
+    pub seq: u64,
+    pub epoch: u32,
+    pub offset: u32,
+}
+
+/// [`SessionIndex`] as snapshot version 2 stored it (before repaired events).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct SessionIndexV2 {
+    session_id: String,
+    base_seq: u64,
+    runs: Vec<Run>,
+    active_epoch: u32,
+    active_first_seq: u64,
+    active: Vec<u32>,
+}
+
+/// [`ShardSnapshot`] as version 2 stored it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct ShardSnapshotV2 {
+    resume_epoch: u64,
+    resume_offset: u64,
+    groups: Vec<GroupSnapshot>,
+    sessions: Vec<SessionIndexV2>,
+}
+
+impl ShardSnapshotV2 {
+    fn upgrade(self) -> ShardSnapshot {
+        ShardSnapshot {
+            resume_epoch: self.resume_epoch,
+            resume_offset: self.resume_offset,
+            groups: self.groups,
+            sessions: self
+                .sessions
+                .into_iter()
+                .map(|s| SessionIndex {
+                    session_id: s.session_id,
+                    base_seq: s.base_seq,
+                    runs: s.runs,
+                    active_epoch: s.active_epoch,
+                    active_first_seq: s.active_first_seq,
+                    active: s.active,
+                    repaired: Vec::new(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -95,12 +171,172 @@ impl ShardSnapshot {
         framed(&SNAPSHOT_MAGIC, &body)
     }
 
-    /// Never panics on bad bytes.
+    /// Never panics on bad bytes. Reads version 3 and version 2.
     pub fn decode(bytes: &[u8]) -> Result<ShardSnapshot, String> {
-        let aligned = unframed(&SNAPSHOT_MAGIC, bytes, "shard snapshot")?;
-        rkyv::from_bytes::<ShardSnapshot, rkyv::rancor::Error>(&aligned)
-            .map_err(|e| format!("shard snapshot does not decode: {e}"))
+        decode_body(bytes).map_err(|e| e.to_string())
     }
+
+    /// The snapshot file's bytes (layout in the module docs).
+    pub fn encode_file(&self, block_bytes: usize) -> Vec<u8> {
+        let mut bytes = self.encode();
+        let len = bytes.len() as u64;
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.resize(bytes.len().next_multiple_of(block_bytes), 0);
+        let total = bytes.len();
+        bytes[total - 8..].copy_from_slice(&len.to_le_bytes());
+        bytes
+    }
+}
+
+/// Why a snapshot file cannot be used; every variant names where in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotFileError {
+    /// Not a whole number of blocks: cut short (or extended) after it was written.
+    Size { file_bytes: usize, block_bytes: usize },
+    /// Neither the length trailer nor its copy after the body gives the body's length.
+    Length { trailer_at: usize, trailer: u64 },
+    /// Bytes 0..8 are not a snapshot's magic.
+    Magic { found: [u8; 8] },
+    /// Bytes 12..`body_end` do not match the checksum stored at offset 8.
+    Checksum {
+        body_end: usize,
+        stored: u32,
+        computed: u32,
+    },
+    /// The body matches its checksum but does not decode (another format version, or a
+    /// bug): not damage on disk.
+    Decode { body_end: usize, reason: String },
+}
+
+impl std::fmt::Display for SnapshotFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Size {
+                file_bytes,
+                block_bytes,
+            } => write!(
+                f,
+                "the file is {file_bytes} bytes, not a whole number of {block_bytes}-byte                  blocks: it was cut short or extended after it was written"
+            ),
+            Self::Length {
+                trailer_at,
+                trailer,
+            } => write!(
+                f,
+                "the length trailer at offset {trailer_at} reads {trailer} and no copy of                  the body's length precedes it: the end of the file is damaged"
+            ),
+            Self::Magic { found } => write!(
+                f,
+                "bytes 0..8 at offset 0 are {found:02x?}, not a snapshot's magic"
+            ),
+            Self::Checksum {
+                body_end,
+                stored,
+                computed,
+            } => write!(
+                f,
+                "checksum mismatch: the crc32 at offset {SNAPSHOT_CRC_AT} is {stored:#010x} but                  bytes {SNAPSHOT_BODY_AT}..{body_end} give {computed:#010x}; a byte in that                  range (or the checksum) is damaged"
+            ),
+            Self::Decode { body_end, reason } => write!(
+                f,
+                "bytes {SNAPSHOT_BODY_AT}..{body_end} match their checksum but do not decode                  ({reason}): written by another version?"
+            ),
+        }
+    }
+}
+
+/// A decoded snapshot file, with any damage found outside its checksummed body (a
+/// damaged trailer or padding: harmless, but worth a log line and a new snapshot).
+#[derive(Debug)]
+pub struct SnapshotFile {
+    pub snapshot: ShardSnapshot,
+    pub notes: Vec<String>,
+}
+
+/// Reads a snapshot file (layout in the module docs). Never panics on bad bytes; every
+/// error names the offsets involved. A damaged last byte is a damaged trailer (the body
+/// is then found through its length copy and still checked), never "truncated".
+pub fn decode_snapshot_file(
+    file: &[u8],
+    block_bytes: usize,
+) -> Result<SnapshotFile, SnapshotFileError> {
+    if file.len() < block_bytes || !file.len().is_multiple_of(block_bytes) {
+        return Err(SnapshotFileError::Size {
+            file_bytes: file.len(),
+            block_bytes,
+        });
+    }
+    let trailer_at = file.len() - 8;
+    let read_len = |at: usize| u64::from_le_bytes(file[at..at + 8].try_into().expect("8 bytes"));
+    // The body's length L is stored right after the body and in the trailer; the file
+    // ends at the block boundary after L + 8. L is the position of its own copy.
+    let is_length = |len: u64| {
+        usize::try_from(len).is_ok_and(|l| {
+            l >= SNAPSHOT_BODY_AT
+                && l + 8 <= file.len()
+                && (l + 8).next_multiple_of(block_bytes) == file.len()
+                && read_len(l) == len
+        })
+    };
+    let trailer = read_len(trailer_at);
+    let mut notes = Vec::new();
+    let body_end = if is_length(trailer) {
+        trailer as usize
+    } else {
+        let lowest = file.len().saturating_sub(block_bytes + 8).max(SNAPSHOT_BODY_AT);
+        let found = (lowest..=trailer_at)
+            .rev()
+            .find(|&at| is_length(at as u64))
+            .ok_or(SnapshotFileError::Length {
+                trailer_at,
+                trailer,
+            })?;
+        notes.push(format!(
+            "the length trailer at offset {trailer_at} is damaged (it reads {trailer}); the              body's length {found} was read from its copy at offset {found}"
+        ));
+        found
+    };
+    let padding = body_end + 8..trailer_at.max(body_end + 8);
+    if let Some(i) = file[padding.clone()].iter().position(|&b| b != 0) {
+        notes.push(format!(
+            "padding byte at offset {} is not zero (outside the checksummed body: harmless)",
+            padding.start + i
+        ));
+    }
+    let snapshot = decode_body(&file[..body_end])?;
+    Ok(SnapshotFile { snapshot, notes })
+}
+
+/// Decodes the framed body of a snapshot of version 3 or 2.
+fn decode_body(body: &[u8]) -> Result<ShardSnapshot, SnapshotFileError> {
+    let mut found = [0u8; 8];
+    let head = body.len().min(8);
+    found[..head].copy_from_slice(&body[..head]);
+    let v2 = found == SNAPSHOT_MAGIC_V2;
+    if body.len() < SNAPSHOT_BODY_AT || !(found == SNAPSHOT_MAGIC || v2) {
+        return Err(SnapshotFileError::Magic { found });
+    }
+    let stored = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
+    let computed = crc32fast::hash(&body[SNAPSHOT_BODY_AT..]);
+    let body_end = body.len();
+    if stored != computed {
+        return Err(SnapshotFileError::Checksum {
+            body_end,
+            stored,
+            computed,
+        });
+    }
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body_end);
+    aligned.extend_from_slice(&body[SNAPSHOT_BODY_AT..]);
+    let decoded = if v2 {
+        rkyv::from_bytes::<ShardSnapshotV2, rkyv::rancor::Error>(&aligned).map(|s| s.upgrade())
+    } else {
+        rkyv::from_bytes::<ShardSnapshot, rkyv::rancor::Error>(&aligned)
+    };
+    decoded.map_err(|e| SnapshotFileError::Decode {
+        body_end,
+        reason: e.to_string(),
+    })
 }
 
 /// `magic`, crc32 of `body` (u32 LE), `body`.
@@ -205,16 +441,23 @@ pub fn encode_sidecar(epoch: u64, offsets: &[u32], block_bytes: usize) -> Vec<u8
     bytes
 }
 
-/// Checks a whole sidecar and returns its offsets.
+/// Checks a whole sidecar (magic, epoch, count against the file's size, crc32 of the
+/// offsets) and returns its offsets. Errors name the offsets in the file involved.
 pub fn decode_sidecar(bytes: &[u8], epoch: u64) -> Result<Vec<u32>, String> {
     let count = sidecar_count(bytes, epoch)?;
     let end = SIDECAR_HEADER_BYTES + count * 4;
-    let body = bytes
-        .get(SIDECAR_HEADER_BYTES..end)
-        .ok_or("sidecar is truncated")?;
+    let body = bytes.get(SIDECAR_HEADER_BYTES..end).ok_or_else(|| {
+        format!(
+            "the count at offset 16 says {count} offsets (bytes {SIDECAR_HEADER_BYTES}..{end})              but the file has {} bytes",
+            bytes.len()
+        )
+    })?;
     let stored = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
-    if crc32fast::hash(body) != stored {
-        return Err("sidecar checksum mismatch".into());
+    let computed = crc32fast::hash(body);
+    if computed != stored {
+        return Err(format!(
+            "checksum mismatch: the crc32 at offset 20 is {stored:#010x} but the offsets at              bytes {SIDECAR_HEADER_BYTES}..{end} give {computed:#010x}"
+        ));
     }
     Ok(decode_offsets(body))
 }
@@ -222,11 +465,13 @@ pub fn decode_sidecar(bytes: &[u8], epoch: u64) -> Result<Vec<u32>, String> {
 /// Checks a sidecar header and returns the number of offsets it holds.
 pub fn sidecar_count(bytes: &[u8], epoch: u64) -> Result<usize, String> {
     if bytes.len() < SIDECAR_HEADER_BYTES || bytes[..8] != SIDECAR_MAGIC {
-        return Err("not a segment index (bad magic)".into());
+        return Err("not a segment index (bad magic at offset 0)".into());
     }
     let found = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     if found != epoch {
-        return Err(format!("segment index is for segment {found}, not {epoch}"));
+        return Err(format!(
+            "the epoch at offset 8 says segment {found}, not {epoch}"
+        ));
     }
     Ok(u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize)
 }
@@ -268,6 +513,11 @@ mod tests {
                 active_epoch: 3,
                 active_first_seq: 11,
                 active: vec![4096, 8192],
+                repaired: vec![RepairedEvent {
+                    seq: 4,
+                    epoch: 3,
+                    offset: 12288,
+                }],
             }],
         }
     }
@@ -288,6 +538,94 @@ mod tests {
             let mut flipped = bytes.clone();
             flipped[i] ^= 0x10;
             assert!(ShardSnapshot::decode(&flipped).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn a_version_2_snapshot_is_still_read() {
+        let mut snapshot = sample();
+        let v2 = ShardSnapshotV2 {
+            resume_epoch: snapshot.resume_epoch,
+            resume_offset: snapshot.resume_offset,
+            groups: snapshot.groups.clone(),
+            sessions: snapshot
+                .sessions
+                .iter()
+                .map(|s| SessionIndexV2 {
+                    session_id: s.session_id.clone(),
+                    base_seq: s.base_seq,
+                    runs: s.runs.clone(),
+                    active_epoch: s.active_epoch,
+                    active_first_seq: s.active_first_seq,
+                    active: s.active.clone(),
+                })
+                .collect(),
+        };
+        let body = rkyv::to_bytes::<rkyv::rancor::Error>(&v2).unwrap();
+        let bytes = framed(&SNAPSHOT_MAGIC_V2, &body);
+        snapshot.sessions[0].repaired.clear();
+        assert_eq!(ShardSnapshot::decode(&bytes).unwrap(), snapshot);
+    }
+
+    #[test]
+    fn a_snapshot_file_round_trips() {
+        let file = sample().encode_file(4096);
+        assert_eq!(file.len(), 4096);
+        let read = decode_snapshot_file(&file, 4096).unwrap();
+        assert_eq!(read.snapshot, sample());
+        assert!(read.notes.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_last_byte_is_a_damaged_trailer_not_a_truncation() {
+        let mut file = sample().encode_file(4096);
+        let last = file.len() - 1;
+        file[last] ^= 0x01;
+        let read = decode_snapshot_file(&file, 4096).expect("the body is found and checked");
+        assert_eq!(read.snapshot, sample());
+        assert_eq!(read.notes.len(), 1, "{:?}", read.notes);
+        assert!(read.notes[0].contains("trailer at offset 4088"), "{:?}", read.notes);
+        assert!(!read.notes[0].contains("truncated"));
+        // Both copies of the length damaged: an error that says so, with the offset.
+        let body_len = sample().encode().len();
+        file[body_len] ^= 0x01;
+        let err = decode_snapshot_file(&file, 4096).unwrap_err();
+        assert!(matches!(err, SnapshotFileError::Length { trailer_at: 4088, .. }));
+        assert!(err.to_string().contains("offset 4088"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_byte_in_the_body_names_the_checksummed_range() {
+        let mut file = sample().encode_file(4096);
+        file[40] ^= 0x10;
+        let err = decode_snapshot_file(&file, 4096).unwrap_err();
+        let SnapshotFileError::Checksum { body_end, .. } = err else {
+            panic!("{err:?}");
+        };
+        let text = err.to_string();
+        assert!(text.contains("offset 8"), "{text}");
+        assert!(text.contains(&format!("bytes 12..{body_end}")), "{text}");
+        let mut file = sample().encode_file(4096);
+        file[2] ^= 0x10;
+        let err = decode_snapshot_file(&file, 4096).unwrap_err();
+        assert!(err.to_string().contains("offset 0"), "{err}");
+    }
+
+    #[test]
+    fn damaged_padding_is_noted_and_a_cut_file_is_refused() {
+        let mut file = sample().encode_file(4096);
+        file[4000] = 7;
+        let read = decode_snapshot_file(&file, 4096).unwrap();
+        assert!(read.notes[0].contains("offset 4000"), "{:?}", read.notes);
+        let err = decode_snapshot_file(&file[..4000], 4096).unwrap_err();
+        assert!(err.to_string().contains("4000 bytes"), "{err}");
+        for at in 0..file.len() {
+            let mut flipped = sample().encode_file(4096);
+            flipped[at] ^= 0x80;
+            // Never a panic, never a snapshot that differs from what was written.
+            if let Ok(read) = decode_snapshot_file(&flipped, 4096) {
+                assert_eq!(read.snapshot, sample(), "flip at {at}");
+            }
         }
     }
 
