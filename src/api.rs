@@ -240,11 +240,13 @@ impl Api {
         }
         let mut leaderless = std::mem::take(&mut total.leaderless);
         leaderless.sort_unstable();
-        // The archive and a full disk are detail only: they never change the status
-        // code (API.md: ready = shards run and groups have leaders). A node whose
-        // storage is full still serves reads, and its groups' writes go to other nodes.
+        // The archive, a full disk and log damage are detail only: they never change the
+        // status code (API.md: ready = shards run and groups have leaders). A node whose
+        // storage is full still serves reads, and its groups' writes go to other nodes; a
+        // damaged replica still serves every read, from another replica where needed.
         let archive = archive_detail(&total);
         let storage = storage_detail(&total);
+        let log_damage = damage_detail(&total);
         // So are a rebuild's progress and the peers that refuse this node (whose groups
         // then have no leader, which decides the status).
         let refused_by: serde_json::Map<String, serde_json::Value> = total
@@ -260,6 +262,7 @@ impl Api {
                 "groups_without_leader": [],
                 "archive": archive,
                 "storage_full": storage,
+                "log_damage": log_damage,
             })
         } else {
             json!({
@@ -268,6 +271,7 @@ impl Api {
                 "groups_without_leader": leaderless,
                 "archive": archive,
                 "storage_full": storage,
+                "log_damage": log_damage,
             })
         };
         if total.groups_catching_up > 0 {
@@ -525,6 +529,22 @@ fn archive_detail(total: &crate::metrics::ShardStats) -> serde_json::Value {
     })
 }
 
+/// Damaged log data on this node, for `/health/ready` (see docs/api/rest.md).
+fn damage_detail(total: &crate::metrics::ShardStats) -> serde_json::Value {
+    let d = &total.damage;
+    let mut groups = d.groups_held.clone();
+    groups.sort_unstable();
+    json!({
+        "damaged_events": d.damaged_events,
+        "groups_not_led_while_damaged": groups,
+        "found": d.found,
+        "repaired": d.repaired,
+        "index_files_rebuilt": d.index_rebuilds,
+        "other_damaged_spans": d.spans,
+        "recent": d.recent,
+    })
+}
+
 /// Appends `[a,b,...]` of already rendered JSON texts.
 fn push_json_array<'a>(out: &mut String, items: impl Iterator<Item = &'a str>) {
     out.push('[');
@@ -677,6 +697,14 @@ pub fn error_response(error: &ApiError) -> Response {
             tracing::error!(%detail, "internal error");
             (500, "internal", "internal error".into())
         }
+        ApiError::LogDamaged(detail) => {
+            tracing::error!(%detail, "damaged events could not be served");
+            let msg = format!(
+                "stored events are damaged on this node and no other replica could serve \
+                 them: {detail}"
+            );
+            (500, "internal", msg)
+        }
     };
     let response = Response::error_with(status, code, &message, extra);
     if status == 503 {
@@ -692,9 +720,11 @@ fn faults_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("STARCITE_TEST_FAULTS").is_ok_and(|v| v == "1"))
 }
 
-/// `PUT /debug/faults` `{"isolate": bool, "fsync_delay_ms": n | null}` (either or
-/// both): cut this node off from (or reconnect it to) every other node; delay every
-/// durable log write of this node by n ms (null: back to the start-up setting).
+/// `PUT /debug/faults` `{"isolate": bool, "fsync_delay_ms": n | null, "lead_to": n |
+/// null}` (any of them): cut this node off from (or reconnect it to) every other node;
+/// delay every durable log write of this node by n ms (null: back to the start-up
+/// setting); hand every group this node leads to node n, now and whenever it leads one
+/// again (null: stop).
 fn debug_faults(body: &[u8]) -> Result<Response, ApiError> {
     let invalid = |field: Option<&str>, why: &str| {
         ApiError::Invalid(shards::validate::FieldError::new(
@@ -724,8 +754,22 @@ fn debug_faults(body: &[u8]) -> Result<Response, ApiError> {
             })?,
         ))),
     };
-    if isolate.is_none() && fsync_delay.is_none() {
-        return Err(invalid(None, "give isolate or fsync_delay_ms"));
+    let lead_to = match value.get("lead_to") {
+        None => None,
+        Some(serde_json::Value::Null) => Some(None),
+        Some(v) => Some(Some(v.as_u64().ok_or_else(|| {
+            invalid(Some("lead_to"), "lead_to must be a node id or null")
+        })?)),
+    };
+    if isolate.is_none() && fsync_delay.is_none() && lead_to.is_none() {
+        return Err(invalid(None, "give isolate, fsync_delay_ms or lead_to"));
+    }
+    if let Some(node) = lead_to {
+        crate::shard::set_test_lead_to(node);
+        tracing::warn!(
+            ?node,
+            "fault injection: hand every group led here to that node"
+        );
     }
     if let Some(isolate) = isolate {
         crate::shard::set_isolated(isolate);

@@ -155,6 +155,11 @@ pub struct ServeConfig {
     /// its peers knew (their refusal names it), so that they accept it again.
     #[arg(long, env = "STARCITE_DATA_INCARNATION")]
     pub data_incarnation: Option<String>,
+
+    /// Background verification of sealed log segments and their index files, in bytes
+    /// read per second per node (split across shards); 0 turns it off.
+    #[arg(long, env = "STARCITE_SCRUB_BYTES_PER_SEC", default_value_t = 8 << 20)]
+    pub scrub_bytes_per_sec: u64,
 }
 
 /// One member of the cluster as configured.
@@ -231,6 +236,14 @@ impl ServeConfig {
         }
         self.members()?;
         Ok(())
+    }
+
+    /// One shard's share of `--scrub-bytes-per-sec` (0 stays 0: scrubbing off).
+    pub fn shard_scrub_bytes_per_sec(&self) -> u64 {
+        match self.scrub_bytes_per_sec {
+            0 => 0,
+            rate => (rate / self.shard_count() as u64).max(1),
+        }
     }
 
     /// One shard's share of the retention settings and disk budget.

@@ -130,6 +130,12 @@ enum WireOp {
     ReadIndex {
         groups: Vec<u16>,
     },
+    FetchEvents {
+        id: String,
+        after: u64,
+        through: u64,
+        max_bytes: u64,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize)]
@@ -170,6 +176,7 @@ enum WireReply {
     Debug(String),
     ReadIndex(Vec<(u16, u64)>),
     Error(WireApiError),
+    Records(Vec<shards::entry::LogRecord>),
 }
 
 #[derive(Archive, Serialize, Deserialize)]
@@ -206,6 +213,7 @@ enum WireApiError {
     NotLeader {
         leader: Option<u64>,
     },
+    LogDamaged(String),
 }
 
 impl WireOp {
@@ -280,6 +288,17 @@ impl WireOp {
             Op::ReadIndex { groups } => WireOp::ReadIndex {
                 groups: groups.clone(),
             },
+            Op::FetchEvents {
+                id,
+                after,
+                through,
+                max_bytes,
+            } => WireOp::FetchEvents {
+                id: id.clone(),
+                after: *after,
+                through: *through,
+                max_bytes: *max_bytes as u64,
+            },
         })
     }
 
@@ -349,6 +368,17 @@ impl WireOp {
             },
             WireOp::DebugGroup { group } => Op::DebugGroup { group },
             WireOp::ReadIndex { groups } => Op::ReadIndex { groups },
+            WireOp::FetchEvents {
+                id,
+                after,
+                through,
+                max_bytes,
+            } => Op::FetchEvents {
+                id,
+                after,
+                through,
+                max_bytes: to_usize(max_bytes, "max_bytes")?,
+            },
         })
     }
 }
@@ -412,6 +442,7 @@ impl WireReply {
             Reply::Stats(_) => return Err("Reply::Stats is per node and never forwarded".into()),
             Reply::Debug(text) => WireReply::Debug(text.clone()),
             Reply::ReadIndex(commits) => WireReply::ReadIndex(commits.clone()),
+            Reply::Records(records) => WireReply::Records(records.clone()),
             Reply::Error(error) => WireReply::Error(WireApiError::of(error)),
         })
     }
@@ -434,6 +465,7 @@ impl WireReply {
             WireReply::Sessions(sessions) => Reply::Sessions(sessions),
             WireReply::Debug(text) => Reply::Debug(text),
             WireReply::ReadIndex(commits) => Reply::ReadIndex(commits),
+            WireReply::Records(records) => Reply::Records(records),
             WireReply::Error(error) => Reply::Error(error.into_error()),
         }
     }
@@ -479,6 +511,7 @@ impl WireApiError {
             ApiError::ArchiveUnavailable => WireApiError::ArchiveUnavailable,
             ApiError::Internal(reason) => WireApiError::Internal(reason.clone()),
             ApiError::NotLeader { leader } => WireApiError::NotLeader { leader: *leader },
+            ApiError::LogDamaged(what) => WireApiError::LogDamaged(what.clone()),
         }
     }
 
@@ -523,6 +556,7 @@ impl WireApiError {
             WireApiError::ArchiveUnavailable => ApiError::ArchiveUnavailable,
             WireApiError::Internal(reason) => ApiError::Internal(reason),
             WireApiError::NotLeader { leader } => ApiError::NotLeader { leader },
+            WireApiError::LogDamaged(what) => ApiError::LogDamaged(what),
         }
     }
 }
@@ -638,6 +672,12 @@ mod tests {
             Op::ReadIndex {
                 groups: vec![0, 7, 255],
             },
+            Op::FetchEvents {
+                id: "ses_1".into(),
+                after: 4,
+                through: 90,
+                max_bytes: 4 << 20,
+            },
         ]
     }
 
@@ -670,6 +710,7 @@ mod tests {
             ApiError::Internal("disk".into()),
             ApiError::NotLeader { leader: Some(2) },
             ApiError::NotLeader { leader: None },
+            ApiError::LogDamaged("segment 3 offset 4096".into()),
         ]);
         errors
     }
@@ -694,6 +735,12 @@ mod tests {
             Reply::Sessions(vec![("a".into(), "{}".into()), ("b".into(), "{}".into())]),
             Reply::Debug("{}".into()),
             Reply::ReadIndex(vec![(3, 100), (255, u64::MAX)]),
+            Reply::Records(vec![shards::entry::LogRecord {
+                group: 7,
+                term: 2,
+                index: 11,
+                command: shards::entry::Command::Noop,
+            }]),
         ];
         replies.extend(every_error().into_iter().map(Reply::Error));
         replies

@@ -106,6 +106,10 @@ pub struct ShardStats {
     pub archive: Option<ArchiveShardStats>,
     /// The archiver thread's counters (shared by every shard of the node).
     pub archiver: Option<std::sync::Arc<crate::archive::ArchiveStats>>,
+    /// Damaged log data found on this replica, and its repair.
+    pub damage: crate::shard::DamageStats,
+    /// Events the event index reads from a repaired copy.
+    pub repaired_events: u64,
 }
 
 /// A shard whose storage is full (`shards::storage`).
@@ -194,6 +198,8 @@ impl ShardStats {
         if self.archiver.is_none() {
             self.archiver = other.archiver.clone();
         }
+        self.damage.merge(&other.damage);
+        self.repaired_events += other.repaired_events;
     }
 }
 
@@ -261,6 +267,23 @@ pub fn render(per_shard: &[ShardStats]) -> String {
             "starcite_storage_deferred_messages_total",
             total.storage_deferred,
         ),
+        ("starcite_log_damage_found_total", total.damage.found),
+        ("starcite_log_damaged_spans_total", total.damage.spans),
+        ("starcite_log_repairs_total", total.damage.repaired),
+        (
+            "starcite_log_index_rebuilds_total",
+            total.damage.index_rebuilds,
+        ),
+        (
+            "starcite_log_damage_not_queued_total",
+            total.damage.not_queued,
+        ),
+        ("starcite_scrub_bytes_total", total.damage.scrub_bytes),
+        ("starcite_scrub_segments_total", total.damage.scrub_segments),
+        (
+            "starcite_raft_leaderships_given_up_total",
+            total.damage.leaderships_given_up,
+        ),
     ];
     for (name, value) in counters {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {value}");
@@ -269,7 +292,7 @@ pub fn render(per_shard: &[ShardStats]) -> String {
     total
         .fsync_latency
         .render(&mut out, "starcite_log_fsync_duration_seconds", "");
-    let gauges: [(&str, Gauge); 9] = [
+    let gauges: [(&str, Gauge); 12] = [
         ("starcite_hot_window_bytes", |s| s.hot_bytes),
         ("starcite_sessions", |s| s.sessions),
         ("starcite_tail_subscribers", |s| s.tail_subscribers),
@@ -281,6 +304,11 @@ pub fn render(per_shard: &[ShardStats]) -> String {
         ("starcite_raft_groups_catching_up", |s| s.groups_catching_up),
         ("starcite_refused_by_peers", |s| s.refused_by.len() as u64),
         ("starcite_log_disk_bytes", |s| s.log_disk_bytes),
+        ("starcite_log_damaged_events", |s| s.damage.damaged_events),
+        ("starcite_log_damaged_groups", |s| {
+            s.damage.groups_held.len() as u64
+        }),
+        ("starcite_log_repaired_events", |s| s.repaired_events),
     ];
     for (name, get) in gauges {
         let _ = writeln!(out, "# TYPE {name} gauge");

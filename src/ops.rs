@@ -55,6 +55,16 @@ pub enum Op {
     ReadIndex {
         groups: Vec<u16>,
     },
+    /// Asked of another replica of the session's group (any replica, leader or not) when
+    /// this node's copy of some events is damaged: the log records of committed events
+    /// `after+1 ..= through` as that replica stores them, read from its own log (never
+    /// from a third node), at most about `max_bytes` of them.
+    FetchEvents {
+        id: String,
+        after: u64,
+        through: u64,
+        max_bytes: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +95,8 @@ pub enum Reply {
     Debug(String),
     /// `(group, commit index)` for each group of a `ReadIndex` this node leads.
     ReadIndex(Vec<(u16, u64)>),
+    /// The answer to `FetchEvents`: consecutive events from `after + 1` (possibly none).
+    Records(Vec<shards::entry::LogRecord>),
     Error(ApiError),
 }
 
@@ -124,6 +136,9 @@ pub enum ApiError {
     ArchiveUnavailable,
     /// Reading stored events failed.
     Internal(String),
+    /// Stored events are damaged on this node and no other replica could serve them
+    /// (a node alone, or its peers unreachable): what is damaged, where.
+    LogDamaged(String),
     /// Between nodes only: the receiving node does not lead the group; `leader` is the
     /// node it believes does. Never reaches a client (mapped to `unavailable`).
     NotLeader {

@@ -310,6 +310,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
                     .collect(),
                 tracker: tracker.clone(),
             }),
+        scrub_bytes_per_sec: config.shard_scrub_bytes_per_sec(),
     };
     let peer_settings = if members.len() > 1 {
         Some(PeerSettings {

@@ -6,11 +6,20 @@
 //! through runs (`shards::snapshot::Run`: one per session and segment) and the sealed
 //! segment's index file; only the active segment's offsets are held per event, and that
 //! is bounded by the segment size.
+//!
+//! An event whose record is damaged and was repaired (a copy fetched from another
+//! replica, appended to the log) is read from that copy: a per-session override, bounded
+//! per shard by [`REPAIRED_EVENTS_MAX`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use shards::snapshot::{Run, SessionIndex};
+use shards::snapshot::{RepairedEvent, Run, SessionIndex};
+
+/// Repaired events one shard's index holds at most (about 40 bytes each). Reaching it
+/// stops the process: that many damaged records mean the disk is failing, and the
+/// replica must be rebuilt from its peers rather than patched record by record.
+pub const REPAIRED_EVENTS_MAX: usize = 262_144;
 
 /// Where to read an event that is not in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +28,8 @@ pub enum Cold {
     Active { epoch: u32, offset: u32 },
     /// In a sealed segment: its offset is entry `index` of the segment's index file.
     Sealed { epoch: u32, index: u32 },
+    /// A repaired copy at this byte offset of segment `epoch` (its original is damaged).
+    Repaired { epoch: u32, offset: u32 },
 }
 
 #[derive(Default)]
@@ -32,6 +43,8 @@ struct SessionEvents {
     /// Seq of `hot[0]`.
     hot_first_seq: u64,
     hot: VecDeque<Arc<str>>,
+    /// Events read from a repaired copy: seq → (epoch, offset).
+    repaired: BTreeMap<u64, (u32, u32)>,
 }
 
 impl SessionEvents {
@@ -44,7 +57,28 @@ impl SessionEvents {
             .map_or(self.base, |r| r.first_seq + r.count as u64 - 1)
     }
 
+    /// Where the runs (not a repaired copy) put event `seq`, if it is local.
+    fn locate_original(&self, seq: u64) -> Option<Cold> {
+        if seq <= self.base || seq > self.last_seq() {
+            return None;
+        }
+        if !self.active.is_empty() && seq >= self.active_first_seq {
+            return None;
+        }
+        let at = self
+            .runs
+            .partition_point(|r| r.first_seq + r.count as u64 <= seq);
+        let run = self.runs.get(at)?;
+        (run.first_seq <= seq).then(|| Cold::Sealed {
+            epoch: run.epoch,
+            index: run.start + (seq - run.first_seq) as u32,
+        })
+    }
+
     fn locate(&self, seq: u64) -> Cold {
+        if let Some(&(epoch, offset)) = self.repaired.get(&seq) {
+            return Cold::Repaired { epoch, offset };
+        }
         if !self.active.is_empty() && seq >= self.active_first_seq {
             let offset = self.active[(seq - self.active_first_seq) as usize];
             return Cold::Active {
@@ -90,6 +124,8 @@ pub struct EventStore {
     hot_bytes: usize,
     hot_bytes_max: usize,
     pub evicted_events: u64,
+    /// Repaired events held, all sessions together (at most `REPAIRED_EVENTS_MAX`).
+    repaired: usize,
 }
 
 impl EventStore {
@@ -102,6 +138,7 @@ impl EventStore {
             hot_bytes: 0,
             hot_bytes_max,
             evicted_events: 0,
+            repaired: 0,
         }
     }
 
@@ -337,6 +374,11 @@ impl EventStore {
                     active_epoch: events.active_epoch,
                     active_first_seq: events.active_first_seq,
                     active: events.active.clone(),
+                    repaired: events
+                        .repaired
+                        .iter()
+                        .map(|(&seq, &(epoch, offset))| RepairedEvent { seq, epoch, offset })
+                        .collect(),
                 }
             })
             .collect()
@@ -356,7 +398,82 @@ impl EventStore {
             if !events.active.is_empty() {
                 self.active_slots.push(slot);
             }
+            for r in index.repaired {
+                self.set_repaired(slot, r.seq, r.epoch, r.offset);
+            }
         }
+    }
+
+    /// Event `seq` of a session is read from now on from its repaired copy at
+    /// (`epoch`, `offset`). False (nothing changes) when the index does not hold the
+    /// event (retention deleted it meanwhile, or it is not indexed yet).
+    pub fn repair(&mut self, session_id: &str, seq: u64, epoch: u32, offset: u32) -> bool {
+        let Some(&slot) = self.ids.get(session_id) else {
+            return false;
+        };
+        let events = &self.sessions[slot as usize];
+        if seq <= events.base || seq > events.last_seq() {
+            return false;
+        }
+        self.set_repaired(slot, seq, epoch, offset);
+        true
+    }
+
+    fn set_repaired(&mut self, slot: u32, seq: u64, epoch: u32, offset: u32) {
+        let events = &mut self.sessions[slot as usize];
+        if events.repaired.insert(seq, (epoch, offset)).is_none() {
+            self.repaired += 1;
+            assert!(
+                self.repaired <= REPAIRED_EVENTS_MAX,
+                "more than {REPAIRED_EVENTS_MAX} repaired events in one shard's log: the disk \
+                 under this data dir keeps damaging records; stop this node, replace the disk \
+                 and rebuild the replica from its peers"
+            );
+        }
+    }
+
+    /// Repaired events held (all sessions).
+    pub fn repaired_count(&self) -> usize {
+        self.repaired
+    }
+
+    /// True when the index holds event `seq` of the session (committed, still local).
+    pub fn holds(&self, session_id: &str, seq: u64) -> bool {
+        self.ids.get(session_id).is_some_and(|&slot| {
+            let events = &self.sessions[slot as usize];
+            seq > events.base && seq <= events.last_seq()
+        })
+    }
+
+    /// Every run of sealed segment `epoch`, with its session (for the scrubber).
+    pub fn runs_in(&self, epoch: u32) -> Vec<(String, Run)> {
+        let mut out = Vec::new();
+        for (id, &slot) in &self.ids {
+            let runs = &self.sessions[slot as usize].runs;
+            let from = runs.partition_point(|r| r.epoch < epoch);
+            for run in runs[from..].iter().take_while(|r| r.epoch == epoch) {
+                out.push((id.clone(), *run));
+            }
+        }
+        out
+    }
+
+    /// Repaired events the scrubber of segment `epoch` must know: those whose copy is
+    /// in it (with the copy's offset), and those whose damaged original is in it (None).
+    pub fn repaired_in(&self, epoch: u32) -> Vec<(String, u64, Option<u64>)> {
+        let mut out = Vec::new();
+        for (id, &slot) in &self.ids {
+            let events = &self.sessions[slot as usize];
+            for (&seq, &(at, offset)) in &events.repaired {
+                if at == epoch {
+                    out.push((id.clone(), seq, Some(u64::from(offset))));
+                } else if matches!(events.locate_original(seq), Some(Cold::Sealed { epoch: e, .. }) if e == epoch)
+                {
+                    out.push((id.clone(), seq, None));
+                }
+            }
+        }
+        out
     }
 
     pub fn hot_bytes(&self) -> usize {
@@ -384,6 +501,8 @@ impl EventStore {
         events.active.clear();
         events.hot.clear();
         events.hot_first_seq = base + 1;
+        self.repaired -= events.repaired.len();
+        events.repaired.clear();
     }
 
     /// Forgets every event in sealed segments up to `epoch` (their files are being
@@ -392,13 +511,19 @@ impl EventStore {
         let mut touched = 0;
         for events in &mut self.sessions {
             let keep = events.runs.partition_point(|r| r.epoch <= epoch);
-            if keep == 0 {
-                continue;
+            if keep > 0 {
+                let last = events.runs[keep - 1];
+                events.base = events.base.max(last.first_seq + last.count as u64 - 1);
+                events.runs.drain(..keep);
+                touched += 1;
             }
-            let last = events.runs[keep - 1];
-            events.base = events.base.max(last.first_seq + last.count as u64 - 1);
-            events.runs.drain(..keep);
-            touched += 1;
+            // A repaired copy is written after its original, so it leaves with it or later.
+            let before = events.repaired.len();
+            let base = events.base;
+            events
+                .repaired
+                .retain(|&seq, &mut (at, _)| seq > base && at > epoch);
+            self.repaired -= before - events.repaired.len();
         }
         touched
     }
@@ -516,6 +641,51 @@ mod tests {
         // b's next event goes on after its base.
         restored.insert("b", 2, 3, 100, None);
         assert_eq!(restored.last_seq("b"), 2);
+    }
+
+    #[test]
+    fn a_repaired_event_is_read_from_its_copy_and_survives_a_snapshot() {
+        let mut store = EventStore::new(0);
+        for seq in 1..=3 {
+            store.insert("a", seq, 1, seq as u32 * 100, None);
+        }
+        store.apply_seal(store.plan_seal(1));
+        store.insert("a", 4, 2, 0, None);
+        assert!(store.repair("a", 2, 2, 4096));
+        assert!(!store.repair("a", 9, 2, 8192), "not indexed");
+        assert!(!store.repair("zz", 1, 2, 8192));
+        let spots: Vec<Cold> = store
+            .plan_read("a", 0, 10)
+            .cold
+            .iter()
+            .map(|c| c.1)
+            .collect();
+        assert_eq!(
+            spots[1],
+            Cold::Repaired {
+                epoch: 2,
+                offset: 4096
+            }
+        );
+        assert_eq!(spots[2], Cold::Sealed { epoch: 1, index: 2 });
+        assert_eq!(store.repaired_in(1), vec![("a".to_string(), 2, None)]);
+        assert_eq!(store.repaired_in(2), vec![("a".to_string(), 2, Some(4096))]);
+        assert_eq!(store.runs_in(1).len(), 1);
+        let mut restored = EventStore::new(0);
+        restored.restore(store.capture());
+        assert_eq!(restored.repaired_count(), 1);
+        assert_eq!(
+            restored.plan_read("a", 1, 1).cold[0].1,
+            Cold::Repaired {
+                epoch: 2,
+                offset: 4096
+            }
+        );
+        // Retention of segment 1 leaves the copy in 2 (event 2 is gone anyway).
+        assert_eq!(restored.drop_through(1), 1);
+        assert_eq!(restored.repaired_count(), 0);
+        restored.rebase("a", 10);
+        assert_eq!(restored.repaired_count(), 0);
     }
 
     #[test]

@@ -610,25 +610,86 @@ impl Wal {
 pub struct LogReader {
     dir: PathBuf,
     files: RefCell<HashMap<String, Rc<DmaFile>>>,
-    indexes: RefCell<HashMap<String, Rc<std::fs::File>>>,
+    /// Index files open for reading, each checked whole (magic, epoch, crc32) when it
+    /// was opened, with its number of entries.
+    indexes: RefCell<HashMap<String, (Rc<std::fs::File>, u32)>>,
 }
 
 /// Segment files a reader keeps open at most.
 const READER_FILES_MAX: usize = 64;
+
+/// Why a record or an index entry could not be read back.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The bytes are there but fail their checks: damage on disk. `frame_crc` is the
+    /// crc32 a damaged record's frame header stored, when it could be read.
+    Damaged {
+        file: PathBuf,
+        offset: Option<u64>,
+        reason: String,
+        frame_crc: Option<u32>,
+    },
+    /// The read itself failed (a file retention deleted meanwhile, an I/O error).
+    Io(io::Error),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Damaged {
+                file,
+                offset: Some(offset),
+                reason,
+                ..
+            } => write!(
+                f,
+                "{} is damaged at offset {offset}: {reason}",
+                file.display()
+            ),
+            ReadError::Damaged { file, reason, .. } => {
+                write!(f, "{} is damaged: {reason}", file.display())
+            }
+            ReadError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> ReadError {
+        ReadError::Io(e)
+    }
+}
+
+impl From<glommio::GlommioError<()>> for ReadError {
+    fn from(e: glommio::GlommioError<()>) -> ReadError {
+        ReadError::Io(e.into())
+    }
+}
 
 impl LogReader {
     /// Offsets `start .. start + count` of sealed segment `epoch`'s index file.
     ///
     /// Index files are small and read through the page cache with a plain `pread`
     /// (microseconds when cached): glommio's O_DIRECT reads of small files failed with
-    /// EOPNOTSUPP on this VM's virtio disk after its iopoll probe.
-    pub fn read_offsets(&self, epoch: u32, start: u32, count: u32) -> io::Result<Vec<u32>> {
+    /// EOPNOTSUPP on this VM's virtio disk after its iopoll probe. A file is checked
+    /// whole (magic, epoch, count, crc32 of the offsets) when it is opened, so the cost
+    /// is one read per open, and a damaged file is never used.
+    pub fn read_offsets(&self, epoch: u32, start: u32, count: u32) -> Result<Vec<u32>, ReadError> {
         use std::os::unix::fs::FileExt;
         let name = sidecar_name(epoch as u64);
-        let file = match self.indexes.borrow().get(&name) {
-            Some(file) => file.clone(),
-            None => Rc::new(std::fs::File::open(self.dir.join(&name))?),
+        let (file, entries) = match self.indexes.borrow().get(&name) {
+            Some((file, entries)) => (file.clone(), *entries),
+            None => self.open_index(epoch)?,
         };
+        let end = u64::from(start) + u64::from(count);
+        if end > u64::from(entries) {
+            return Err(ReadError::Damaged {
+                file: self.dir.join(&name),
+                offset: None,
+                reason: format!("entries {start}..{end} asked for, it holds {entries}"),
+                frame_crc: None,
+            });
+        }
         let mut bytes = vec![0u8; count as usize * 4];
         let pos = (SIDECAR_HEADER_BYTES + start as usize * 4) as u64;
         file.read_exact_at(&mut bytes, pos)?;
@@ -636,16 +697,39 @@ impl LogReader {
         if indexes.len() >= READER_FILES_MAX {
             indexes.clear();
         }
-        indexes.insert(name, file);
+        indexes.insert(name, (file, entries));
         Ok(snapshot::decode_offsets(&bytes))
     }
 
+    fn open_index(&self, epoch: u32) -> Result<(Rc<std::fs::File>, u32), ReadError> {
+        use std::io::Read;
+        let path = self.dir.join(sidecar_name(epoch as u64));
+        let mut file = std::fs::File::open(&path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let offsets = snapshot::decode_sidecar(&bytes, epoch as u64).map_err(|reason| {
+            ReadError::Damaged {
+                file: path,
+                offset: None,
+                reason,
+                frame_crc: None,
+            }
+        })?;
+        Ok((Rc::new(file), offsets.len() as u32))
+    }
+
     /// Reads back the record at `loc` (validated by its crc and rkyv checks).
-    pub async fn read(&self, loc: RecordLocation) -> io::Result<LogRecord> {
+    pub async fn read(&self, loc: RecordLocation) -> Result<LogRecord, ReadError> {
         let file = self.file(&segment_name(loc.epoch as u64)).await?;
         let pos = loc.offset as u64;
+        let damaged = |reason: String, frame_crc: Option<u32>| ReadError::Damaged {
+            file: segment_path(&self.dir, loc.epoch as u64),
+            offset: Some(pos),
+            reason,
+            frame_crc,
+        };
         let first = file.read_at(pos, 4096).await?;
-        let needed = codec::record_frame_bytes(&first).map_err(invalid)?;
+        let needed = codec::record_frame_bytes(&first).map_err(|e| damaged(e.to_string(), None))?;
         let bytes = if needed <= first.len() {
             first
         } else {
@@ -653,7 +737,50 @@ impl LogReader {
         };
         codec::read_record_at(&bytes)
             .map(|(record, _)| record)
-            .map_err(invalid)
+            .map_err(|e| {
+                let stored = (bytes.len() >= 8).then(|| frame_crc(&bytes, 0));
+                damaged(e.to_string(), stored)
+            })
+    }
+
+    /// Bytes `pos .. pos + len` of segment `epoch` (the scrubber's windows), read with
+    /// O_DIRECT like records.
+    pub async fn read_span(&self, epoch: u64, pos: u64, len: usize) -> io::Result<Vec<u8>> {
+        let file = self.file(&segment_name(epoch)).await?;
+        let bytes = file.read_at(pos, len).await?;
+        if bytes.len() < len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("segment {epoch}: {} of {len} bytes at {pos}", bytes.len()),
+            ));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// The whole index file of segment `epoch`, unchecked (the scrubber checks it), or
+    /// None when there is none.
+    pub fn read_index_file(&self, epoch: u64) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.dir.join(sidecar_name(epoch))) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the index file of sealed segment `epoch` (rebuilt by the scrubber)
+    /// durably, and forgets the open one.
+    pub async fn replace_index_file(&self, epoch: u64, bytes: &[u8]) -> io::Result<()> {
+        write_file_durably(&self.dir, &sidecar_name(epoch), bytes).await?;
+        self.indexes.borrow_mut().remove(&sidecar_name(epoch));
+        Ok(())
+    }
+
+    pub fn segment_path(&self, epoch: u64) -> PathBuf {
+        segment_path(&self.dir, epoch)
+    }
+
+    pub fn index_path(&self, epoch: u64) -> PathBuf {
+        self.dir.join(sidecar_name(epoch))
     }
 
     /// Closes what it holds of segment `epoch` (about to be deleted).
@@ -719,10 +846,6 @@ fn refuse_message(dir: &Path, error: &codec::LogError) -> String {
 /// The crc32 field of the record frame at `offset` (see `shards::codec`).
 fn frame_crc(bytes: &[u8], offset: usize) -> u32 {
     u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().expect("4 bytes"))
-}
-
-fn invalid(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
 fn segment_name(epoch: u64) -> String {
@@ -942,7 +1065,10 @@ async fn scan_file(
         .await
         .map_err(|e| format!("read {}: {e}", path.display()))?
         .ok_or_else(|| format!("{} vanished during recovery", path.display()))?;
-    let scan = codec::scan_segment(&bytes, epoch);
+    // A snapshot covers what lies before its resume offset: that part is not judged
+    // here (the scrubber verifies it), so old damage there never blocks a start.
+    let from_block = from - from % codec::BLOCK_BYTES as u64;
+    let scan = codec::scan_segment_from(&bytes, epoch, from_block);
     let epoch32 = u32::try_from(epoch).map_err(|_| "segment epoch too large".to_string())?;
     for rec in scan.records.into_iter().filter(|r| r.offset >= from) {
         let offset = u32::try_from(rec.offset).expect("segment offsets fit u32");

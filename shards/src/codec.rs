@@ -76,8 +76,8 @@ pub use scan::{
     classify_log, scan_segment, scan_segment_from, LogError, ReadRequest, ScanOutcome,
     ScannedRecord, SegmentScan, SegmentScanner, SegmentSummary,
 };
-pub use verify::{DamagedSpan, SegmentVerifier, VerifiedRecord};
 pub use tail::{classify_torn_tail, TornTail, SECTOR_BYTES};
+pub use verify::{verify_segment, DamagedSpan, SegmentVerifier, VerifiedRecord};
 
 /// Batches start at multiples of this and are padded with zeros to a multiple of it.
 pub const BLOCK_BYTES: usize = 4096;

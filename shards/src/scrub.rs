@@ -89,7 +89,11 @@ impl SegmentAudit {
         repaired: Vec<(String, u64, Option<u64>)>,
     ) -> SegmentAudit {
         let mut by_session: HashMap<String, Vec<Run>> = HashMap::new();
-        let mut positions = fixed.iter().map(|&(p, _)| p as usize + 1).max().unwrap_or(0);
+        let mut positions = fixed
+            .iter()
+            .map(|&(p, _)| p as usize + 1)
+            .max()
+            .unwrap_or(0);
         for (session, run) in runs {
             positions = positions.max((run.start + run.count) as usize);
             by_session.entry(session).or_default().push(run);
@@ -237,7 +241,8 @@ impl SegmentAudit {
             .filter(|s| !used.iter().any(|&o| s.contains(o)))
             .cloned()
             .collect();
-        out.damaged_events.sort_by(|a, b| (&a.session, a.seq).cmp(&(&b.session, b.seq)));
+        out.damaged_events
+            .sort_by(|a, b| (&a.session, a.seq).cmp(&(&b.session, b.seq)));
         out
     }
 
@@ -488,7 +493,10 @@ mod tests {
         a.record(&found(300, event("a", 3)));
         a.record(&found(400, event("b", 7)));
         let out = a.finish();
-        assert!(out.index_problem.unwrap().contains("entry 1 points at offset 300"));
+        assert!(out
+            .index_problem
+            .unwrap()
+            .contains("entry 1 points at offset 300"));
         assert_eq!(out.rebuilt_index, Some(OFFSETS.to_vec()));
         // Too short an index is a problem too.
         let mut a = audit(Ok(vec![100, 200]));

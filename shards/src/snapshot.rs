@@ -192,7 +192,10 @@ impl ShardSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotFileError {
     /// Not a whole number of blocks: cut short (or extended) after it was written.
-    Size { file_bytes: usize, block_bytes: usize },
+    Size {
+        file_bytes: usize,
+        block_bytes: usize,
+    },
     /// Neither the length trailer nor its copy after the body gives the body's length.
     Length { trailer_at: usize, trailer: u64 },
     /// Bytes 0..8 are not a snapshot's magic.
@@ -283,7 +286,10 @@ pub fn decode_snapshot_file(
     let body_end = if is_length(trailer) {
         trailer as usize
     } else {
-        let lowest = file.len().saturating_sub(block_bytes + 8).max(SNAPSHOT_BODY_AT);
+        let lowest = file
+            .len()
+            .saturating_sub(block_bytes + 8)
+            .max(SNAPSHOT_BODY_AT);
         let found = (lowest..=trailer_at)
             .rev()
             .find(|&at| is_length(at as u64))
@@ -584,13 +590,23 @@ mod tests {
         let read = decode_snapshot_file(&file, 4096).expect("the body is found and checked");
         assert_eq!(read.snapshot, sample());
         assert_eq!(read.notes.len(), 1, "{:?}", read.notes);
-        assert!(read.notes[0].contains("trailer at offset 4088"), "{:?}", read.notes);
+        assert!(
+            read.notes[0].contains("trailer at offset 4088"),
+            "{:?}",
+            read.notes
+        );
         assert!(!read.notes[0].contains("truncated"));
         // Both copies of the length damaged: an error that says so, with the offset.
         let body_len = sample().encode().len();
         file[body_len] ^= 0x01;
         let err = decode_snapshot_file(&file, 4096).unwrap_err();
-        assert!(matches!(err, SnapshotFileError::Length { trailer_at: 4088, .. }));
+        assert!(matches!(
+            err,
+            SnapshotFileError::Length {
+                trailer_at: 4088,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("offset 4088"), "{err}");
     }
 

@@ -14,6 +14,7 @@
 //! the same index and answered by the node it arrived at.
 
 mod archive;
+mod damage;
 mod recovery;
 mod replication;
 mod retention;
@@ -37,10 +38,11 @@ use crate::metrics::ShardStats;
 use crate::node::with_timeout;
 use crate::ops::{ApiError, ArchivedFilter, Op, Reply};
 use crate::store::{Cold, EventStore, ReadPlan};
-use crate::wal::{LogReader, LogSpace, RecordLocation, Wal};
+use crate::wal::{LogReader, LogSpace, ReadError, RecordLocation, Wal};
 
 pub use archive::ArchiveLink;
 pub(crate) use recovery::{decode_snapshot_file, SNAPSHOT_FILE};
+pub use damage::{set_test_lead_to, DamageStats};
 pub use replication::{set_isolated, start_transport, PeerSettings};
 pub use retention::Retention;
 
@@ -86,6 +88,8 @@ pub struct ShardSettings {
     pub retention: Retention,
     /// A rebuild is under way (`crate::rebuild`): every group starts catching up.
     pub catch_up: Option<CatchUpSettings>,
+    /// This shard's share of `--scrub-bytes-per-sec` (0: no background scrubbing).
+    pub scrub_bytes_per_sec: u64,
 }
 
 /// How groups start when a rebuild is under way (`crate::rebuild`).
@@ -232,6 +236,13 @@ pub struct ShardCore {
     /// A shard whose storage is full hands leadership away again from then on.
     handoff_at: Cell<Option<Instant>>,
     handoff_turn: Cell<usize>,
+    /// A shard snapshot is wanted at the next batch (damage was found or repaired).
+    snapshot_soon: Cell<bool>,
+    /// Damaged data found on this replica, and its repair (see `damage`).
+    damage: RefCell<damage::DamageLog>,
+    wake_repairer: LocalSender<()>,
+    wake_scrubber: LocalSender<()>,
+    scrub_bytes_per_sec: u64,
 }
 
 /// Ops that change state: after a forwarding timeout their outcome is unknown.
@@ -268,7 +279,27 @@ impl ShardCore {
         let log_dir = dir.join("log");
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| format!("create {}: {e}", log_dir.display()))?;
-        let snapshot = recovery::load_snapshot(dir).await?;
+        let (snapshot, snapshot_damaged) = match recovery::load_snapshot(dir).await? {
+            recovery::Loaded::None => (None, false),
+            recovery::Loaded::Snapshot(snapshot, notes) => {
+                let damaged = !notes.is_empty();
+                for note in notes {
+                    tracing::warn!(shard = settings.index, damage = %note, "snapshot file: damage outside its checksummed body; it is used, and rewritten soon");
+                }
+                (Some(*snapshot), damaged)
+            }
+            recovery::Loaded::Damaged(why) => {
+                recovery::replay_without_snapshot(&log_dir, &why)?;
+                tracing::warn!(
+                    shard = settings.index,
+                    damage = %why,
+                    "the shard snapshot is damaged; the log still holds everything from its \
+                     first segment, so state is rebuilt from the whole log and a new snapshot \
+                     is written"
+                );
+                (None, true)
+            }
+        };
         let mut recovery = recovery::Recovery::new(&settings, snapshot)?;
         let resume = recovery.resume;
         let mut replay_error = None;
@@ -288,11 +319,15 @@ impl ShardCore {
             space.clone(),
             replay,
         )
-        .await?;
+        .await
+        .map_err(|e| match snapshot_damaged {
+            true => format!("{e} (the shard snapshot was damaged, so the whole log was replayed)"),
+            false => e,
+        })?;
         if let Some(e) = replay_error {
             return Err(e);
         }
-        let (mut recovered, mut store, seals) = recovery.finish();
+        let (mut recovered, mut store, seals, later_repairs) = recovery.finish();
         // Runs of segments retention deleted after the snapshot was taken.
         let oldest_segment = crate::wal::segment_epochs(&log_dir)?
             .first()
@@ -381,6 +416,12 @@ impl ShardCore {
         }
         let (wake_committer, wake_rx) = local_channel::new_bounded(1);
         let (wake_driver, driver_rx) = local_channel::new_bounded(1);
+        let (wake_repairer, repairer_rx) = local_channel::new_bounded(1);
+        let (wake_scrubber, scrubber_rx) = local_channel::new_bounded(1);
+        let mut damage = damage::DamageLog::default();
+        if snapshot_damaged {
+            damage.found_snapshot_damage(&dir.join(recovery::SNAPSHOT_FILE));
+        }
         let core = Rc::new(ShardCore {
             index: settings.index,
             shards: settings.shards,
@@ -420,14 +461,28 @@ impl ShardCore {
             snapshot_retry_at: Cell::new(Instant::now()),
             handoff_at: Cell::new(None),
             handoff_turn: Cell::new(0),
+            snapshot_soon: Cell::new(snapshot_damaged),
+            damage: RefCell::new(damage),
+            wake_repairer,
+            wake_scrubber,
+            scrub_bytes_per_sec: settings.scrub_bytes_per_sec,
         });
         // The carried terms and votes are the first records of the new log; they go
         // before anything this node promises (one durable batch at a time, in order).
         core.write_hard_states(carried_to_write);
         glommio::spawn_local(core.clone().run_retention()).detach();
+        glommio::spawn_local(core.clone().run_repairer(repairer_rx)).detach();
+        glommio::spawn_local(core.clone().run_scrubber(scrubber_rx)).detach();
         glommio::spawn_local(core.clone().run_driver(driver_rx)).detach();
         glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
         core.start_raft().await;
+        // Starting Raft applied the committed entries after the snapshot: the events
+        // repaired among them are indexed now.
+        for (session, seq, loc) in later_repairs {
+            core.store
+                .borrow_mut()
+                .repair(&session, seq, loc.epoch, loc.offset);
+        }
         Ok(core)
     }
 
@@ -438,6 +493,13 @@ impl ShardCore {
             Op::Stats => Reply::Stats(Box::new(self.stats_snapshot())),
             Op::DebugGroup { group } => Reply::Debug(self.debug_group(group)),
             Op::ReadIndex { groups } => Reply::ReadIndex(self.read_index(&groups).await),
+            // Served by any replica from its own log (another replica's copy is damaged).
+            Op::FetchEvents {
+                id,
+                after,
+                through,
+                max_bytes,
+            } => self.serve_fetch(&id, after, through, max_bytes).await,
             Op::List {
                 after,
                 limit,
@@ -1034,21 +1096,14 @@ impl ShardCore {
         self.tail_waiters.borrow_mut().clear();
     }
 
-    /// Adds a read plan's events to `page`: cold ones are read back from the log. Stops
-    /// at the first event that does not fit.
+    /// Adds a read plan's events to `page`: cold ones are read back from the log (or,
+    /// where the local copy is damaged, from another replica). Stops at the first event
+    /// that does not fit.
     async fn materialize(&self, id: &str, plan: ReadPlan, page: &mut Page) -> Result<(), ApiError> {
-        let mut i = 0;
-        while i < plan.cold.len() {
-            // Consecutive events of one sealed run share one read of the index file.
-            let run = sealed_run(&plan.cold[i..]);
-            let locations = self.resolve(&plan.cold[i..i + run]).await?;
-            for (seq, loc) in locations {
-                let text = self.read_cold(id, seq, loc).await?;
-                if !page.push(seq, text) {
-                    return Ok(());
-                }
-            }
-            i += run;
+        let mut take =
+            |e: shards::entry::AppendEntry| page.push(e.seq, Arc::from(render_event(&e)));
+        if !self.read_cold_events(id, &plan.cold, &mut take).await? {
+            return Ok(());
         }
         for (seq, text) in plan.hot {
             if !page.push(seq, text) {
@@ -1058,33 +1113,32 @@ impl ShardCore {
         Ok(())
     }
 
-    /// Log locations of cold events (all Active, or one sealed run).
-    async fn resolve(&self, cold: &[(u64, Cold)]) -> Result<Vec<(u64, RecordLocation)>, ApiError> {
+    /// Log locations of cold events (all direct, or one sealed run).
+    async fn resolve(&self, cold: &[(u64, Cold)]) -> Result<Vec<(u64, RecordLocation)>, ReadError> {
         match cold[0].1 {
-            Cold::Active { .. } => Ok(cold
+            Cold::Active { .. } | Cold::Repaired { .. } => Ok(cold
                 .iter()
                 .map(|&(seq, c)| match c {
-                    Cold::Active { epoch, offset } => (seq, RecordLocation { epoch, offset }),
+                    Cold::Active { epoch, offset } | Cold::Repaired { epoch, offset } => {
+                        (seq, RecordLocation { epoch, offset })
+                    }
                     Cold::Sealed { .. } => unreachable!("sealed_run keeps runs apart"),
                 })
                 .collect()),
             Cold::Sealed { epoch, index } => {
                 let pending = self.sealing.borrow().get(&epoch).cloned();
-                if let Some(offsets) = pending {
-                    let start = index as usize;
-                    let Some(slice) = offsets.get(start..start + cold.len()) else {
-                        return Err(ApiError::Internal(format!("index of segment {epoch}")));
-                    };
-                    return Ok(cold
-                        .iter()
-                        .zip(slice)
-                        .map(|(&(seq, _), &offset)| (seq, RecordLocation { epoch, offset }))
-                        .collect());
-                }
-                let offsets = self
-                    .reader
-                    .read_offsets(epoch, index, cold.len() as u32)
-                    .map_err(|e| ApiError::Internal(format!("index of segment {epoch}: {e}")))?;
+                let offsets = match pending {
+                    Some(offsets) => {
+                        let start = index as usize;
+                        let slice = offsets.get(start..start + cold.len()).ok_or_else(|| {
+                            ReadError::Io(std::io::Error::other(format!(
+                                "index of segment {epoch} being written lacks entries {start}.."
+                            )))
+                        })?;
+                        slice.to_vec()
+                    }
+                    None => self.reader.read_offsets(epoch, index, cold.len() as u32)?,
+                };
                 Ok(cold
                     .iter()
                     .zip(offsets)
@@ -1094,28 +1148,10 @@ impl ShardCore {
         }
     }
 
-    async fn read_cold(
-        &self,
-        id: &str,
-        seq: u64,
-        loc: RecordLocation,
-    ) -> Result<Arc<str>, ApiError> {
-        let record = self.reader.read(loc).await.map_err(|e| {
-            ApiError::Internal(format!("reading event {seq} of {id} at {loc:?}: {e}"))
-        })?;
-        match record.command {
-            Command::Append(e) if e.session_id == id && e.seq == seq => {
-                Ok(Arc::from(render_event(&e)))
-            }
-            _ => Err(ApiError::Internal(format!(
-                "log record at {loc:?} is not event {seq} of {id}"
-            ))),
-        }
-    }
-
     /// Events `after+1 ..= through` of a session, read back from the log (the index
-    /// says where), stopping before `max_bytes` (`event_bytes`) would be passed, but
-    /// with at least one event. Returns them and whether the range was read whole.
+    /// says where; damaged ones come from another replica), stopping before
+    /// `max_bytes` (`event_bytes`) would be passed, but with at least one event.
+    /// Returns them and whether the range was read whole.
     pub(crate) async fn read_log_events(
         &self,
         id: &str,
@@ -1126,33 +1162,18 @@ impl ShardCore {
         let locations = self.store.borrow().locations(id, after, through);
         let mut events = Vec::with_capacity(locations.len());
         let mut bytes = 0usize;
-        let mut i = 0;
-        while i < locations.len() {
-            let run = sealed_run(&locations[i..]);
-            let resolved = self
-                .resolve(&locations[i..i + run])
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            for (seq, loc) in resolved {
-                let record = self
-                    .reader
-                    .read(loc)
-                    .await
-                    .map_err(|e| format!("event {seq} of {id}: {e}"))?;
-                match record.command {
-                    Command::Append(e) if e.session_id == id && e.seq == seq => {
-                        let size = event_bytes(&e);
-                        if !events.is_empty() && bytes + size > max_bytes {
-                            return Ok((events, false));
-                        }
-                        bytes += size;
-                        events.push(e);
-                    }
-                    _ => return Err(format!("log record at {loc:?} is not {id}/{seq}")),
-                }
+        let mut take = |e: shards::entry::AppendEntry| {
+            let size = event_bytes(&e);
+            if !events.is_empty() && bytes + size > max_bytes {
+                return false;
             }
-            i += run;
-        }
+            bytes += size;
+            events.push(e);
+            true
+        };
+        self.read_cold_events(id, &locations, &mut take)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         let complete = events.last().map_or(after, |e| e.seq) >= through;
         Ok((events, complete))
     }
@@ -1294,6 +1315,8 @@ impl ShardCore {
             .collect();
         stats.archive = self.archive_stats();
         stats.archiver = self.archive.as_ref().map(|feed| feed.stats().clone());
+        stats.damage = self.damage.borrow().stats();
+        stats.repaired_events = self.store.borrow().repaired_count() as u64;
         stats
     }
 
@@ -1323,11 +1346,15 @@ fn raft_config(settings: &RaftSettings) -> RaftConfig {
     }
 }
 
-fn sealed_run(cold: &[(u64, Cold)]) -> usize {
+/// How many cold events from the first one are read together: direct locations
+/// (active segment or repaired copies) together, or one run of consecutive entries of a
+/// sealed segment's index file.
+pub(super) fn sealed_run(cold: &[(u64, Cold)]) -> usize {
+    let direct = |c: Cold| matches!(c, Cold::Active { .. } | Cold::Repaired { .. });
     let mut n = 1;
     while n < cold.len() {
         let same = match (cold[n - 1].1, cold[n].1) {
-            (Cold::Active { .. }, Cold::Active { .. }) => true,
+            (a, b) if direct(a) && direct(b) => true,
             (Cold::Sealed { epoch: a, index: i }, Cold::Sealed { epoch: b, index: j }) => {
                 a == b && j == i + 1
             }

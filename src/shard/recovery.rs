@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use shards::entry::{Command, MetaRecord};
+use shards::entry::{Command, MetaRecord, REPAIR_TERM};
 use shards::raft::{Entry, HardState, Payload, SnapshotMeta};
 use shards::session::{GroupState, Limits};
 use shards::snapshot::ShardSnapshot;
@@ -28,9 +28,18 @@ use crate::wal::{RecordLocation, Replayed};
 
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot";
 
-/// Reads the shard's snapshot, if there is one. A snapshot that does not decode is an
-/// error: starting from the log alone could miss sealed segments' runs.
-pub(super) async fn load_snapshot(dir: &Path) -> Result<Option<ShardSnapshot>, String> {
+/// What start-up found in the shard's snapshot file.
+pub(super) enum Loaded {
+    None,
+    /// The snapshot, with notes on damage outside its checksummed body (harmless).
+    Snapshot(Box<ShardSnapshot>, Vec<String>),
+    /// The file is damaged: what, where (file and offsets).
+    Damaged(String),
+}
+
+/// Reads the shard's snapshot, if there is one. Damage is reported, not fatal here: the
+/// caller decides whether the log alone can replace the snapshot.
+pub(super) async fn load_snapshot(dir: &Path) -> Result<Loaded, String> {
     // A crash while a snapshot was written leaves its temp file, which never became the
     // snapshot: its space goes back (it matters on a full disk).
     let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
@@ -39,22 +48,42 @@ pub(super) async fn load_snapshot(dir: &Path) -> Result<Option<ShardSnapshot>, S
         .await
         .map_err(|e| format!("read {}: {e}", path.display()))?
     else {
-        return Ok(None);
+        return Ok(Loaded::None);
     };
-    decode_snapshot_file(&path, &bytes).map(Some)
+    Ok(
+        match shards::snapshot::decode_snapshot_file(&bytes, shards::codec::BLOCK_BYTES) {
+            Ok(file) => Loaded::Snapshot(Box::new(file.snapshot), file.notes),
+            Err(e) => Loaded::Damaged(format!("{}: {e}", path.display())),
+        },
+    )
 }
 
-/// The snapshot in the bytes of the file at `path` (padded, with a length trailer).
+/// A damaged snapshot can be done without when the log still holds everything from its
+/// first segment (the snapshot is only an optimisation over the log): replay then starts
+/// there. Otherwise the start is refused, saying what to do.
+pub(super) fn replay_without_snapshot(log_dir: &Path, damage: &str) -> Result<(), String> {
+    let oldest = crate::wal::segment_epochs(log_dir)?.first().copied();
+    match oldest {
+        None | Some(1) => Ok(()),
+        Some(oldest) => Err(format!(
+            "refusing to start: the shard snapshot is damaged ({damage}). A snapshot is only \
+             an optimisation over the log, but this log no longer starts at its first segment \
+             (its oldest is segment {oldest}: retention deleted the older ones after a snapshot \
+             covered them), so this replica cannot rebuild its state from its own files. In a \
+             cluster, restore this node's data dir from a healthy replica (start it with \
+             `starcite serve --rebuild`, see docs/deployment.md); a node alone: restore the \
+             data dir from a backup. Deleting the snapshot file would not help: the state it \
+             held is not in the log any more"
+        )),
+    }
+}
+
+/// The snapshot in the bytes of the file at `path` (see `shards::snapshot` for the
+/// layout); damage outside its checksummed body is ignored here.
 pub(crate) fn decode_snapshot_file(path: &Path, bytes: &[u8]) -> Result<ShardSnapshot, String> {
-    let trailer = bytes
-        .len()
-        .checked_sub(8)
-        .ok_or_else(|| format!("{} is truncated", path.display()))?;
-    let len = u64::from_le_bytes(bytes[trailer..].try_into().expect("8 bytes")) as usize;
-    let body = bytes
-        .get(..len)
-        .ok_or_else(|| format!("{} is truncated", path.display()))?;
-    ShardSnapshot::decode(body).map_err(|e| format!("{}: {e}", path.display()))
+    shards::snapshot::decode_snapshot_file(bytes, shards::codec::BLOCK_BYTES)
+        .map(|file| file.snapshot)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// An entry record seen during replay, with the event it carries (if any).
@@ -71,12 +100,14 @@ struct History {
     sealed: Option<u32>,
 }
 
-/// What replay hands back: each group, the event index, and the segments sealed
-/// during replay with their index file bodies.
+/// What replay hands back: each group, the event index, the segments sealed during
+/// replay with their index file bodies, and the repaired copies of events that are not
+/// indexed yet (their entries commit again once Raft restarts: apply them then).
 pub(super) type Recovered = (
     HashMap<u16, RecoveredGroup>,
     EventStore,
     Vec<(u64, Vec<u32>)>,
+    Vec<(String, u64, RecordLocation)>,
 );
 
 /// One group as recovered.
@@ -179,6 +210,9 @@ pub(super) struct Recovery {
     /// Segments whose end replay passed, with their index file bodies (written after
     /// replay, before the shard serves).
     pub seals: Vec<(u64, Vec<u32>)>,
+    /// Repaired copies of damaged events: (session, seq, where), applied at the end of
+    /// replay, once the events they repair are indexed.
+    repairs: Vec<(String, u64, RecordLocation)>,
 }
 
 impl Recovery {
@@ -194,6 +228,7 @@ impl Recovery {
             groups: HashMap::new(),
             store: EventStore::new(settings.hot_bytes),
             seals: Vec::new(),
+            repairs: Vec::new(),
         };
         if let Some(snapshot) = snapshot {
             recovery.resume = (snapshot.resume_epoch, snapshot.resume_offset);
@@ -252,6 +287,9 @@ impl Recovery {
         let rec = *rec;
         if rec.index == 0 {
             match rec.command {
+                Command::Append(e) if rec.term == REPAIR_TERM => {
+                    self.repairs.push((e.session_id, e.seq, loc));
+                }
                 Command::Append(e) => group.history.push(History {
                     session: e.session_id,
                     seq: e.seq,
@@ -356,7 +394,13 @@ impl Recovery {
                 },
             );
         }
-        (out, self.store, self.seals)
+        let mut later = Vec::new();
+        for (session, seq, loc) in std::mem::take(&mut self.repairs) {
+            if !self.store.repair(&session, seq, loc.epoch, loc.offset) {
+                later.push((session, seq, loc));
+            }
+        }
+        (out, self.store, self.seals, later)
     }
 }
 
@@ -393,6 +437,7 @@ mod tests {
             archive: None,
             retention: Default::default(),
             catch_up: None,
+            scrub_bytes_per_sec: 0,
             index: 0,
             shards: 1,
             limits: Limits {
@@ -494,7 +539,7 @@ mod tests {
         f.record(1, 4, append("s", 2, "2"));
         // A new leader of term 2 overwrote the suffix from index 3.
         f.record(2, 3, append("s", 1, "\"other\""));
-        let (groups, store, _) = f.recovery.finish();
+        let (groups, store, _, _) = f.recovery.finish();
         let g = &groups[&G];
         assert_eq!(terms(g), vec![(1, 1), (2, 1), (3, 2)]);
         assert_eq!(
@@ -512,7 +557,7 @@ mod tests {
         f.hard(3, 2, 0);
         f.hard(2, 1, 0);
         f.hard(3, 0, 0);
-        let (groups, _, _) = f.recovery.finish();
+        let (groups, _, _, _) = f.recovery.finish();
         let h = groups[&G].hard_state;
         assert_eq!((h.term, h.vote), (3, Some(2)));
     }
@@ -522,7 +567,7 @@ mod tests {
         let mut f = Feed::new();
         f.record(1, 1, Command::Noop);
         f.hard(1, 1, 9);
-        let (groups, _, _) = f.recovery.finish();
+        let (groups, _, _, _) = f.recovery.finish();
         assert_eq!(groups[&G].hard_state.commit, 1);
     }
 
@@ -551,7 +596,7 @@ mod tests {
             }),
         );
         f.record(4, 11, append("s", 3, "0"));
-        let (groups, store, _) = f.recovery.finish();
+        let (groups, store, _, _) = f.recovery.finish();
         let g = &groups[&G];
         assert_eq!((g.applied, g.applied_term, g.checksum), (10, 4, 77));
         assert_eq!(g.state.view("s").unwrap().last_seq, 2);
@@ -562,11 +607,36 @@ mod tests {
     }
 
     #[test]
+    fn a_repaired_copy_is_where_replay_indexes_the_event() {
+        let mut f = Feed::new();
+        f.record(1, 1, create("s"));
+        f.record(1, 2, append("s", 1, "1"));
+        f.record(1, 3, append("s", 2, "2"));
+        f.hard(1, 1, 3);
+        // Event 1's record was damaged; its copy from a peer was appended later.
+        f.record(REPAIR_TERM, 0, append("s", 1, "1"));
+        let copy_at = f.offset - 64;
+        // A repair of an event this replica does not hold is ignored.
+        f.record(REPAIR_TERM, 0, append("s", 9, "9"));
+        let (groups, store, _, later) = f.recovery.finish();
+        assert_eq!(groups[&G].entries.len(), 3, "a repair is not an entry");
+        // The entries are not applied yet (Raft hands them out again at start), so the
+        // event is not indexed: its repair is handed back, to apply once it is.
+        assert_eq!(store.repaired_count(), 0);
+        let at = RecordLocation {
+            epoch: 1,
+            offset: copy_at,
+        };
+        assert_eq!(later[0], ("s".to_string(), 1, at));
+        assert_eq!(later.len(), 2);
+    }
+
+    #[test]
     fn history_without_its_snapshot_record_is_ignored() {
         let mut f = Feed::new();
         f.record(0, 0, append("s", 1, "0"));
         f.record(0, 0, append("s", 2, "0"));
-        let (groups, store, _) = f.recovery.finish();
+        let (groups, store, _, _) = f.recovery.finish();
         assert_eq!(store.last_seq("s"), 0);
         assert_eq!(groups[&G].applied, 0);
     }

@@ -77,6 +77,20 @@ pub(super) struct WriteUnit {
     messages: Vec<Message<Command>>,
 }
 
+impl WriteUnit {
+    /// Records that are not Raft entries and need nothing once durable but their own
+    /// handling in `on_record_durable` (repaired copies of damaged events).
+    pub(super) fn records_only(group: u16, records: Vec<LogRecord>) -> WriteUnit {
+        WriteUnit {
+            group,
+            records,
+            snapshot: None,
+            last_entry: None,
+            messages: Vec::new(),
+        }
+    }
+}
+
 /// Messages gathered for one peer node during a turn.
 #[derive(Default)]
 struct Outbox {
@@ -382,7 +396,7 @@ impl ShardCore {
         }
     }
 
-    fn queue_unit(&self, unit: WriteUnit) {
+    pub(super) fn queue_unit(&self, unit: WriteUnit) {
         let bytes: usize = unit.records.iter().map(|r| command_bytes(&r.command)).sum();
         self.units_records
             .set(self.units_records.get() + unit.records.len());
@@ -650,11 +664,12 @@ impl ShardCore {
             }
             self.flush_outbox();
             // A snapshot never covers a sealed segment whose index file is not written.
-            if *bytes_since_snapshot >= self.snapshot_log_bytes
-                && !self.snapshot_running.get()
-                && self.sealing.borrow().is_empty()
-            {
+            // Damage found or repaired wants one soon (`damage`): the resume position then
+            // passes it, so a restart never replays through it.
+            let due = *bytes_since_snapshot >= self.snapshot_log_bytes || self.snapshot_soon.get();
+            if due && !self.snapshot_running.get() && self.sealing.borrow().is_empty() {
                 *bytes_since_snapshot = 0;
+                self.snapshot_soon.set(false);
                 self.start_snapshot();
             }
         }
@@ -702,6 +717,10 @@ impl ShardCore {
             return;
         }
         if let Command::Append(e) = &record.command {
+            if record.term == shards::entry::REPAIR_TERM {
+                self.repaired_durable(e, loc);
+                return;
+            }
             let mut store = self.store.borrow_mut();
             let indexed = store.last_seq(&e.session_id);
             if e.seq > indexed + 1 {
@@ -787,13 +806,9 @@ impl ShardCore {
             groups,
             sessions,
         };
-        let mut bytes = snapshot.encode();
-        let len = bytes.len() as u64;
-        bytes.extend_from_slice(&len.to_le_bytes());
-        bytes.resize(bytes.len().next_multiple_of(4096), 0);
-        // The length trailer sits at the end of the padded file: see `load_snapshot`.
+        // Layout: `shards::snapshot` (module docs), read back by `load_snapshot`.
+        let bytes = snapshot.encode_file(shards::codec::BLOCK_BYTES);
         let total = bytes.len();
-        bytes[total - 8..].copy_from_slice(&len.to_le_bytes());
         match crate::wal::write_file_durably(&self.dir, super::recovery::SNAPSHOT_FILE, &bytes)
             .await
         {
@@ -988,6 +1003,17 @@ impl ShardCore {
         };
         self.cancel_forward(id);
         answer
+    }
+
+    /// This shard has a live connection to node `to`.
+    pub(super) fn connected_to(&self, to: u64) -> bool {
+        !isolated()
+            && self
+                .peers
+                .borrow()
+                .transport
+                .as_ref()
+                .is_some_and(|t| t.connection(to).is_some())
     }
 
     fn cancel_forward(&self, id: RequestId) {

@@ -103,7 +103,9 @@ impl SegmentVerifier {
     /// Consumes a window starting at `next_read().offset`, at least `min_bytes` long and
     /// not past the segment's end.
     pub fn feed(&mut self, window: &[u8]) {
-        let request = self.next_read().expect("feed after the verification is done");
+        let request = self
+            .next_read()
+            .expect("feed after the verification is done");
         assert!(
             window.len() >= request.min_bytes,
             "window shorter than requested"
