@@ -432,6 +432,12 @@ impl EventStore {
         }
     }
 
+    /// Where event `seq` of a session is read from, if from a repaired copy.
+    pub fn repaired_at(&self, session_id: &str, seq: u64) -> Option<(u32, u32)> {
+        let &slot = self.ids.get(session_id)?;
+        self.sessions[slot as usize].repaired.get(&seq).copied()
+    }
+
     /// Repaired events held (all sessions).
     pub fn repaired_count(&self) -> usize {
         self.repaired

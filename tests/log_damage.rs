@@ -21,38 +21,37 @@ use shards::entry::Command;
 
 const SEGMENT_BYTES: u64 = 1 << 20;
 const SESSIONS: usize = 12;
-const ROUNDS: u64 = 8;
-const PER_BATCH: u64 = 24;
+const EVENTS: u64 = 128;
 const PAD_BYTES: usize = 1800;
 
 fn session(i: usize) -> String {
     format!("dmg-{i}")
 }
 
-/// Appends `ROUNDS` batches of `PER_BATCH` events to every session, round-robin, so that
+/// Appends `EVENTS` events to every session, one client thread per session, so that
 /// every sealed segment holds events of many sessions. Event `seq` carries `"n": seq`.
-fn fill(post: impl Fn(&str, &Value) -> (u16, Value)) {
+fn fill(post: impl Fn(&str, &Value) -> (u16, Value) + Sync) {
     let pad = "p".repeat(PAD_BYTES);
-    for round in 0..ROUNDS {
+    std::thread::scope(|scope| {
         for i in 0..SESSIONS {
-            let id = session(i);
-            let events: Vec<Value> = (1..=PER_BATCH)
-                .map(|k| {
-                    let n = round * PER_BATCH + k;
-                    json!({"type": "t", "payload": {"s": id, "n": n, "pad": pad}})
-                })
-                .collect();
-            let (status, reply) = post(&id, &json!({ "events": events }));
-            assert_eq!(status, 201, "append to {id}: {reply}");
-            assert_eq!(reply["last_seq"], (round + 1) * PER_BATCH);
+            let (post, pad) = (&post, &pad);
+            scope.spawn(move || {
+                let id = session(i);
+                for n in 1..=EVENTS {
+                    let body = json!({"type": "t", "payload": {"s": id, "n": n, "pad": pad}});
+                    let (status, reply) = post(&id, &body);
+                    assert_eq!(status, 201, "append to {id}: {reply}");
+                    assert_eq!(reply["seq"], n);
+                }
+            });
         }
-    }
+    });
 }
 
 /// Every event of the session read through `server`, checked against what was appended.
 fn assert_all_events(server: &Server, id: &str) {
     let events = server.all_events(id);
-    assert_eq!(events.len() as u64, ROUNDS * PER_BATCH, "events of {id}");
+    assert_eq!(events.len() as u64, EVENTS, "events of {id}");
     for (i, e) in events.iter().enumerate() {
         let seq = i as u64 + 1;
         assert_eq!(e["seq"], seq, "{id}");
@@ -240,6 +239,14 @@ fn damage_on_one_replica_is_served_from_peers_reported_and_repaired() {
     lead_all(&mut cluster, 3, &groups);
     let read_group = shards::group_of(&read_victim);
     let detect_from = Instant::now();
+    assert_all_events(cluster.node(1), &read_victim);
+    let node3 = cluster.node(3);
+    let (_, repaired_at) = wait_metric(
+        node3,
+        "starcite_log_repairs_total",
+        Duration::from_secs(20),
+        |v| v >= 1,
+    );
     for i in cluster.ids() {
         for id in ids.iter().filter(|&id| *id != scrub_victim) {
             assert_all_events(cluster.node(i), id);
@@ -247,12 +254,6 @@ fn damage_on_one_replica_is_served_from_peers_reported_and_repaired() {
     }
     let node3 = cluster.node(3);
     // Found by the reads (the event, and the index file), repaired from a peer.
-    let (_, repaired_at) = wait_metric(
-        node3,
-        "starcite_log_repairs_total",
-        Duration::from_secs(20),
-        |v| v >= 1,
-    );
     let (_, rebuilt_at) = wait_metric(
         node3,
         "starcite_log_index_rebuilds_total",
@@ -359,11 +360,8 @@ fn damage_on_one_replica_is_served_from_peers_reported_and_repaired() {
     let log = node3.stderr();
     let scrub_line = log
         .lines()
-        .find(|l| {
-            l.contains("found_by=\"the scrubber\"")
-                || (l.contains("the scrubber") && l.contains("damaged event"))
-        })
-        .unwrap_or_else(|| panic!("no scrubber finding in:\n{log}"));
+        .find(|l| l.contains("damaged event") && l.contains("the scrubber") && l.contains(&seg4))
+        .unwrap_or_else(|| panic!("no scrubber finding in {seg4}:\n{log}"));
     assert!(
         scrub_line.contains(&seg4) && scrub_line.contains(&format!("offset {scrub_at}")),
         "{scrub_line}"
@@ -418,9 +416,10 @@ fn damage_on_one_replica_is_served_from_peers_reported_and_repaired() {
     }
     cluster.wait_converged(&groups, Duration::from_secs(30));
     eprintln!(
-        "measured: fill {filled:?}; read damage detected and repaired {:?} (index rebuilt {:?}) \
-         after the first read; scrubber found and repaired unread damage {:?} after restart; \
-         restart on a damaged snapshot (whole log replayed) {snapshot_restart:?}; total {:?}",
+        "measured: fill {filled:?}; damaged event read and repaired {:?} after its read \
+         started; damaged index file rebuilt {:?} after that read; unread damage found by \
+         the scrubber and repaired {:?} after the restart; restart on a damaged snapshot \
+         (whole log replayed) {snapshot_restart:?}; total {:?}",
         repaired_at - detect_from,
         rebuilt_at - detect_from,
         scrub_repaired_at - scrub_from,
@@ -466,34 +465,33 @@ fn a_node_alone_names_damage_it_cannot_repair_and_rebuilds_index_files() {
         message.contains(&format!("event {seq} of {victim}")),
         "{message}"
     );
-    // Events after the damaged one are served.
-    let after = server.get(&format!(
+    // Every other event is served: the damaged index file is rebuilt from its segment
+    // (reads of its events fail, naming it, until then).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let read_ok = |path: &str| loop {
+        let resp = server.get(path);
+        if resp.status == 200 {
+            return resp.json();
+        }
+        assert_eq!(resp.status, 500, "{}", resp.text());
+        assert!(resp.text().contains(".idx"), "{}", resp.text());
+        assert!(
+            Instant::now() < deadline,
+            "index never rebuilt: {}",
+            resp.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let after = read_ok(&format!(
         "/v1/sessions/{victim}/events?cursor={seq}&limit=10"
     ));
-    assert_eq!(after.status, 200, "{}", after.text());
-    assert_eq!(after.json()["events"][0]["seq"], seq + 1);
-    // Every other session is read whole: the damaged index file is rebuilt from its
-    // segment (the first reads of its events may fail until then).
-    let deadline = Instant::now() + Duration::from_secs(20);
+    assert_eq!(after["events"][0]["seq"], seq + 1);
     for i in 0..SESSIONS {
         let id = session(i);
-        if id == victim {
-            continue;
+        if id != victim {
+            read_ok(&format!("/v1/sessions/{id}/events?cursor=0&limit=1000"));
+            assert_all_events(&server, &id);
         }
-        loop {
-            let resp = server.get(&format!("/v1/sessions/{id}/events?cursor=0&limit=1000"));
-            if resp.status == 200 {
-                break;
-            }
-            assert_eq!(resp.status, 500, "{}", resp.text());
-            assert!(
-                Instant::now() < deadline,
-                "index never rebuilt: {}",
-                resp.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_all_events(&server, &id);
     }
     assert!(metric(&server, "starcite_log_index_rebuilds_total") >= 1);
     assert_eq!(metric(&server, "starcite_log_damaged_events"), 1);

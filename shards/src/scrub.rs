@@ -234,7 +234,15 @@ impl SegmentAudit {
                     .push(self.damaged_at(&key.0, key.1, Some(offset), why));
             }
         }
-        let used: Vec<u64> = out.damaged_events.iter().filter_map(|d| d.offset).collect();
+        let mut used: Vec<u64> = out.damaged_events.iter().filter_map(|d| d.offset).collect();
+        // The damaged originals of events repaired before are not news.
+        if let Ok(index) = &self.index {
+            for &(pos, session, seq) in &events {
+                if is_repaired(session, seq) {
+                    used.extend(index.get(pos).map(|&o| u64::from(o)));
+                }
+            }
+        }
         out.other_spans = self
             .spans
             .iter()
@@ -528,7 +536,11 @@ mod tests {
         assert_eq!(out.damaged_events.len(), 1);
         assert_eq!(out.damaged_events[0].seq, 3);
         assert_eq!(out.damaged_events[0].frame_crc, Some(7));
-        assert_eq!(out.other_spans.len(), 1, "the old original's span");
+        assert!(
+            out.other_spans.is_empty(),
+            "the old original's span is known"
+        );
+        assert_eq!(out.spans, 2);
     }
 
     #[test]

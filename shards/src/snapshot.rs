@@ -219,14 +219,16 @@ impl std::fmt::Display for SnapshotFileError {
                 block_bytes,
             } => write!(
                 f,
-                "the file is {file_bytes} bytes, not a whole number of {block_bytes}-byte                  blocks: it was cut short or extended after it was written"
+                "the file is {file_bytes} bytes, not a whole number of {block_bytes}-byte \
+                 blocks: it was cut short or extended after it was written"
             ),
             Self::Length {
                 trailer_at,
                 trailer,
             } => write!(
                 f,
-                "the length trailer at offset {trailer_at} reads {trailer} and no copy of                  the body's length precedes it: the end of the file is damaged"
+                "the length trailer at offset {trailer_at} reads {trailer} and no copy of \
+                 the body's length precedes it: the end of the file is damaged"
             ),
             Self::Magic { found } => write!(
                 f,
@@ -238,11 +240,14 @@ impl std::fmt::Display for SnapshotFileError {
                 computed,
             } => write!(
                 f,
-                "checksum mismatch: the crc32 at offset {SNAPSHOT_CRC_AT} is {stored:#010x} but                  bytes {SNAPSHOT_BODY_AT}..{body_end} give {computed:#010x}; a byte in that                  range (or the checksum) is damaged"
+                "checksum mismatch: the crc32 at offset {SNAPSHOT_CRC_AT} is {stored:#010x} but \
+                 bytes {SNAPSHOT_BODY_AT}..{body_end} give {computed:#010x}; a byte in that \
+                 range (or the checksum) is damaged"
             ),
             Self::Decode { body_end, reason } => write!(
                 f,
-                "bytes {SNAPSHOT_BODY_AT}..{body_end} match their checksum but do not decode                  ({reason}): written by another version?"
+                "bytes {SNAPSHOT_BODY_AT}..{body_end} match their checksum but do not decode \
+                 ({reason}): written by another version?"
             ),
         }
     }
@@ -298,7 +303,8 @@ pub fn decode_snapshot_file(
                 trailer,
             })?;
         notes.push(format!(
-            "the length trailer at offset {trailer_at} is damaged (it reads {trailer}); the              body's length {found} was read from its copy at offset {found}"
+            "the length trailer at offset {trailer_at} is damaged (it reads {trailer}); the \
+             body's length {found} was read from its copy at offset {found}"
         ));
         found
     };
@@ -454,7 +460,8 @@ pub fn decode_sidecar(bytes: &[u8], epoch: u64) -> Result<Vec<u32>, String> {
     let end = SIDECAR_HEADER_BYTES + count * 4;
     let body = bytes.get(SIDECAR_HEADER_BYTES..end).ok_or_else(|| {
         format!(
-            "the count at offset 16 says {count} offsets (bytes {SIDECAR_HEADER_BYTES}..{end})              but the file has {} bytes",
+            "the count at offset 16 says {count} offsets (bytes {SIDECAR_HEADER_BYTES}..{end}) \
+             but the file has {} bytes",
             bytes.len()
         )
     })?;
@@ -462,7 +469,8 @@ pub fn decode_sidecar(bytes: &[u8], epoch: u64) -> Result<Vec<u32>, String> {
     let computed = crc32fast::hash(body);
     if computed != stored {
         return Err(format!(
-            "checksum mismatch: the crc32 at offset 20 is {stored:#010x} but the offsets at              bytes {SIDECAR_HEADER_BYTES}..{end} give {computed:#010x}"
+            "checksum mismatch: the crc32 at offset 20 is {stored:#010x} but the offsets at \
+             bytes {SIDECAR_HEADER_BYTES}..{end} give {computed:#010x}"
         ));
     }
     Ok(decode_offsets(body))

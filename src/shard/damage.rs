@@ -46,6 +46,8 @@ const REPAIR_RANGE_EVENTS_MAX: u64 = 256;
 const REPAIR_ROUND_EVENTS_MAX: usize = 4096;
 /// Bytes of events one fetch asks a peer for (the reply is one frame, at most 32 MiB).
 const FETCH_BYTES_MAX: usize = 4 << 20;
+/// Events one fetch answers with, at most.
+const FETCH_EVENTS_MAX: u64 = 4096;
 /// How long one peer gets to answer a fetch.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// The repairer wakes at least this often (retries, leadership checks).
@@ -90,6 +92,8 @@ pub(super) struct DamageLog {
     /// Segments to audit before the background pass goes on.
     urgent: VecDeque<u64>,
     known_spans: BTreeSet<(u64, u64)>,
+    /// Segments whose index file reads found damaged, until an audit rebuilt it.
+    index_damage: BTreeSet<u64>,
     /// When each damaged group's leadership was last handed over.
     given_up: BTreeMap<u16, Instant>,
     /// Groups with nobody to repair from (a node alone): logged once.
@@ -406,6 +410,7 @@ impl ShardCore {
             return Reply::Error(ApiError::NotLeader { leader: None });
         }
         let max_bytes = max_bytes.min(FETCH_BYTES_MAX);
+        let through = through.min(after.saturating_add(FETCH_EVENTS_MAX));
         let locations = self.store.borrow().locations(id, after, through);
         let mut records = Vec::new();
         let mut bytes = 0;
@@ -479,7 +484,8 @@ impl ShardCore {
     fn note_index_damage(&self, cold: Cold, err: &ReadError) -> String {
         let what = err.to_string();
         if let Cold::Sealed { epoch, .. } = cold {
-            if self.audit_soon(epoch as u64) {
+            self.audit_soon(epoch as u64);
+            if self.damage.borrow_mut().index_damage.insert(epoch as u64) {
                 tracing::warn!(
                     shard = self.index,
                     damage = %what,
@@ -904,12 +910,16 @@ impl ShardCore {
     /// repair, and logs damage that holds no event.
     async fn apply_audit(&self, epoch: u64, outcome: AuditOutcome) {
         let segment = self.reader.segment_path(epoch);
+        if outcome.index_problem.is_none() {
+            self.damage.borrow_mut().index_damage.remove(&epoch);
+        }
         if let (Some(problem), Some(offsets)) = (&outcome.index_problem, &outcome.rebuilt_index) {
             let bytes =
                 shards::snapshot::encode_sidecar(epoch, offsets, shards::codec::BLOCK_BYTES);
             let path = self.reader.index_path(epoch);
             match self.reader.replace_index_file(epoch, &bytes).await {
                 Ok(()) => {
+                    self.damage.borrow_mut().index_damage.remove(&epoch);
                     tracing::warn!(
                         shard = self.index,
                         file = %path.display(),
@@ -937,7 +947,16 @@ impl ShardCore {
                 ),
                 None => format!("{}: {}", segment.display(), d.reason),
             };
-            if self.store.borrow().holds(&d.session, d.seq) {
+            // The audit read what the index said when it began: an event repaired since
+            // (elsewhere than the copy found damaged) needs nothing more.
+            let store = self.store.borrow();
+            let copy = store.repaired_at(&d.session, d.seq);
+            let current = match copy {
+                Some((at, offset)) => at as u64 == epoch && Some(u64::from(offset)) == d.offset,
+                None => store.holds(&d.session, d.seq),
+            };
+            drop(store);
+            if current {
                 self.add_pending(&d.session, d.seq, place, d.frame_crc, "the scrubber");
             }
         }
