@@ -231,7 +231,8 @@ fn damage_on_one_replica_is_served_from_peers_reported_and_repaired() {
     assert!(resume > 4, "the snapshot covers segments 1..{resume}");
     let (read_victim, read_seq, read_at) = damage_an_event(node3, 2, &[]);
     damage_an_index(node3, 3);
-    let (scrub_victim, scrub_seq, scrub_at) = damage_an_event(node3, 4, &[read_victim.clone()]);
+    let (scrub_victim, scrub_seq, scrub_at) =
+        damage_an_event(node3, 4, std::slice::from_ref(&read_victim));
     cluster.spawn_again(3);
     cluster.wait_ready(3, Duration::from_secs(30));
 
