@@ -138,6 +138,24 @@ fn damage_an_index(server: &Server, epoch: u64) {
     flip(&path, 32 + 4 * (count / 2) + 1);
 }
 
+/// A log without its colour codes.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The sum of every sample of metric `name` on the node at `addr`.
 fn metric(server: &Server, name: &str) -> u64 {
     let text = server.get("/metrics").text();
@@ -512,4 +530,63 @@ fn a_node_alone_names_damage_it_cannot_repair_and_rebuilds_index_files() {
         500
     );
     assert!(server.is_running());
+}
+
+/// A leader building a snapshot for a follower that fell behind reads the group's
+/// history back from its log; a damaged event there is read from the third replica, so
+/// the follower still gets the whole history and converges.
+#[test]
+fn a_snapshot_for_a_follower_reads_damaged_history_from_another_replica() {
+    let opts = ClusterOpts {
+        segment_bytes: Some(SEGMENT_BYTES),
+        ..ClusterOpts::new("log-damage-history")
+    }
+    .arg("--raft-log-entries", "64")
+    .env("STARCITE_TEST_FAULTS", "1")
+    .env("STARCITE_SCRUB_BYTES_PER_SEC", "0");
+    let mut cluster = Cluster::start(opts);
+    let id = session(0);
+    let group = shards::group_of(&id);
+    cluster.create_session(1, &id);
+    lead_all(&mut cluster, 1, &[group]);
+    cluster.kill9(2);
+    let pad = "h".repeat(PAD_BYTES);
+    let events = 400u64;
+    for n in 1..=events {
+        let body = json!({"type": "t", "payload": {"s": id, "n": n, "pad": pad}});
+        let (status, reply) = cluster.append(1, &id, &body);
+        assert_eq!(status, 201, "{reply}");
+    }
+    // Damage on the running leader, in its first (sealed) segment.
+    let (victim, seq, _) = damage_an_event(cluster.node(1), 1, &[]);
+    assert_eq!(victim, id);
+    assert_eq!(
+        metric(cluster.node(1), "starcite_log_damage_found_total"),
+        0
+    );
+    cluster.spawn_again(2);
+    cluster.wait_ready(2, Duration::from_secs(30));
+    let views = cluster.wait_converged(&[group], Duration::from_secs(30));
+    assert_eq!(views[0]["sessions"][&id], events);
+    assert!(metric(cluster.node(2), "starcite_raft_snapshots_installed_total") >= 1);
+    // Only the snapshot's history read touched the damaged record.
+    assert!(metric(cluster.node(1), "starcite_log_damage_found_total") >= 1);
+    let log = plain(&cluster.node(1).stderr());
+    assert!(
+        log.contains(&format!("seq={seq}")) && log.contains("damaged event"),
+        "{log}"
+    );
+    for i in cluster.ids() {
+        let got = cluster.events(i, &id);
+        assert_eq!(got.len() as u64, events, "node {i}");
+        for (k, e) in got.iter().enumerate() {
+            assert_eq!(e["payload"]["n"], k as u64 + 1, "node {i}");
+        }
+    }
+    wait_metric(
+        cluster.node(1),
+        "starcite_log_damaged_events",
+        Duration::from_secs(20),
+        |v| v == 0,
+    );
 }

@@ -58,8 +58,10 @@ const REPAIR_RETRY_MAX: Duration = Duration::from_secs(5);
 /// A damaged group's leadership is handed over at most this often (a transfer refuses
 /// writes while it runs, so a target that cannot take it must not be retried at once).
 const GIVE_UP_EVERY: Duration = Duration::from_secs(2);
-/// Bytes the scrubber reads at once.
-const SCRUB_WINDOW_BYTES: usize = 1 << 20;
+/// Bytes the scrubber reads (and verifies, between two yields to the shard's other
+/// work) at once: small enough that checking the records of one window takes a few
+/// milliseconds of CPU even when they are small and many.
+const SCRUB_WINDOW_BYTES: usize = 128 << 10;
 /// The pace of an audit a failed read asked for, when the background pace is slower
 /// (or off).
 const URGENT_SCRUB_BYTES_PER_SEC: u64 = 8 << 20;
@@ -308,7 +310,7 @@ impl ShardCore {
         let mut next = after;
         while next < through {
             let records = self
-                .fetch_from_peers(id, group, next, through)
+                .fetch_from_peers(id, group, next, through, &|_| true)
                 .await
                 .map_err(|e| ApiError::LogDamaged(format!("{what} ({e})")))?;
             for record in records {
@@ -324,14 +326,16 @@ impl ShardCore {
         Ok(true)
     }
 
-    /// Events `after+1 ..= through` of `id` (group `group`) from the first other
-    /// replica that has some, checked to be those events in order (at least one).
+    /// Events `after+1 ..= through` of `id` (group `group`) from another replica,
+    /// checked to be those events in order (at least one): the first answer `good`
+    /// accepts, else the first valid answer.
     async fn fetch_from_peers(
         &self,
         id: &str,
         group: u16,
         after: u64,
         through: u64,
+        good: &dyn Fn(&[LogRecord]) -> bool,
     ) -> Result<Vec<LogRecord>, String> {
         let leader = self
             .groups
@@ -355,6 +359,7 @@ impl ShardCore {
         };
         let body = crate::forward::encode_op(&op)?;
         let mut why = Vec::new();
+        let mut first_valid = None;
         for to in peers {
             let deadline = Instant::now() + FETCH_TIMEOUT.min(self.request_timeout);
             let records = match self.forward(to, None, &body, deadline).await {
@@ -385,8 +390,14 @@ impl ShardCore {
                 None if records.len() as u64 > through - after => {
                     why.push(format!("node {to} sent more than asked"))
                 }
-                None => return Ok(records),
+                None if good(&records) => return Ok(records),
+                None => {
+                    first_valid.get_or_insert(records);
+                }
             }
+        }
+        if let Some(records) = first_valid {
+            return Ok(records);
         }
         Err(format!(
             "events {}..={through} of {id} from other replicas: {}",
@@ -596,6 +607,8 @@ impl ShardCore {
             if !g.leading || recent {
                 return;
             }
+            // The connected voter furthest along: a transfer to a lagging one would
+            // first have to catch it up.
             let target = match to {
                 Some(n) => Some(n).filter(|&n| g.raft.voters().contains(&n) && connected(n)),
                 None => g
@@ -603,7 +616,8 @@ impl ShardCore {
                     .voters()
                     .iter()
                     .copied()
-                    .find(|&n| n != self.node_id && connected(n)),
+                    .filter(|&n| n != self.node_id && connected(n))
+                    .max_by_key(|&n| g.raft.match_index(n)),
             };
             let Some(target) = target.filter(|&n| n != self.node_id) else {
                 return;
@@ -710,8 +724,23 @@ impl ShardCore {
         let list: Vec<u64> = crcs.keys().copied().collect();
         let mut records = Vec::new();
         let mut failed: Vec<u64> = Vec::new();
+        // A copy whose encoding matches the damaged frame's crc32 is preferred: another
+        // replica may hold the event in another form (a snapshot's history event).
+        let original = |records: &[LogRecord]| {
+            records.iter().all(|r| match &r.command {
+                Command::Append(e) => {
+                    let hint = crcs.get(&e.seq).copied().flatten();
+                    hint.is_none()
+                        || scrub::check_fetched(group, id, e.seq, hint, r) == FetchVerdict::Original
+                }
+                _ => false,
+            })
+        };
         for (first, last) in scrub::seq_ranges(&list, REPAIR_RANGE_EVENTS_MAX) {
-            let fetched = match self.fetch_from_peers(id, group, first - 1, last).await {
+            let fetched = match self
+                .fetch_from_peers(id, group, first - 1, last, &original)
+                .await
+            {
                 Ok(fetched) => fetched,
                 Err(why) => {
                     tracing::warn!(shard = self.index, group, session = id, first, last, error = %why, "repair deferred");
@@ -733,6 +762,7 @@ impl ShardCore {
                             session = id,
                             seq,
                             byte_identical = verdict == FetchVerdict::Original,
+                            damaged_frame_crc = ?crcs[&seq],
                             "copy of a damaged event fetched from another replica"
                         );
                         records.push(LogRecord {

@@ -163,6 +163,12 @@ impl<T: Clone> RaftNode<T> {
         self.campaign_allowed
     }
 
+    /// Leader only: the highest index known to be replicated on `peer` (None when not
+    /// leading or not a voter). Lets the shell pick a transfer target that is caught up.
+    pub fn match_index(&self, peer: NodeId) -> Option<u64> {
+        self.progress.get(&peer).map(|p| p.match_index)
+    }
+
     pub fn id(&self) -> NodeId {
         self.id
     }

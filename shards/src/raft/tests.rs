@@ -601,6 +601,9 @@ fn s5_2_a_replica_that_may_not_campaign_never_leads_but_still_votes() {
         .unwrap();
     sim.raft_mut(damaged).set_campaign(false);
     assert!(!sim.raft(damaged).may_campaign());
+    let last = sim.raft(leader).last_index();
+    assert_eq!(sim.raft(leader).match_index(healthy), Some(last));
+    assert_eq!(sim.raft(damaged).match_index(healthy), None, "not leading");
 
     // A transfer to it is refused by the target; the leader stays and takes writes again
     // once the transfer times out.
