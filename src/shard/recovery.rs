@@ -642,6 +642,24 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_snapshot_is_replaced_by_the_log_only_when_it_starts_at_segment_one() {
+        let dir = std::env::temp_dir().join(format!("starcite-snap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let damage = "/data/shard-000/snapshot: checksum mismatch at offset 8";
+        assert!(replay_without_snapshot(&dir, damage).is_ok(), "no log yet");
+        for epoch in [1u64, 2] {
+            std::fs::write(dir.join(format!("{epoch:020}.seg")), b"").unwrap();
+        }
+        assert!(replay_without_snapshot(&dir, damage).is_ok());
+        std::fs::remove_file(dir.join(format!("{:020}.seg", 1))).unwrap();
+        let refusal = replay_without_snapshot(&dir, damage).unwrap_err();
+        assert!(refusal.contains(damage), "{refusal}");
+        assert!(refusal.contains("oldest is segment 2"), "{refusal}");
+        assert!(refusal.contains("--rebuild") && refusal.contains("backup"), "{refusal}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_record_of_another_shards_group_refuses_the_log() {
         let mut s = settings();
         s.shards = 2;
