@@ -356,8 +356,8 @@ fn damage_on_one_replica_is_served_from_peers_reported_and_repaired() {
         (64u64 << 20).to_string(),
     );
     cluster.node_mut(3).opts.env.push(scrub_env);
-    cluster.restart(3);
     let scrub_from = Instant::now();
+    cluster.restart(3);
     let node3 = cluster.node(3);
     let (_, scrub_repaired_at) = wait_metric(
         node3,
@@ -437,7 +437,7 @@ fn damage_on_one_replica_is_served_from_peers_reported_and_repaired() {
     eprintln!(
         "measured: fill {filled:?}; damaged event read and repaired {:?} after its read \
          started; damaged index file rebuilt {:?} after that read; unread damage found by \
-         the scrubber and repaired {:?} after the restart; restart on a damaged snapshot \
+         the scrubber and repaired {:?} after the restart began (graceful stop included); restart on a damaged snapshot \
          (whole log replayed) {snapshot_restart:?}; total {:?}",
         repaired_at - detect_from,
         rebuilt_at - detect_from,

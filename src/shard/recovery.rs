@@ -655,7 +655,10 @@ mod tests {
         let refusal = replay_without_snapshot(&dir, damage).unwrap_err();
         assert!(refusal.contains(damage), "{refusal}");
         assert!(refusal.contains("oldest is segment 2"), "{refusal}");
-        assert!(refusal.contains("--rebuild") && refusal.contains("backup"), "{refusal}");
+        assert!(
+            refusal.contains("--rebuild") && refusal.contains("backup"),
+            "{refusal}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
