@@ -41,8 +41,8 @@ use crate::store::{Cold, EventStore, ReadPlan};
 use crate::wal::{LogReader, LogSpace, ReadError, RecordLocation, Wal};
 
 pub use archive::ArchiveLink;
-pub(crate) use recovery::{decode_snapshot_file, SNAPSHOT_FILE};
 pub use damage::{set_test_lead_to, DamageStats};
+pub(crate) use recovery::{decode_snapshot_file, SNAPSHOT_FILE};
 pub use replication::{set_isolated, start_transport, PeerSettings};
 pub use retention::Retention;
 
