@@ -21,7 +21,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use glommio::io::{DmaFile, OpenOptions};
-use shards::codec::{self, ScanOutcome};
+use shards::codec::{self, ScanOutcome, TornTail};
 use shards::entry::LogRecord;
 use shards::snapshot::{self, SIDECAR_HEADER_BYTES};
 use shards::storage::{FileKind, FullReason, StorageHealth};
@@ -237,12 +237,19 @@ impl Wal {
     /// (segment epoch, offset) to `visit` in log order. A full disk does not stop it:
     /// without room for the probe file, the next segment or an empty log's first one,
     /// the log opens read-only for client data (see [`LogSpace`]).
+    ///
+    /// A failed last batch is dropped (zeroed). When every sector of it had been written
+    /// (`codec::classify_torn_tail`: damage, not an interrupted write), the file
+    /// `damaged_tail_marker` is written first, durably: what the batch held may have been
+    /// acknowledged, and the shard must catch up before it votes again, also if it
+    /// crashes before it has.
     pub async fn open(
         dir: &Path,
         segment_bytes: u64,
         fsync_delay: Option<Duration>,
         resume: (u64, u64),
         space: Rc<LogSpace>,
+        damaged_tail_marker: &Path,
         mut visit: impl FnMut(Replayed),
     ) -> Result<Wal, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -265,31 +272,32 @@ impl Wal {
         };
         wal.probe().await;
         let mut outcomes = Vec::with_capacity(epochs.len());
-        let mut tail: Option<(u64, u64, Option<u64>)> = None;
+        // The last segment (the pre-written next one, possibly empty) and the torn tail,
+        // which `classify_log` allows only in the last segment that holds batches.
+        let mut tail: Option<(u64, u64)> = None;
+        let mut torn: Option<(u64, u64, TornTail)> = None;
         for (i, &epoch) in epochs.iter().enumerate() {
             let from = if epoch == resume.0 { resume.1 } else { 0 };
-            let (end, outcome) = scan_file(dir, epoch, from, &mut visit).await?;
+            let (end, outcome, kind) = scan_file(dir, epoch, from, &mut visit).await?;
             if i + 1 < epochs.len() {
                 visit(Replayed::SegmentEnd(epoch));
             }
-            let torn_at = match &outcome {
-                ScanOutcome::TornTail { offset, .. } => Some(*offset),
-                _ => None,
-            };
             outcomes.push(codec::SegmentSummary {
                 epoch,
                 end,
                 outcome,
             });
-            tail = Some((epoch, end, torn_at));
+            if let Some(kind) = kind {
+                torn = Some((epoch, end, kind));
+            }
+            tail = Some((epoch, end));
         }
         codec::classify_log(&outcomes).map_err(|e| refuse_message(dir, &e))?;
-        if let Some((epoch, end, torn_at)) = tail {
+        if let Some((epoch, end, kind)) = torn {
+            drop_torn_tail(dir, epoch, end, kind, segment_bytes, damaged_tail_marker).await?;
+        }
+        if let Some((epoch, end)) = tail {
             let file = open_segment(dir, epoch).await?;
-            if torn_at.is_some() {
-                // Overwrites pre-written blocks in place: needs no new space.
-                zero_from(&file, end, segment_bytes).await?;
-            }
             wal.active = Some(Active {
                 file: Rc::new(file),
                 epoch,
@@ -1059,7 +1067,7 @@ async fn scan_file(
     epoch: u64,
     from: u64,
     visit: &mut impl FnMut(Replayed),
-) -> Result<(u64, ScanOutcome), String> {
+) -> Result<(u64, ScanOutcome, Option<TornTail>), String> {
     let path = segment_path(dir, epoch);
     let bytes = read_file(&path)
         .await
@@ -1079,7 +1087,50 @@ async fn scan_file(
         };
         visit(Replayed::Record(loc, crc, Box::new(rec.record)));
     }
-    Ok((scan.end, scan.outcome))
+    let torn = match &scan.outcome {
+        ScanOutcome::TornTail { offset, .. } => bytes
+            .get(*offset as usize..)
+            .map(|batch| codec::classify_torn_tail(batch, epoch)),
+        _ => None,
+    };
+    Ok((scan.end, scan.outcome, torn))
+}
+
+/// Drops the failed last batch at `end` of segment `epoch` (zeroes it, so no stale
+/// half-batch can ever follow new batches). It may be in the segment before an empty,
+/// pre-written one. A damaged batch (every sector written: see
+/// `codec::classify_torn_tail`) first leaves `marker`, durably.
+async fn drop_torn_tail(
+    dir: &Path,
+    epoch: u64,
+    end: u64,
+    kind: TornTail,
+    segment_bytes: u64,
+    marker: &Path,
+) -> Result<(), String> {
+    let path = segment_path(dir, epoch);
+    if kind == TornTail::Damaged {
+        // Before the bytes are gone: the next starts must know too.
+        crate::datadir::write_durably(marker, path.to_string_lossy().as_bytes())?;
+        tracing::error!(
+            file = %path.display(),
+            offset = end,
+            "the log's last batch is damaged (every sector of it was written, yet it fails \
+             its checks): dropped; it may have held entries this replica acknowledged and \
+             votes it cast"
+        );
+    } else {
+        tracing::info!(
+            file = %path.display(),
+            offset = end,
+            "dropped the log's last batch: its write was interrupted (never acknowledged)"
+        );
+    }
+    let file = open_segment(dir, epoch).await?;
+    // Overwrites pre-written blocks in place: needs no new space.
+    zero_from(&file, end, segment_bytes).await?;
+    let _ = file.close().await;
+    Ok(())
 }
 
 /// Overwrites a torn tail with zeros so no stale half-batch can ever follow new batches.
@@ -1267,7 +1318,8 @@ mod tests {
             let dir = test_dir;
             let budget = 3 * SEGMENT;
             let space = LogSpace::new(0, Some(budget));
-            let mut wal = Wal::open(&dir, SEGMENT, None, (1, 0), space.clone(), |_| {})
+            let marker = dir.join("catching-up");
+            let mut wal = Wal::open(&dir, SEGMENT, None, (1, 0), space.clone(), &marker, |_| {})
                 .await
                 .expect("open");
             wal.start_next();
@@ -1299,6 +1351,57 @@ mod tests {
             assert_eq!(space.full(), Some(FullReason::Budget));
             assert!(dir_bytes(&dir).unwrap() <= budget);
             assert_eq!(space.files_bytes(), dir_bytes(&dir).unwrap());
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_damaged_last_batch_before_an_empty_segment_is_dropped_and_marked() {
+        let dir = fresh_dir("wal-damaged-tail");
+        let test_dir = dir.clone();
+        run(async move {
+            let dir = test_dir;
+            let marker = dir.join("catching-up");
+            let open = |dir: PathBuf, marker: PathBuf| async move {
+                let mut seen = Vec::new();
+                let space = LogSpace::new(0, None);
+                let wal = Wal::open(&dir, SEGMENT, None, (1, 0), space, &marker, |r| {
+                    if let Replayed::Record(_, _, record) = r {
+                        seen.push(record.index);
+                    }
+                })
+                .await
+                .expect("open");
+                (wal, seen)
+            };
+            let (mut wal, _) = open(dir.clone(), marker.clone()).await;
+            wal.start_next();
+            wal.write(&[record(1)]).await.expect("write 1");
+            let last = wal.write(&[record(2)]).await.expect("write 2").locations[0];
+            for _ in 0..1000 {
+                if wal.space.next.get() == NextSegment::Ready {
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(wal.space.next.get(), NextSegment::Ready);
+            drop(wal);
+            // Segment 1 holds both batches, segment 2 is pre-written and empty. Every
+            // sector of the last batch was written; one byte of it goes bad.
+            let path = segment_path(&dir, 1);
+            let mut bytes = std::fs::read(&path).expect("read");
+            bytes[last.offset as usize + 8] ^= 0xff;
+            std::fs::write(&path, &bytes).expect("damage");
+
+            let (mut wal, seen) = open(dir.clone(), marker.clone()).await;
+            assert_eq!(seen, vec![1], "the damaged batch is not replayed");
+            assert!(marker.exists(), "a damaged tail leaves its marker");
+            // New batches go after the dropped one; the log still opens afterwards
+            // (the damaged bytes were zeroed, not left before later batches).
+            wal.write(&[record(3)]).await.expect("write 3");
+            drop(wal);
+            let (_, seen) = open(dir.clone(), marker.clone()).await;
+            assert_eq!(seen, vec![1, 3]);
         });
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -46,6 +46,38 @@ pub(crate) use recovery::{decode_snapshot_file, SNAPSHOT_FILE};
 pub use replication::{set_isolated, start_transport, PeerSettings};
 pub use retention::Retention;
 
+/// Written (durably) in the shard's directory when the log's last batch was damaged
+/// rather than torn by a crash (see `Wal::open`): until it is removed, every group of
+/// the shard catches up before it votes, across restarts.
+const DAMAGED_TAIL_MARKER: &str = "catching-up";
+
+/// Whether the shard's groups must catch up after a damaged last batch (its marker
+/// exists). A node alone has no replica to catch up from: it says what may be lost and
+/// goes on.
+fn damaged_tail_catch_up(shard: usize, marker: &Path, members: usize) -> Result<bool, String> {
+    if !marker
+        .try_exists()
+        .map_err(|e| format!("{}: {e}", marker.display()))?
+    {
+        return Ok(false);
+    }
+    if members > 1 {
+        tracing::warn!(
+            shard,
+            "the log's last batch was damaged: every group of this shard learns its term from \
+             the other voters and catches up from its leader before it votes again"
+        );
+        return Ok(true);
+    }
+    tracing::error!(
+        shard,
+        "the log's last batch was damaged and this node has no replica: writes acknowledged \
+         in that batch may be lost"
+    );
+    std::fs::remove_file(marker).map_err(|e| format!("delete {}: {e}", marker.display()))?;
+    Ok(false)
+}
+
 /// Log records queued for the next batch, at most; past it writes answer 503 overloaded.
 const PENDING_RECORDS_MAX: usize = 65_536;
 /// Approximate bytes of log records queued for the next batch, at most (same answer).
@@ -224,6 +256,9 @@ pub struct ShardCore {
     snapshot_resume_epoch: Cell<u64>,
     /// A rebuild is under way and some group of this shard is still catching up.
     rebuild: RefCell<Option<Arc<crate::rebuild::RebuildTracker>>>,
+    /// The log's last batch was damaged (`DAMAGED_TAIL_MARKER`): removed once no group
+    /// of this shard is catching up any more.
+    tail_marker: RefCell<Option<PathBuf>>,
     /// The log's files, room and storage-full state (see `storage`).
     space: Rc<LogSpace>,
     /// Bytes of the active segment kept for Raft's records (`shards::storage`).
@@ -311,12 +346,14 @@ impl ShardCore {
                 }
             }
         };
+        let tail_marker = dir.join(DAMAGED_TAIL_MARKER);
         let mut wal = Wal::open(
             &log_dir,
             segment_bytes,
             fsync_delay,
             resume,
             space.clone(),
+            &tail_marker,
             replay,
         )
         .await
@@ -356,6 +393,7 @@ impl ShardCore {
         } else {
             settings.members.clone()
         };
+        let tail_catch_up = damaged_tail_catch_up(settings.index, &tail_marker, members.len())?;
         let mut groups = HashMap::new();
         let mut carried_to_write = Vec::new();
         for group in
@@ -394,6 +432,10 @@ impl ShardCore {
             );
             if let Some(c) = &settings.catch_up {
                 raft = raft.catch_up(c.forget_votes);
+            } else if tail_catch_up {
+                // The dropped batch may have held a vote it cast: the term and vote are
+                // learnt from the other voters before anything else (thesis §3.8).
+                raft = raft.catch_up(true);
             }
             let (state, applied, applied_term, checksum, persisted) =
                 (r.state, r.applied, r.applied_term, r.checksum, r.persisted);
@@ -454,6 +496,7 @@ impl ShardCore {
             oldest_segment: Cell::new(oldest_segment),
             snapshot_resume_epoch: Cell::new(resume.0),
             rebuild: RefCell::new(settings.catch_up.map(|c| c.tracker)),
+            tail_marker: RefCell::new(tail_catch_up.then_some(tail_marker)),
             space,
             reserve_bytes: shards::storage::reserve_bytes(segment_bytes),
             log_blocked: Cell::new(false),

@@ -275,7 +275,7 @@ impl ShardCore {
     /// (each persisted what a leader of its term had committed), the shard reports it
     /// once; the last shard removes the marker (`crate::rebuild`).
     fn check_caught_up(&self) {
-        if self.rebuild.borrow().is_none() {
+        if self.rebuild.borrow().is_none() && self.tail_marker.borrow().is_none() {
             return;
         }
         if self
@@ -288,6 +288,21 @@ impl ShardCore {
         }
         if let Some(tracker) = self.rebuild.borrow_mut().take() {
             tracker.shard_caught_up(self.index);
+        }
+        if let Some(marker) = self.tail_marker.borrow_mut().take() {
+            // Blocking, once: unlink, then make the unlink durable. If it fails the marker
+            // stays and the next start catches up once more, which is safe.
+            let removed = std::fs::remove_file(&marker)
+                .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+            match removed {
+                Ok(()) => tracing::info!(
+                    shard = self.index,
+                    "caught up after a damaged log tail: every group votes again"
+                ),
+                Err(e) => {
+                    tracing::error!(shard = self.index, error = %e, "removing {} failed", marker.display())
+                }
+            }
         }
     }
 
