@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, ClusterOpts};
-use common::try_request;
+use common::{flip, try_request};
 use serde_json::{json, Value};
 
 const SESSIONS: usize = 4;
@@ -61,18 +60,6 @@ fn last_batch(dir: &Path) -> (PathBuf, u64) {
         }
     }
     panic!("no batch in {}", dir.display())
-}
-
-fn flip(path: &Path, at: u64) {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, at).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x5A], at).unwrap();
-    file.sync_all().unwrap();
 }
 
 fn append_all(cluster: &Cluster, round: &str) {

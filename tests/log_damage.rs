@@ -8,13 +8,12 @@
 
 mod common;
 
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::cluster::{groups_of, Cluster, ClusterOpts};
-use common::{Opts, Server, Ws};
+use common::{flip, Opts, Server, Ws};
 use serde_json::{json, Value};
 use shards::codec::verify_segment;
 use shards::entry::Command;
@@ -89,18 +88,6 @@ fn body_end(file: &[u8]) -> u64 {
         .rev()
         .find(|&at| u64::from_le_bytes(file[at..at + 8].try_into().unwrap()) == at as u64)
         .expect("the body's length") as u64
-}
-
-fn flip(path: &Path, at: u64) {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, at).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x5A], at).unwrap();
-    file.sync_all().unwrap();
 }
 
 /// Flips a byte in the middle of the last event record of a session (other than

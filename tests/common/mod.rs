@@ -1101,3 +1101,17 @@ pub fn pct(s: &str) -> String {
     }
     out
 }
+
+/// Flips one byte of a file in place (bits 0x5A), durably: damage a test plants on disk.
+pub fn flip(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x5A], at).unwrap();
+    file.sync_all().unwrap();
+}
