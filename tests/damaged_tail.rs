@@ -35,10 +35,10 @@ fn marker(cluster: &Cluster, node: usize) -> PathBuf {
         .join("catching-up")
 }
 
-/// The last batch of the log in `dir`: its segment and offset (batches start at 4 KiB
-/// blocks with the magic `SCWL`; the first all-zero block ends a segment; the newest
-/// segment may be the pre-written next one, all zeros).
-fn last_batch(dir: &Path) -> (PathBuf, u64) {
+/// A byte inside the last record of the log in `dir` (so inside its last batch), found
+/// with the log's own scan: its segment and offset. The newest segment may be the
+/// pre-written next one, holding no batch.
+fn last_record(dir: &Path) -> (PathBuf, u64) {
     let mut segments: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -46,17 +46,10 @@ fn last_batch(dir: &Path) -> (PathBuf, u64) {
         .collect();
     segments.sort();
     for path in segments.into_iter().rev() {
-        let bytes = fs::read(&path).unwrap();
-        let mut last = None;
-        for block in (0..bytes.len()).step_by(4096) {
-            if &bytes[block..block + 4] == b"SCWL" {
-                last = Some(block as u64);
-            } else if bytes[block..block + 32].iter().all(|&b| b == 0) {
-                break;
-            }
-        }
-        if let Some(last) = last {
-            return (path, last);
+        let epoch: u64 = path.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        let scan = shards::codec::scan_segment(&fs::read(&path).unwrap(), epoch);
+        if let Some(last) = scan.records.last() {
+            return (path, last.offset + 8);
         }
     }
     panic!("no batch in {}", dir.display())
@@ -102,8 +95,8 @@ fn a_replica_whose_last_batch_is_damaged_catches_up_before_it_votes() {
     // Node 3 has everything; damage its last batch while it is down.
     std::thread::sleep(Duration::from_millis(300));
     cluster.kill9(3);
-    let (segment, batch) = last_batch(&log_dir(&cluster, 3));
-    flip(&segment, batch + 40);
+    let (segment, at) = last_record(&log_dir(&cluster, 3));
+    flip(&segment, at);
     append_all(&cluster, "b");
 
     // With node 2 down too, node 3 cannot learn every voter's term: it stays catching

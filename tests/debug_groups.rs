@@ -12,6 +12,19 @@ fn debug(server: &Server, group: u16) -> Value {
     resp.json()
 }
 
+/// The group once its commit index reached `index` (a restarted node commits its new
+/// term's no-op a moment after it reports ready), or as it is after 10 s.
+fn debug_once_committed(server: &Server, group: u16, index: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = debug(server, group);
+        if now["commit_index"].as_u64() >= Some(index) || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn debug_group_reports_indexes_sessions_and_a_checksum_that_survives_restart() {
     let mut server = Server::start(Opts::new("debug-groups").arg("--snapshot-log-bytes", "262144"));
@@ -35,7 +48,7 @@ fn debug_group_reports_indexes_sessions_and_a_checksum_that_survives_restart() {
 
     server.kill9();
     server.start_again();
-    let after = debug(&server, group);
+    let after = debug_once_committed(&server, group, 203);
     // The restarted node leads a new term, which starts with a no-op entry.
     assert!(after["term"].as_u64() > before["term"].as_u64(), "{after}");
     assert_eq!(after["commit_index"], 203, "{after}");
@@ -46,7 +59,7 @@ fn debug_group_reports_indexes_sessions_and_a_checksum_that_survives_restart() {
     // checksums across nodes after kill -9. Here: a second crash and restart.
     server.kill9();
     server.start_again();
-    let again = debug(&server, group);
+    let again = debug_once_committed(&server, group, 204);
     assert_eq!(again["commit_index"], 204);
 
     server.append_ok(id, &json!({"type": "t", "payload": "more"}));
