@@ -36,12 +36,7 @@ const PREWRITE_PAUSE: Duration = Duration::from_millis(2);
 const SCAN_CHUNK_BYTES: usize = 8 << 20;
 const SEGMENT_SUFFIX: &str = "seg";
 
-/// Where a record lives: segment epoch and byte offset inside that segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecordLocation {
-    pub epoch: u32,
-    pub offset: u32,
-}
+pub use shards::replica::RecordLocation;
 
 /// What recovery reports, in log order.
 pub enum Replayed {

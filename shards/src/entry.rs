@@ -123,3 +123,38 @@ pub struct AppendEntry {
     pub producer_seq: Option<u64>,
     pub digest: Digest,
 }
+
+/// Roughly the bytes a command takes in the log: a fixed part plus its variable-size
+/// fields.
+pub fn command_bytes(command: &Command) -> usize {
+    COMMAND_FIXED_BYTES
+        + match command {
+            Command::Append(e) => event_fields_bytes(e),
+            Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
+            Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
+            Command::SetArchived(a) => a.session_id.len(),
+            Command::ArchiveProgress(a) => a.sessions.iter().map(|p| p.session_id.len() + 16).sum(),
+            Command::Noop => 0,
+            Command::Meta(MetaRecord::Snapshot { state, .. }) => state.len(),
+            Command::Meta(_) => 0,
+        }
+}
+
+pub const COMMAND_FIXED_BYTES: usize = 64;
+
+/// `command_bytes` of an event.
+pub fn event_bytes(e: &AppendEntry) -> usize {
+    COMMAND_FIXED_BYTES + event_fields_bytes(e)
+}
+
+fn event_fields_bytes(e: &AppendEntry) -> usize {
+    e.session_id.len()
+        + e.event_type.len()
+        + e.payload.len()
+        + e.metadata.len()
+        + e.refs.len()
+        + e.actor.as_ref().map_or(0, String::len)
+        + e.source.as_ref().map_or(0, String::len)
+        + e.idempotency_key.as_ref().map_or(0, String::len)
+        + e.producer_id.as_ref().map_or(0, String::len)
+}

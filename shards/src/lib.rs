@@ -17,7 +17,9 @@
 //!   forwarded requests.
 //! - [`forwarding`]: which reply completes which forwarded request (request ids across
 //!   process restarts and connections).
-//! - [`raft`]: the sans-IO Raft core (issue 3, in progress).
+//! - [`raft`]: the sans-IO Raft core.
+//! - [`replica`]: one replica of one group: what it persists, acknowledges, applies
+//!   and answers (the server and the simulation drive this same type).
 //! - [`storage`]: whether the log may take more writes (full disk, disk budget, the
 //!   reserve kept for Raft's own records).
 //!
@@ -30,6 +32,7 @@ pub mod forwarding;
 pub mod json;
 pub mod peer;
 pub mod raft;
+pub mod replica;
 pub mod scrub;
 pub mod session;
 pub mod snapshot;

@@ -31,7 +31,8 @@ use futures::channel::oneshot;
 use glommio::channels::local_channel::{self, LocalSender};
 use shards::entry::Command;
 use shards::raft::{Config as RaftConfig, RaftNode, Restored};
-use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits, PatchError};
+use shards::replica::Refused;
+use shards::session::{AppendDecision, AppendError, CreateError, Limits, PatchError};
 use shards::validate::{render_event, NewEvent, NewSession, PatchRequest};
 
 use crate::metrics::ShardStats;
@@ -135,16 +136,7 @@ pub struct CatchUpSettings {
     pub tracker: Arc<crate::rebuild::RebuildTracker>,
 }
 
-/// Where a persisted, not yet applied entry lives in the log.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Persisted {
-    pub term: u64,
-    pub loc: RecordLocation,
-    pub crc: u32,
-    /// Set when its segment was sealed before the entry committed: its place in the
-    /// segment's index file.
-    pub sealed: Option<u32>,
-}
+pub(crate) use shards::entry::{command_bytes, event_bytes, COMMAND_FIXED_BYTES};
 
 /// At the seal of segment `epoch`: a record written there whose event is not indexed yet
 /// (its entry not applied, a history event not installed) gets its offset appended to
@@ -189,39 +181,15 @@ impl Page {
 }
 
 /// A request waiting for the entry it proposed (`term` at that index) to commit.
-struct Waiter {
-    term: u64,
-    tx: oneshot::Sender<bool>,
-}
-
-/// This node's replica of one Raft group.
-pub(crate) struct Group {
-    raft: RaftNode<Command>,
-    state: GroupState,
-    /// The last entry applied to `state` (committed view), and its term.
-    applied: u64,
-    applied_term: u64,
-    /// Rolling checksum of committed entries (`shards::snapshot::fold_checksum`).
-    checksum: u64,
-    /// Entries on disk and not applied yet (their crc and location are needed then).
-    persisted: BTreeMap<u64, Persisted>,
-    waiters: BTreeMap<u64, Vec<Waiter>>,
-    /// This replica leads the group: `state` holds the in-flight overlay.
-    leading: bool,
-    /// A snapshot for a follower is being built (compaction waits for it).
-    building_snapshot: bool,
-    /// When this replica last knew a leader of the group (`/health/ready`).
-    leader_seen: Option<Instant>,
-    /// Bytes (`command_bytes`) of applied entries Raft still holds in memory.
-    retained_bytes: u64,
-}
+/// This node's replica of one Raft group (`shards::replica`): a waiting request is
+/// answered through a channel.
+pub(crate) type Group = shards::replica::Replica<oneshot::Sender<bool>>;
 
 pub struct ShardCore {
     pub index: usize,
     pub shards: usize,
     pub node_id: u64,
     members: Vec<u64>,
-    limits: Limits,
     request_timeout: Duration,
     raft_settings: RaftSettings,
     groups: RefCell<HashMap<u16, Group>>,
@@ -420,7 +388,7 @@ impl ShardCore {
             }
             let restored = Restored {
                 hard_state,
-                snapshot: recovery::snapshot_meta(&r),
+                snapshot: r.recovered.snapshot_meta(),
                 entries: r.entries,
             };
             let mut raft = RaftNode::new(
@@ -437,24 +405,7 @@ impl ShardCore {
                 // learnt from the other voters before anything else (thesis §3.8).
                 raft = raft.catch_up(true);
             }
-            let (state, applied, applied_term, checksum, persisted) =
-                (r.state, r.applied, r.applied_term, r.checksum, r.persisted);
-            groups.insert(
-                group,
-                Group {
-                    raft: raft.with_entry_bytes(command_bytes),
-                    state,
-                    applied,
-                    applied_term,
-                    checksum,
-                    persisted,
-                    waiters: BTreeMap::new(),
-                    leading: false,
-                    building_snapshot: false,
-                    leader_seen: None,
-                    retained_bytes: 0,
-                },
-            );
+            groups.insert(group, Group::new(group, raft, r.recovered, settings.limits));
         }
         let (wake_committer, wake_rx) = local_channel::new_bounded(1);
         let (wake_driver, driver_rx) = local_channel::new_bounded(1);
@@ -469,7 +420,6 @@ impl ShardCore {
             shards: settings.shards,
             node_id: settings.node_id,
             members,
-            limits: settings.limits,
             request_timeout: settings.request_timeout,
             raft_settings: settings.raft.clone(),
             dir: dir.to_path_buf(),
@@ -770,33 +720,11 @@ impl ShardCore {
             let g = groups
                 .get_mut(&group)
                 .ok_or(ApiError::NotLeader { leader: None })?;
-            if !g.leading {
-                return Err(ApiError::NotLeader {
-                    leader: g.raft.leader(),
-                });
-            }
-            match g.raft.propose(command) {
-                Ok(index) => {
-                    // The entry Raft now holds is the command: apply that one (no copy).
-                    if let Some(shards::raft::Entry {
-                        payload: shards::raft::Payload::Data(command),
-                        ..
-                    }) = g.raft.entry(index)
-                    {
-                        g.state.apply(command);
-                    }
-                    Ok((index, g.raft.term()))
-                }
-                Err(shards::raft::ProposeError::NotLeader { leader_hint }) => {
-                    Err(ApiError::NotLeader {
-                        leader: leader_hint,
-                    })
-                }
-                Err(shards::raft::ProposeError::TransferInProgress { .. }) => {
-                    Err(ApiError::Unavailable)
-                }
-                Err(shards::raft::ProposeError::Backpressure { .. }) => Err(ApiError::Overloaded),
-            }
+            g.propose(command).map_err(|refused| match refused {
+                Refused::NotLeader { leader } => ApiError::NotLeader { leader },
+                Refused::Transferring => ApiError::Unavailable,
+                Refused::Backpressure => ApiError::Overloaded,
+            })
         };
         if proposed.is_ok() {
             // Proposals of this turn of the executor leave together (one Ready per group,
@@ -818,18 +746,15 @@ impl ShardCore {
             };
             // Already applied: committed if the entry there is still ours (callers read
             // `term` from the log in the same step, so it has not been compacted).
-            if g.applied >= index {
-                return if g.raft.entry_term(index) == Some(term) {
+            if let Some(committed) = g.outcome(index, term) {
+                return if committed {
                     Ok(())
                 } else {
                     Err(ApiError::CommitUnknown)
                 };
             }
             let (tx, rx) = oneshot::channel();
-            g.waiters
-                .entry(index)
-                .or_default()
-                .push(Waiter { term, tx });
+            g.wait(index, term, tx);
             rx
         };
         match with_timeout(self.request_timeout, rx).await {
@@ -848,8 +773,7 @@ impl ShardCore {
             let Some(g) = groups.get(&group) else {
                 return Err(ApiError::Unavailable);
             };
-            let last = g.raft.last_index();
-            (last, g.raft.entry_term(last).unwrap_or(0))
+            g.settle_point()
         };
         self.wait_commit(group, last.0, last.1).await
     }
@@ -1302,17 +1226,12 @@ impl ShardCore {
     /// Groups with a replica here that have had no leader for `LEADERLESS_AFTER` (or
     /// never had one since start).
     fn groups_without_leader(&self) -> Vec<u16> {
-        let now = Instant::now();
+        let ticks = LEADERLESS_AFTER.as_nanos() / self.raft_settings.tick.as_nanos().max(1);
         let mut out: Vec<u16> = self
             .groups
             .borrow()
             .iter()
-            .filter(|(_, g)| match g.leader_seen {
-                None => true,
-                Some(seen) => {
-                    g.raft.leader().is_none() && now.duration_since(seen) >= LEADERLESS_AFTER
-                }
-            })
+            .filter(|(_, g)| u128::from(g.ticks_without_leader()) >= ticks.max(1))
             .map(|(&id, _)| id)
             .collect();
         out.sort_unstable();
@@ -1409,41 +1328,6 @@ pub(super) fn sealed_run(cold: &[(u64, Cold)]) -> usize {
         n += 1;
     }
     n
-}
-
-/// Roughly the bytes a command takes in the log: a fixed part plus its variable-size
-/// fields.
-pub(crate) fn command_bytes(command: &Command) -> usize {
-    COMMAND_FIXED_BYTES
-        + match command {
-            Command::Append(e) => event_fields_bytes(e),
-            Command::CreateSession(c) => c.session_id.len() + c.metadata.len(),
-            Command::PatchSession(p) => p.session_id.len() + p.metadata.len(),
-            Command::SetArchived(a) => a.session_id.len(),
-            Command::ArchiveProgress(a) => a.sessions.iter().map(|p| p.session_id.len() + 16).sum(),
-            Command::Noop => 0,
-            Command::Meta(shards::entry::MetaRecord::Snapshot { state, .. }) => state.len(),
-            Command::Meta(_) => 0,
-        }
-}
-
-pub(crate) const COMMAND_FIXED_BYTES: usize = 64;
-
-/// `command_bytes` of an event.
-pub(crate) fn event_bytes(e: &shards::entry::AppendEntry) -> usize {
-    COMMAND_FIXED_BYTES + event_fields_bytes(e)
-}
-
-fn event_fields_bytes(e: &shards::entry::AppendEntry) -> usize {
-    e.session_id.len()
-        + e.event_type.len()
-        + e.payload.len()
-        + e.metadata.len()
-        + e.refs.len()
-        + e.actor.as_ref().map_or(0, String::len)
-        + e.source.as_ref().map_or(0, String::len)
-        + e.idempotency_key.as_ref().map_or(0, String::len)
-        + e.producer_id.as_ref().map_or(0, String::len)
 }
 
 fn append_error(e: AppendError) -> ApiError {

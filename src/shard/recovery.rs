@@ -18,13 +18,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use shards::entry::{Command, MetaRecord, REPAIR_TERM};
-use shards::raft::{Entry, HardState, Payload, SnapshotMeta};
+use shards::raft::{Entry, HardState, Payload};
 use shards::session::{GroupState, Limits};
 use shards::snapshot::ShardSnapshot;
 
-use super::{place_in_seal, Persisted, ShardSettings};
+use shards::replica::{Persisted, RecordLocation, Recovered};
+
+use super::{place_in_seal, ShardSettings};
 use crate::store::EventStore;
-use crate::wal::{RecordLocation, Replayed};
+use crate::wal::Replayed;
 
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot";
 
@@ -103,38 +105,28 @@ struct History {
 /// What replay hands back: each group, the event index, the segments sealed during
 /// replay with their index file bodies, and the repaired copies of events that are not
 /// indexed yet (their entries commit again once Raft restarts: apply them then).
-pub(super) type Recovered = (
+pub(super) type ReplayOutcome = (
     HashMap<u16, RecoveredGroup>,
     EventStore,
     Vec<(u64, Vec<u32>)>,
     Vec<(String, u64, RecordLocation)>,
 );
 
-/// One group as recovered.
+/// One group as recovered: the replica's start, and Raft's.
 pub(super) struct RecoveredGroup {
-    pub state: GroupState,
-    /// The last index the state holds, and its term.
-    pub applied: u64,
-    pub applied_term: u64,
-    pub checksum: u64,
+    pub recovered: Recovered,
     pub hard_state: HardState,
-    /// Log entries after `applied`, in index order (Raft's restored log).
+    /// Log entries after `recovered.applied`, in index order (Raft's restored log).
     pub entries: Vec<Entry<Command>>,
-    /// Where those entries are on disk.
-    pub persisted: BTreeMap<u64, Persisted>,
 }
 
 impl RecoveredGroup {
     /// A group with nothing on disk.
     pub fn fresh(limits: Limits) -> RecoveredGroup {
         RecoveredGroup {
-            state: GroupState::new(limits),
-            applied: 0,
-            applied_term: 0,
-            checksum: 0,
+            recovered: Recovered::fresh(limits),
             hard_state: HardState::default(),
             entries: Vec::new(),
-            persisted: BTreeMap::new(),
         }
     }
 }
@@ -365,7 +357,7 @@ impl Recovery {
     }
 
     /// Ends replay: indexes the events the states hold and hands back each group.
-    pub fn finish(mut self) -> Recovered {
+    pub fn finish(mut self) -> ReplayOutcome {
         let mut out = HashMap::new();
         let mut ids: Vec<u16> = self.groups.keys().copied().collect();
         ids.sort_unstable();
@@ -384,13 +376,15 @@ impl Recovery {
             out.insert(
                 id,
                 RecoveredGroup {
-                    state: g.state,
-                    applied: g.applied,
-                    applied_term: g.applied_term,
-                    checksum: g.checksum,
+                    recovered: Recovered {
+                        state: g.state,
+                        applied: g.applied,
+                        applied_term: g.applied_term,
+                        checksum: g.checksum,
+                        persisted,
+                    },
                     hard_state: g.hard_state,
                     entries: g.entries,
-                    persisted,
                 },
             );
         }
@@ -414,14 +408,6 @@ fn index_event(
 ) {
     if seq == store.last_seq(session) + 1 {
         store.insert_at(session, seq, loc.epoch, loc.offset, sealed, None);
-    }
-}
-
-/// The Raft snapshot a recovered group restarts from (what its state holds).
-pub(super) fn snapshot_meta(g: &RecoveredGroup) -> SnapshotMeta {
-    SnapshotMeta {
-        index: g.applied,
-        term: g.applied_term,
     }
 }
 
@@ -543,10 +529,10 @@ mod tests {
         let g = &groups[&G];
         assert_eq!(terms(g), vec![(1, 1), (2, 1), (3, 2)]);
         assert_eq!(
-            g.persisted.keys().copied().collect::<Vec<_>>(),
+            g.recovered.persisted.keys().copied().collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
-        assert_eq!(g.persisted[&3].term, 2);
+        assert_eq!(g.recovered.persisted[&3].term, 2);
         // Nothing is indexed before it commits.
         assert_eq!(store.last_seq("s"), 0);
     }
@@ -598,8 +584,15 @@ mod tests {
         f.record(4, 11, append("s", 3, "0"));
         let (groups, store, _, _) = f.recovery.finish();
         let g = &groups[&G];
-        assert_eq!((g.applied, g.applied_term, g.checksum), (10, 4, 77));
-        assert_eq!(g.state.view("s").unwrap().last_seq, 2);
+        assert_eq!(
+            (
+                g.recovered.applied,
+                g.recovered.applied_term,
+                g.recovered.checksum
+            ),
+            (10, 4, 77)
+        );
+        assert_eq!(g.recovered.state.view("s").unwrap().last_seq, 2);
         assert_eq!(terms(g), vec![(11, 4)]);
         assert_eq!(store.last_seq("s"), 2);
         assert_eq!(store.last_seq("stale"), 0);
@@ -638,7 +631,7 @@ mod tests {
         f.record(0, 0, append("s", 2, "0"));
         let (groups, store, _, _) = f.recovery.finish();
         assert_eq!(store.last_seq("s"), 0);
-        assert_eq!(groups[&G].applied, 0);
+        assert_eq!(groups[&G].recovered.applied, 0);
     }
 
     #[test]

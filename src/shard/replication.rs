@@ -16,38 +16,30 @@ use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use glommio::channels::local_channel::LocalReceiver;
-use shards::entry::{Command, LogRecord, MetaRecord};
+use shards::entry::{Command, LogRecord};
 use shards::forwarding::{Forwards, ReplyMatch};
-use shards::peer::{HeartbeatAck, HeartbeatItem, PeerFrame, RequestId};
-use shards::raft::{Body, Entry, Message, Payload, Ready, Role, SnapshotMeta};
+use shards::peer::{HeartbeatAck, HeartbeatItem, PeerFrame, RequestId, HEARTBEAT_ITEMS_MAX};
+use shards::raft::{Body, Entry, Message, Payload, Role, SnapshotMeta};
+use shards::replica::{hard_state_record, Durable, Persisted, Shell, Write};
 use shards::session::GroupState;
-use shards::snapshot::{fold_checksum, GroupTransfer};
+use shards::snapshot::GroupTransfer;
 use shards::storage::FileKind;
 use shards::validate::render_event;
 use shards::wire::{ClusterSettings, Handshake, WIRE_VERSION};
 
 use super::storage::STORAGE_RETRY_PERIOD;
-use super::{command_bytes, Group, Persisted, ShardCore, FORWARDED_IN_FLIGHT_MAX};
+use super::{command_bytes, ShardCore, FORWARDED_IN_FLIGHT_MAX};
 use crate::node::with_timeout;
 use crate::ops::{ApiError, Reply};
 use crate::transport::{shard_peer_addr, Incoming, Transport, TransportConfig};
 use crate::wal::{RecordLocation, Wal};
 
-/// Bytes of applied entries each group keeps in memory, at most (on top of the
-/// `--raft-log-entries` count): a follower further behind gets a snapshot.
-const RAFT_LOG_BYTES_PER_GROUP: u64 = 2 << 20;
-/// Bytes of applied entries a group keeps, at most, for a follower that is being sent a
-/// snapshot (the entries after the snapshot, which it needs next): past this the
-/// leader compacts anyway and the follower gets a newer snapshot.
-const RAFT_LOG_BYTES_FOR_SNAPSHOT_MAX: u64 = 16 << 20;
 /// Bytes of events one snapshot for a follower may carry, at most.
 const SNAPSHOT_TRANSFER_BYTES_MAX: usize = 512 << 20;
 /// Bound of one peer's send queue.
 const SEND_QUEUE_BYTES_MAX: usize = 64 << 20;
 /// In each shard dir: the data dir incarnation of every peer (`transport::incarnations`).
 const PEER_INCARNATIONS_FILE: &str = "peers.json";
-/// Frames' payload size we aim under (a heartbeat frame is split past it).
-const HEARTBEATS_PER_FRAME_MAX: usize = 4096;
 
 /// How this node reaches the others.
 #[derive(Debug, Clone)]
@@ -65,16 +57,12 @@ pub struct PeerSettings {
     pub data_incarnation: u64,
 }
 
-/// Log records of one Ready, and what to do once they are durable.
+/// Log records of one group's Ready (or of the shard's own upkeep), and what to do once
+/// they are durable (`shards::replica::Durable`).
 pub(super) struct WriteUnit {
     group: u16,
     records: Vec<LogRecord>,
-    /// The installed snapshot, reported persisted first.
-    snapshot: Option<SnapshotMeta>,
-    /// The last entry written, reported persisted.
-    last_entry: Option<(u64, u64)>,
-    /// Sent once durable.
-    messages: Vec<Message<Command>>,
+    durable: Durable,
 }
 
 impl WriteUnit {
@@ -84,10 +72,82 @@ impl WriteUnit {
         WriteUnit {
             group,
             records,
-            snapshot: None,
-            last_entry: None,
-            messages: Vec::new(),
+            durable: Durable::default(),
         }
+    }
+}
+
+/// What a group's replica asks of this shard (`shards::replica::Shell`) while one of
+/// its steps runs; the shard's groups are borrowed meanwhile.
+struct Effects<'a> {
+    core: &'a ShardCore,
+    group: u16,
+}
+
+impl Shell<oneshot::Sender<bool>> for Effects<'_> {
+    fn send(&mut self, msg: Message<Command>) {
+        self.core.queue_message(self.group, msg);
+    }
+
+    fn write(&mut self, write: Write) {
+        self.core.queue_unit(WriteUnit {
+            group: self.group,
+            records: write.records,
+            durable: write.durable,
+        });
+    }
+
+    /// A committed event becomes readable and its tails wake.
+    fn applied(&mut self, entry: &Entry<Command>, place: &Persisted) {
+        let Payload::Data(Command::Append(a)) = &entry.payload else {
+            return;
+        };
+        let mut store = self.core.store.borrow_mut();
+        let indexed = store.last_seq(&a.session_id);
+        if a.seq == indexed + 1 {
+            let text: Arc<str> = Arc::from(render_event(a));
+            let (epoch, offset) = (place.loc.epoch, place.loc.offset);
+            store.insert_at(
+                &a.session_id,
+                a.seq,
+                epoch,
+                offset,
+                place.sealed,
+                Some(text),
+            );
+        } else if a.seq > indexed + 1 {
+            panic!(
+                "fail-stop: event index has a gap: shard {} group {} session {} seq {} \
+                 committed at index {} while the index ends at seq {indexed}",
+                self.core.index, self.group, a.session_id, a.seq, entry.index
+            );
+        }
+        drop(store);
+        self.core.wake_tails(&a.session_id);
+    }
+
+    fn release(&mut self, waiter: oneshot::Sender<bool>, committed: bool) {
+        let _ = waiter.send(committed);
+    }
+
+    fn leadership(&mut self, leading: bool) {
+        let mut stats = self.core.stats.borrow_mut();
+        if leading {
+            stats.elections_won += 1;
+        } else {
+            stats.leaderships_lost += 1;
+        }
+    }
+
+    fn installed(&mut self, meta: SnapshotMeta, events: usize) {
+        tracing::info!(
+            shard = self.core.index,
+            group = self.group,
+            index = meta.index,
+            events,
+            "installing snapshot"
+        );
+        self.core.stats.borrow_mut().snapshots_installed += 1;
     }
 }
 
@@ -204,12 +264,8 @@ impl ShardCore {
                 let leading = {
                     let mut groups = self.groups.borrow_mut();
                     let g = groups.get_mut(&group).expect("listed");
-                    g.raft.tick();
-                    let leading = g.raft.role() == Role::Leader;
-                    if leading {
-                        g.leader_seen = Some(Instant::now());
-                    }
-                    leading
+                    g.tick();
+                    g.raft.role() == Role::Leader
                 };
                 self.process(group);
                 if leading {
@@ -257,11 +313,8 @@ impl ShardCore {
                 {
                     let mut groups = self.groups.borrow_mut();
                     let g = groups.get_mut(&group).expect("listed");
-                    g.raft.tick();
-                    if g.raft.leader().is_some() {
-                        g.leader_seen = Some(Instant::now());
-                    }
-                    compact(g, keep);
+                    g.tick();
+                    g.compact(keep);
                 }
                 self.process(group);
             }
@@ -310,102 +363,32 @@ impl ShardCore {
     /// carried over, which Raft already holds but the new log does not).
     pub(super) fn write_hard_states(&self, states: Vec<(u16, shards::raft::HardState)>) {
         for (group, h) in states {
-            self.queue_unit(WriteUnit {
+            self.queue_unit(WriteUnit::records_only(
                 group,
-                records: vec![hard_state_record(group, h)],
-                snapshot: None,
-                last_entry: None,
-                messages: Vec::new(),
-            });
+                vec![hard_state_record(group, h)],
+            ));
         }
     }
 
-    /// Takes and performs every Ready the group has.
+    /// Performs every Ready the group has (`shards::replica`), and starts building the
+    /// snapshots its followers need. A replica that must stop stops the process.
     pub(super) fn process(&self, group: u16) {
-        loop {
-            let mut groups = self.groups.borrow_mut();
-            let Some(g) = groups.get_mut(&group) else {
-                return;
-            };
-            if !g.raft.has_ready() {
-                return;
-            }
-            let ready = g.raft.ready();
-            self.perform(group, g, ready);
-        }
-    }
-
-    fn perform(&self, group: u16, g: &mut Group, ready: Ready<Command>) {
-        let mut became_leader = false;
-        if let Some(soft) = ready.soft_state {
-            if soft.role == Role::Leader && !g.leading {
-                became_leader = true;
-                self.stats.borrow_mut().elections_won += 1;
-            } else if soft.role != Role::Leader && g.leading {
-                g.leading = false;
-                g.state.discard_uncommitted();
-                fail_waiters(g);
-                self.stats.borrow_mut().leaderships_lost += 1;
-            }
-        }
-        for peer in ready.snapshot_requests {
-            if g.building_snapshot {
-                continue;
-            }
+        let mut groups = self.groups.borrow_mut();
+        let Some(g) = groups.get_mut(&group) else {
+            return;
+        };
+        let snapshot_for = match g.step(&mut Effects { core: self, group }) {
+            Ok(peers) => peers,
+            Err(stop) => panic!("fail-stop: shard {} group {group}: {stop}", self.index),
+        };
+        for peer in snapshot_for {
             match self.peers.borrow().me.upgrade() {
                 Some(me) => {
-                    g.building_snapshot = true;
                     glommio::spawn_local(me.build_snapshot(group, peer)).detach();
                 }
-                None => g.raft.snapshot_failed(peer),
-            }
-        }
-        for msg in ready.messages {
-            self.queue_message(group, msg);
-        }
-        let mut unit = WriteUnit {
-            group,
-            records: Vec::new(),
-            snapshot: None,
-            last_entry: None,
-            messages: ready.persisted_messages,
-        };
-        if let Some((meta, data)) = ready.snapshot_to_install {
-            self.install_snapshot(group, g, meta, &data, &mut unit);
-        }
-        for e in ready.entries_to_persist {
-            unit.last_entry = Some((e.index, e.term));
-            unit.records.push(LogRecord {
-                group,
-                term: e.term,
-                index: e.index,
-                command: match e.payload {
-                    Payload::Noop => Command::Noop,
-                    Payload::Data(command) => command,
-                },
-            });
-        }
-        if let Some(h) = ready.hard_state {
-            unit.records.push(hard_state_record(group, h));
-        }
-        if !unit.records.is_empty() || !unit.messages.is_empty() || unit.snapshot.is_some() {
-            self.queue_unit(unit);
-        }
-        for e in ready.committed_entries {
-            self.apply_committed(group, g, e);
-        }
-        if became_leader {
-            // Decide from now on against the committed state plus the log's uncommitted
-            // suffix (entries of earlier terms this leader will commit).
-            g.leading = true;
-            g.state.discard_uncommitted();
-            for index in g.applied + 1..=g.raft.last_index() {
-                if let Some(Entry {
-                    payload: Payload::Data(command),
-                    ..
-                }) = g.raft.entry(index)
-                {
-                    g.state.apply(command);
+                None => {
+                    g.building_snapshot = false;
+                    g.raft.snapshot_failed(peer);
                 }
             }
         }
@@ -420,130 +403,12 @@ impl ShardCore {
         let _ = self.wake_committer.try_send(());
     }
 
-    /// A committed entry joins the committed state; its event becomes readable, tails
-    /// wake, and the request that proposed it is answered.
-    fn apply_committed(&self, group: u16, g: &mut Group, e: Entry<Command>) {
-        if e.index <= g.applied {
-            return; // a snapshot already covers it
-        }
-        let stale = g.persisted.split_off(&e.index);
-        g.persisted = stale;
-        let persisted = g.persisted.remove(&e.index);
-        let persisted = match persisted {
-            Some(p) if p.term == e.term => Some(p),
-            _ => {
-                tracing::error!(
-                    shard = self.index,
-                    group,
-                    index = e.index,
-                    "committed entry has no log location"
-                );
-                None
-            }
-        };
-        g.checksum = fold_checksum(g.checksum, persisted.map_or(0, |p| p.crc));
-        if let Payload::Data(command) = &e.payload {
-            g.state.commit(command);
-            g.retained_bytes += command_bytes(command) as u64;
-            if let (Command::Append(a), Some(p)) = (command, persisted) {
-                let mut store = self.store.borrow_mut();
-                let indexed = store.last_seq(&a.session_id);
-                if a.seq == indexed + 1 {
-                    let text: Arc<str> = Arc::from(render_event(a));
-                    let (epoch, offset) = (p.loc.epoch, p.loc.offset);
-                    store.insert_at(&a.session_id, a.seq, epoch, offset, p.sealed, Some(text));
-                } else if a.seq > indexed + 1 {
-                    tracing::error!(
-                        shard = self.index,
-                        group,
-                        session = %a.session_id,
-                        seq = a.seq,
-                        indexed,
-                        "event index has a gap"
-                    );
-                }
-                drop(store);
-                self.wake_tails(&a.session_id);
-            }
-        }
-        g.applied = e.index;
-        g.applied_term = e.term;
-        let later = g.waiters.split_off(&(e.index + 1));
-        let released = std::mem::replace(&mut g.waiters, later);
-        for (index, waiters) in released {
-            for w in waiters {
-                let _ = w.tx.send(index == e.index && w.term == e.term);
-            }
-        }
-    }
-
     pub(super) fn wake_tails(&self, session: &str) {
         if let Some(waiters) = self.tail_waiters.borrow_mut().remove(session) {
             for tx in waiters {
                 let _ = tx.send(());
             }
         }
-    }
-
-    /// A follower takes the leader's snapshot: its state at once, and the records that
-    /// make it durable (the group's history, then the snapshot record).
-    fn install_snapshot(
-        &self,
-        group: u16,
-        g: &mut Group,
-        meta: SnapshotMeta,
-        data: &[u8],
-        unit: &mut WriteUnit,
-    ) {
-        let transfer = match GroupTransfer::decode(data) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(shard = self.index, group, error = %e, "snapshot refused");
-                return;
-            }
-        };
-        let state = match GroupState::decode_snapshot(&transfer.state, self.limits) {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::error!(shard = self.index, group, error = %e, "snapshot state refused");
-                return;
-            }
-        };
-        tracing::info!(
-            shard = self.index,
-            group,
-            index = meta.index,
-            events = transfer.events.len(),
-            "installing snapshot"
-        );
-        g.state = state;
-        g.applied = meta.index;
-        g.applied_term = meta.term;
-        g.checksum = transfer.checksum;
-        g.persisted.clear();
-        g.leading = false;
-        fail_waiters(g);
-        for e in transfer.events {
-            unit.records.push(LogRecord {
-                group,
-                term: 0,
-                index: 0,
-                command: Command::Append(e),
-            });
-        }
-        unit.records.push(LogRecord {
-            group,
-            term: meta.term,
-            index: 0,
-            command: Command::Meta(MetaRecord::Snapshot {
-                index: meta.index,
-                term: meta.term,
-                checksum: transfer.checksum,
-                state: transfer.state,
-            }),
-        });
-        unit.snapshot = Some(meta);
-        self.stats.borrow_mut().snapshots_installed += 1;
     }
 
     /// Leader: reads the group's state and history and hands them to Raft for `peer`.
@@ -712,23 +577,9 @@ impl ShardCore {
     /// event (snapshot install) is indexed at once.
     fn on_record_durable(&self, record: &LogRecord, loc: RecordLocation, crc: u32) {
         if record.index > 0 {
-            let mut groups = self.groups.borrow_mut();
-            let Some(g) = groups.get_mut(&record.group) else {
-                return;
-            };
-            if record.index <= g.applied {
-                return;
+            if let Some(g) = self.groups.borrow_mut().get_mut(&record.group) {
+                g.entry_durable(record.index, record.term, loc, crc);
             }
-            g.persisted.split_off(&record.index);
-            g.persisted.insert(
-                record.index,
-                Persisted {
-                    term: record.term,
-                    loc,
-                    crc,
-                    sealed: None,
-                },
-            );
             return;
         }
         if let Command::Append(e) = &record.command {
@@ -752,22 +603,18 @@ impl ShardCore {
     }
 
     fn complete_unit(&self, unit: WriteUnit) {
+        let group = unit.group;
         {
             let mut groups = self.groups.borrow_mut();
-            if let Some(g) = groups.get_mut(&unit.group) {
-                if let Some(meta) = unit.snapshot {
-                    g.raft.on_persisted(meta.index, meta.term);
+            if let Some(g) = groups.get_mut(&group) {
+                let installed = unit.durable.snapshot.is_some();
+                g.durable(unit.durable, &mut Effects { core: self, group });
+                if installed {
                     rebase_missing(&mut self.store.borrow_mut(), &g.state);
-                }
-                if let Some((index, term)) = unit.last_entry {
-                    g.raft.on_persisted(index, term);
                 }
             }
         }
-        for msg in unit.messages {
-            self.queue_message(unit.group, msg);
-        }
-        self.process(unit.group);
+        self.process(group);
     }
 
     /// Seals segment `epoch`: its index file lists the committed events' offsets, then
@@ -938,14 +785,14 @@ impl ShardCore {
         let mut dropped = 0u64;
         for (to, outbox) in outboxes {
             let mut frames = outbox.frames;
-            for items in outbox.heartbeats.chunks(HEARTBEATS_PER_FRAME_MAX) {
+            for items in outbox.heartbeats.chunks(HEARTBEAT_ITEMS_MAX) {
                 frames.push(PeerFrame::Heartbeats {
                     from: self.node_id,
                     to,
                     items: items.to_vec(),
                 });
             }
-            for items in outbox.acks.chunks(HEARTBEATS_PER_FRAME_MAX) {
+            for items in outbox.acks.chunks(HEARTBEAT_ITEMS_MAX) {
                 frames.push(PeerFrame::HeartbeatAcks {
                     from: self.node_id,
                     to,
@@ -1202,19 +1049,6 @@ impl ShardCore {
 }
 
 /// The log record of a group's hard state (index 0: not an entry).
-fn hard_state_record(group: u16, h: shards::raft::HardState) -> LogRecord {
-    LogRecord {
-        group,
-        term: h.term,
-        index: 0,
-        command: Command::Meta(MetaRecord::HardState {
-            term: h.term,
-            vote: h.vote.unwrap_or(0),
-            commit: h.commit,
-        }),
-    }
-}
-
 /// After a snapshot's history is indexed: a session whose events the leader no longer
 /// had (retention) restarts its local history after its head.
 pub(super) fn rebase_missing(store: &mut crate::store::EventStore, state: &GroupState) {
@@ -1227,51 +1061,4 @@ pub(super) fn rebase_missing(store: &mut crate::store::EventStore, state: &Group
 
 fn events_bytes(events: &[shards::entry::AppendEntry]) -> usize {
     events.iter().map(super::event_bytes).sum()
-}
-
-/// Every request waiting on this group learns its outcome is unknown.
-fn fail_waiters(g: &mut Group) {
-    for (_, waiters) in std::mem::take(&mut g.waiters) {
-        for w in waiters {
-            let _ = w.tx.send(false);
-        }
-    }
-}
-
-/// Drops applied Raft entries beyond the `keep` most recent (they stay in the log
-/// files; a follower that needs them gets a snapshot).
-/// Applied entries are dropped from memory past `keep` entries or
-/// `RAFT_LOG_BYTES_PER_GROUP` bytes (a little hysteresis on the count, so compaction is
-/// not a per-entry cost).
-fn compact(g: &mut Group, keep: u64) {
-    let first = g.raft.snapshot_index();
-    let over_count = g.applied > first + keep + keep / 8;
-    let over_bytes = g.retained_bytes > RAFT_LOG_BYTES_PER_GROUP;
-    if g.building_snapshot || !(over_count || over_bytes) {
-        return;
-    }
-    // A follower being sent a snapshot needs the entries after it once installed.
-    let limit = match g.raft.snapshot_in_flight_index() {
-        Some(sending) if g.retained_bytes <= RAFT_LOG_BYTES_FOR_SNAPSHOT_MAX => {
-            sending.min(g.applied)
-        }
-        _ => g.applied,
-    };
-    let mut index = first;
-    let mut bytes = g.retained_bytes;
-    while index < limit && (g.applied - index > keep || bytes > RAFT_LOG_BYTES_PER_GROUP / 2) {
-        index += 1;
-        if let Some(Entry {
-            payload: Payload::Data(command),
-            ..
-        }) = g.raft.entry(index)
-        {
-            bytes = bytes.saturating_sub(command_bytes(command) as u64);
-        }
-    }
-    if let Some(term) = g.raft.entry_term(index) {
-        if g.raft.compact(SnapshotMeta { index, term }).is_ok() {
-            g.retained_bytes = bytes;
-        }
-    }
 }

@@ -1,21 +1,25 @@
 //! The simulated cluster: nodes, their shell, network, disk and clients.
 //!
-//! The shell does what `shards::raft`'s module docs ask of a `Ready`: send `messages`
-//! at once; queue the writes on the shard's disk (all groups of a shard share one write
-//! queue, completed in order by one "fsync"); once durable call `on_persisted` and send
-//! `persisted_messages`; commit `committed_entries` into the `GroupState` in order;
-//! answer `snapshot_requests` with the last compaction snapshot. Leaders decide client
-//! requests with `GroupState::decide_*`, `propose` + `apply`, and answer a client only
-//! when its entry comes out of `committed_entries` (an acknowledgement = committed).
+//! Every replica is the server's own `shards::replica::Replica`: this file is only
+//! the shell around it (what `src/shard/` is in the server). It sends what the replica
+//! sends (over a lossy, reordering, duplicating network), queues its writes on the
+//! shard's disk (all groups of a shard share one write queue, completed in order by one
+//! "fsync"), reports them durable, answers `snapshot_for` with the last compaction
+//! snapshot, and turns released waiters into client replies. Leaders decide client
+//! requests with `GroupState::decide_*` and `Replica::propose`, and answer a client
+//! only when the replica releases its waiter (an acknowledgement = committed).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use shards::entry::Command;
+use shards::codec::record_crc;
+use shards::entry::{Command, LogRecord, MetaRecord};
 use shards::raft::{
-    Body, Config, Entry, HardState, Message, NodeId, Payload, PlantedBugs, RaftNode, Ready,
-    Restored, Role, SnapshotMeta,
+    Body, Config, Entry, HardState, Message, NodeId, Payload, PlantedBugs, RaftNode, Restored,
+    Role, SnapshotMeta,
 };
+use shards::replica::{self, Durable, Persisted, RecordLocation, Recovered, Shell, Stop, Write};
 use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits};
+use shards::snapshot::GroupTransfer;
 use shards::validate::{self, NewEvent, NewSession};
 
 use super::check::{Ack, Checker};
@@ -27,12 +31,15 @@ use super::{Rng, TraceHash};
 pub struct Bugs {
     /// Raft knob: a leader commits an entry of an earlier term by counting replicas.
     pub previous_term_commit: bool,
-    /// Shell bug: a write counts as durable (on_persisted, votes and acks sent) as soon
-    /// as it is issued, while the disk still loses it on a crash.
+    /// Replica bug: a write counts as durable (on_persisted, votes and acks sent) as
+    /// soon as it is issued, while the disk still loses it on a crash.
     pub ack_before_persist: bool,
-    /// Shell bug: a node that becomes leader rebuilds its session state from a snapshot
-    /// without the dedupe windows (idempotency keys forgotten after failover).
+    /// Replica bug: a node that becomes leader rebuilds its session state from a
+    /// snapshot without the dedupe windows (idempotency keys forgotten after failover).
     pub forgotten_dedupe: bool,
+    /// Replica bug: a snapshot from the leader that does not decode is acknowledged as
+    /// installed (the old state kept) instead of stopping the replica.
+    pub ack_bad_snapshot: bool,
     /// Raft knob: a rebuilt node (wiped data dir) votes while it is catching up, so it
     /// can help elect a leader that lacks entries only it had acknowledged.
     pub vote_while_catching_up: bool,
@@ -84,6 +91,10 @@ pub struct Coverage {
     /// Disks wiped and rebuilt (`starcite serve --rebuild`, with or without the term
     /// and vote).
     pub rebuilds: u64,
+    /// Snapshots damaged on their way (content changed, frame crc intact).
+    pub snapshots_corrupted: u64,
+    /// Replicas that stopped (fail-stop) on a snapshot that does not decode.
+    pub fail_stops: u64,
 }
 
 impl Coverage {
@@ -104,6 +115,8 @@ impl Coverage {
         self.messages += o.messages;
         self.commits += o.commits;
         self.rebuilds += o.rebuilds;
+        self.snapshots_corrupted += o.snapshots_corrupted;
+        self.fail_stops += o.fail_stops;
     }
 }
 
@@ -126,6 +139,9 @@ pub struct Params {
     pub duplicate_percent: u64,
     pub delay_rounds_max: u64,
     pub persist_rounds_max: u64,
+    /// Snapshots sent with one byte of their content changed (a fault the transport's
+    /// crc does not see: memory, the leader's disk).
+    pub corrupt_snapshot_percent: u64,
     pub rounds_per_tick: u64,
     pub compact_after: u64,
     pub client_timeout_ticks: u64,
@@ -136,17 +152,18 @@ pub struct Params {
 struct GroupDisk {
     hard: HardState,
     snap: SnapshotMeta,
+    /// The compaction snapshot: the group's state and rolling checksum at `snap`.
     snap_data: Vec<u8>,
-    log: Vec<Entry<Command>>,
+    snap_checksum: u64,
+    /// Entries after `snap`, each with the crc32 of its record.
+    log: Vec<(Entry<Command>, u32)>,
 }
 
 struct PendingWrite {
     done_at: u64,
     group: u16,
-    snapshot: Option<(SnapshotMeta, Vec<u8>)>,
-    entries: Vec<Entry<Command>>,
-    hard: Option<HardState>,
-    messages: Vec<Message<Command>>,
+    records: Vec<LogRecord>,
+    durable: Durable,
 }
 
 #[derive(Default)]
@@ -155,41 +172,67 @@ struct ShardDisk {
     last_done_at: u64,
 }
 
+/// A client request waiting for its entry (or, when decided against in-flight entries,
+/// the log's last entry) to commit: `reply` is sent if it does.
 #[derive(Debug, Clone)]
-enum WaitFor {
-    /// The entry this leader proposed at (index, term).
-    /// `seq` None: a create.
-    Entry {
-        index: u64,
-        term: u64,
-        seq: Option<u64>,
-    },
-    /// A deduped request whose original (seq) is still in flight.
-    Seq { session: String, seq: u64 },
-    /// A create whose session exists in flight.
-    Created { session: String },
-}
-
-#[derive(Debug, Clone)]
-struct Waiter {
+pub(super) struct Waiter {
     client: usize,
     request: u64,
-    deduped: bool,
-    wait: WaitFor,
+    reply: Reply,
 }
 
+/// What a replica asked for during one step, handled in order once it returns (the
+/// cluster is not borrowable while the replica is).
+enum Effect {
+    Send(Message<Command>),
+    Write(Write),
+    Applied(Entry<Command>),
+    Release(Waiter, bool),
+    Leadership(bool),
+}
+
+#[derive(Default)]
+struct Effects(Vec<Effect>);
+
+impl Shell<Waiter> for Effects {
+    fn send(&mut self, msg: Message<Command>) {
+        self.0.push(Effect::Send(msg));
+    }
+    fn write(&mut self, write: Write) {
+        self.0.push(Effect::Write(write));
+    }
+    fn applied(&mut self, entry: &Entry<Command>, _place: &Persisted) {
+        self.0.push(Effect::Applied(entry.clone()));
+    }
+    fn release(&mut self, waiter: Waiter, committed: bool) {
+        self.0.push(Effect::Release(waiter, committed));
+    }
+    fn leadership(&mut self, leading: bool) {
+        self.0.push(Effect::Leadership(leading));
+    }
+}
+
+/// One replica: the server's replica type, the shell's copy of its log (for the
+/// checks) and its disk.
 pub(super) struct Replica {
-    pub group: u16,
-    pub raft: RaftNode<Command>,
-    pub gs: GroupState,
-    /// Last index committed into `gs`.
-    pub applied: u64,
+    pub core: replica::Replica<Waiter>,
     /// The shell's copy of the in-memory log: entries after `shadow_snap.index`.
     pub shadow_snap: SnapshotMeta,
     pub shadow: Vec<Entry<Command>>,
     disk: GroupDisk,
-    pub leader: bool,
-    waiters: Vec<Waiter>,
+}
+
+impl std::ops::Deref for Replica {
+    type Target = replica::Replica<Waiter>;
+    fn deref(&self) -> &Self::Target {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for Replica {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.core
+    }
 }
 
 impl Replica {
@@ -229,13 +272,21 @@ struct Request {
 }
 
 #[derive(Debug, Clone)]
-enum Reply {
-    Acked { seq: u64, deduped: bool },
+pub(super) enum Reply {
+    Acked {
+        seq: u64,
+        deduped: bool,
+    },
     Created,
     NotLeader(Option<NodeId>),
-    Conflict { current_seq: u64 },
+    Conflict {
+        current_seq: u64,
+    },
     NotFound,
     Unavailable,
+    /// The outcome is unknown (the entry was replaced, leadership was lost): like a
+    /// timeout to the client.
+    Unknown,
 }
 
 struct Client {
@@ -301,6 +352,29 @@ pub(super) struct Cluster {
     /// (messages still in flight from it are dropped).
     pub fig8_cut_on_commit: Option<(u16, NodeId)>,
     crash_at: Option<(u64, NodeId)>,
+    /// Nodes that stopped (fail-stop) and the tick their supervisor starts them again.
+    supervised: Vec<(u64, NodeId)>,
+}
+
+/// Where the simulated disk "wrote" an entry (the replica only keeps it until the entry
+/// commits; the server's is a segment and offset).
+fn location(index: u64) -> RecordLocation {
+    RecordLocation {
+        epoch: 1,
+        offset: index as u32,
+    }
+}
+
+/// The Raft entry an entry record holds.
+fn entry_of(rec: &LogRecord) -> Entry<Command> {
+    Entry {
+        term: rec.term,
+        index: rec.index,
+        payload: match &rec.command {
+            Command::Noop => Payload::Noop,
+            command => Payload::Data(command.clone()),
+        },
+    }
 }
 
 fn shard_of(group: u16, shards: usize) -> usize {
@@ -346,6 +420,7 @@ impl Cluster {
             duplicate_percent: rng.range(0, 5),
             delay_rounds_max: rng.range(1, 6),
             persist_rounds_max: rng.range(0, 6),
+            corrupt_snapshot_percent: if rng.chance(30) { rng.range(5, 50) } else { 0 },
             rounds_per_tick: 4,
             compact_after: rng.range(4, 48),
             client_timeout_ticks: rng.range(15, 40),
@@ -392,29 +467,26 @@ impl Cluster {
             fig8_crashed: false,
             fig8_cut_on_commit: None,
             crash_at: None,
+            supervised: Vec::new(),
         };
         for &id in &ids {
             let mut replicas = BTreeMap::new();
             for &g in &groups {
                 if cluster.voters[&g].contains(&id) {
-                    let raft = cluster.new_raft(id, g, 0, None);
+                    let core = cluster.new_replica(id, g, 0, None, Recovered::fresh(limits));
                     replicas.insert(
                         g,
                         Replica {
-                            group: g,
-                            raft,
-                            gs: GroupState::new(limits),
-                            applied: 0,
+                            core,
                             shadow_snap: SnapshotMeta::default(),
                             shadow: Vec::new(),
                             disk: GroupDisk {
                                 hard: HardState::default(),
                                 snap: SnapshotMeta::default(),
                                 snap_data: Vec::new(),
+                                snap_checksum: 0,
                                 log: Vec::new(),
                             },
-                            leader: false,
-                            waiters: Vec::new(),
                         },
                     );
                 }
@@ -452,13 +524,16 @@ impl Cluster {
         cluster
     }
 
-    fn new_raft(
+    /// A replica of `group` on node `id` (the server's type), with Raft restored from
+    /// the same disk as `recovered`.
+    fn new_replica(
         &self,
         id: NodeId,
         group: u16,
         restarts: u64,
         restored: Option<Restored<Command>>,
-    ) -> RaftNode<Command> {
+        recovered: Recovered,
+    ) -> replica::Replica<Waiter> {
         let seed = mix(self.seed, (group as u64) << 32 | id << 16 | restarts);
         let mut raft = RaftNode::new(
             self.params.raft.clone(),
@@ -467,11 +542,29 @@ impl Cluster {
             seed,
             restored,
         );
+        let bugs = self.options.bugs;
         raft.plant_bugs(PlantedBugs {
-            commit_previous_term: self.options.bugs.previous_term_commit,
-            vote_while_catching_up: self.options.bugs.vote_while_catching_up,
+            commit_previous_term: bugs.previous_term_commit,
+            vote_while_catching_up: bugs.vote_while_catching_up,
         });
-        raft
+        if let Some(lost_hard_state) = self.node_rebuilding(id) {
+            raft = raft.catch_up(lost_hard_state);
+        }
+        let mut core = replica::Replica::new(group, raft, recovered, self.limits);
+        core.plant_bugs(replica::PlantedBugs {
+            ack_before_persist: bugs.ack_before_persist,
+            ack_bad_snapshot: bugs.ack_bad_snapshot,
+            forgotten_dedupe: bugs.forgotten_dedupe,
+        });
+        core
+    }
+
+    /// The node's rebuild marker (none while the cluster is being built).
+    fn node_rebuilding(&self, id: NodeId) -> Option<bool> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.rebuilding)
     }
 
     pub fn random_voter(&mut self, group: u16) -> NodeId {
@@ -575,6 +668,7 @@ impl Cluster {
     pub fn run_wipe_scenario(mut self, lose_hard_state: bool) -> Result<Report, String> {
         self.loss_percent = 0;
         self.params.duplicate_percent = 0;
+        self.params.corrupt_snapshot_percent = 0;
         for _ in 0..80 {
             self.tick_once().map_err(|e| self.failure(&e))?;
         }
@@ -677,6 +771,7 @@ impl Cluster {
         self.cut.clear();
         self.loss_percent = 0;
         self.params.duplicate_percent = 0;
+        self.params.corrupt_snapshot_percent = 0;
         let down: Vec<NodeId> = self.nodes.iter().filter(|n| !n.up).map(|n| n.id).collect();
         for id in down {
             self.restart(id);
@@ -692,7 +787,7 @@ impl Cluster {
                 if r.applied != len || r.raft.commit_index() != len {
                     return false;
                 }
-                snapshots.push(r.gs.encode_snapshot());
+                snapshots.push(r.state.encode_snapshot());
             }
             if snapshots.windows(2).any(|w| w[0] != w[1]) {
                 return false;
@@ -722,7 +817,7 @@ impl Cluster {
             }
             let mut first: Option<(NodeId, Vec<u8>)> = None;
             for &v in &self.voters[&g] {
-                let bytes = self.node(v).replicas[&g].gs.encode_snapshot();
+                let bytes = self.node(v).replicas[&g].state.encode_snapshot();
                 match &first {
                     None => first = Some((v, bytes)),
                     Some((w, b)) if *b != bytes => {
@@ -741,6 +836,17 @@ impl Cluster {
     pub fn tick_once(&mut self) -> Result<(), String> {
         self.tick += 1;
         self.trace.add(0xF00D ^ self.tick);
+        let tick = self.tick;
+        let due: Vec<NodeId> = self
+            .supervised
+            .iter()
+            .filter(|&&(at, _)| at <= tick)
+            .map(|&(_, id)| id)
+            .collect();
+        self.supervised.retain(|&(at, _)| at > tick);
+        for id in due {
+            self.restart(id);
+        }
         self.clients_step()?;
         let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
         for id in ids {
@@ -749,7 +855,7 @@ impl Cluster {
             }
             let groups: Vec<u16> = self.node(id).replicas.keys().copied().collect();
             for g in groups {
-                self.rep(id, g).raft.tick();
+                self.rep(id, g).core.tick();
                 self.process(id, g)?;
             }
             self.maybe_compact(id)?;
@@ -843,6 +949,16 @@ impl Cluster {
         if self.cut.contains(&(msg.from, msg.to)) || self.rng.chance(self.loss_percent) {
             return;
         }
+        let mut msg = msg;
+        if let Body::InstallSnapshot { data, .. } = &mut msg.body {
+            if !data.is_empty() && self.rng.chance(self.params.corrupt_snapshot_percent) {
+                // One byte of the snapshot changes on its way, in a way the transport's
+                // frame crc does not see (the sender's memory or disk).
+                let at = self.rng.below(data.len() as u64) as usize;
+                data[at] ^= 0x20;
+                self.cov.snapshots_corrupted += 1;
+            }
+        }
         let copies = if self.rng.chance(self.params.duplicate_percent) {
             2
         } else {
@@ -908,12 +1024,8 @@ impl Cluster {
             }
             self.node_mut(id).disks[shard].last_done_at = 0;
         }
-        let node = self.node_mut(id);
-        node.up = false;
-        for r in node.replicas.values_mut() {
-            r.waiters.clear();
-            r.leader = false;
-        }
+        // The process is gone: its replicas (and the requests they held) with it.
+        self.node_mut(id).up = false;
         self.flights.retain(|f| f.msg.to != id);
     }
 
@@ -928,43 +1040,49 @@ impl Cluster {
         let restarts = self.node(id).restarts;
         let groups: Vec<u16> = self.node(id).replicas.keys().copied().collect();
         for g in groups {
-            let (restored, snap_data) = {
+            let (restored, recovered) = {
                 let d = &self.node(id).replicas[&g].disk;
-                let entries: Vec<Entry<Command>> = d
+                let entries: Vec<Entry<Command>> = d.log.iter().map(|(e, _)| e.clone()).collect();
+                let persisted = d
                     .log
                     .iter()
-                    .filter(|e| e.index > d.snap.index)
-                    .cloned()
+                    .map(|(e, crc)| {
+                        let place = Persisted {
+                            term: e.term,
+                            loc: location(e.index),
+                            crc: *crc,
+                            sealed: None,
+                        };
+                        (e.index, place)
+                    })
                     .collect();
-                (
-                    Restored {
-                        hard_state: d.hard,
-                        snapshot: d.snap,
-                        entries,
-                    },
-                    d.snap_data.clone(),
-                )
-            };
-            let gs = if restored.snapshot.index == 0 {
-                GroupState::new(self.limits)
-            } else {
-                GroupState::decode_snapshot(&snap_data, self.limits)
-                    .expect("stored snapshot decodes")
+                let state = if d.snap.index == 0 {
+                    GroupState::new(self.limits)
+                } else {
+                    GroupState::decode_snapshot(&d.snap_data, self.limits)
+                        .expect("stored snapshot decodes")
+                };
+                let recovered = Recovered {
+                    state,
+                    applied: d.snap.index,
+                    applied_term: d.snap.term,
+                    checksum: d.snap_checksum,
+                    persisted,
+                };
+                let restored = Restored {
+                    hard_state: d.hard,
+                    snapshot: d.snap,
+                    entries,
+                };
+                (restored, recovered)
             };
             let snap = restored.snapshot;
             let shadow = restored.entries.clone();
-            let mut raft = self.new_raft(id, g, restarts, Some(restored));
-            if let Some(lost_hard_state) = self.node(id).rebuilding {
-                raft = raft.catch_up(lost_hard_state);
-            }
+            let core = self.new_replica(id, g, restarts, Some(restored), recovered);
             let r = self.rep(id, g);
-            r.raft = raft;
-            r.gs = gs;
-            r.applied = snap.index;
+            r.core = core;
             r.shadow_snap = snap;
             r.shadow = shadow;
-            r.leader = false;
-            r.waiters.clear();
         }
         self.node_mut(id).up = true;
     }
@@ -993,6 +1111,7 @@ impl Cluster {
             };
             d.snap = SnapshotMeta::default();
             d.snap_data.clear();
+            d.snap_checksum = 0;
             d.log.clear();
         }
         self.restart(id);
@@ -1026,25 +1145,46 @@ impl Cluster {
 
     // ---- the shell ----
 
+    /// Steps the replica until it has nothing more to do, and carries out what it asks.
+    /// A replica that stops on a snapshot that does not decode takes its node down
+    /// (fail-stop, as the server's process); any other stop fails the run.
     fn process(&mut self, id: NodeId, group: u16) -> Result<(), String> {
-        while self.node(id).up && self.node(id).replicas[&group].raft.has_ready() {
-            let ready = self.rep(id, group).raft.ready();
-            self.perform(id, group, ready)?;
+        while self.node(id).up {
+            let mut effects = Effects::default();
+            let stepped = self.rep(id, group).core.step(&mut effects);
+            let snapshot_for = match stepped {
+                Ok(peers) => peers,
+                Err(Stop::BadSnapshot(e)) => {
+                    self.cov.fail_stops += 1;
+                    self.note(|| format!("node {id} stops: {e}"));
+                    self.crash(id);
+                    // Its supervisor starts it again a little later.
+                    let at = self.tick + 1 + self.rng.below(10);
+                    self.supervised.push((at, id));
+                    return Ok(());
+                }
+                Err(stop) => return Err(format!("node {id}: {stop}")),
+            };
+            for effect in effects.0 {
+                self.carry_out(id, group, effect)?;
+            }
+            for peer in snapshot_for {
+                self.send_snapshot(id, group, peer);
+            }
+            if !self.node(id).up || !self.node(id).replicas[&group].raft.has_ready() {
+                return Ok(());
+            }
         }
         Ok(())
     }
 
-    fn perform(&mut self, id: NodeId, g: u16, ready: Ready<Command>) -> Result<(), String> {
-        let mut became_leader = false;
-        if let Some(soft) = ready.soft_state {
-            self.trace
-                .add(0x50F7 ^ soft.term ^ ((soft.role as u64) << 40) ^ (id << 48));
-            let was_leader = self.node(id).replicas[&g].leader;
-            if soft.role == Role::Leader && !was_leader {
-                became_leader = true;
+    fn carry_out(&mut self, id: NodeId, g: u16, effect: Effect) -> Result<(), String> {
+        match effect {
+            Effect::Leadership(true) => {
+                let term = self.node(id).replicas[&g].raft.term();
+                self.trace.add(0x50F7 ^ term ^ (id << 48));
                 self.cov.elections += 1;
-                self.note(|| format!("node {id} leads group {g} in term {}", soft.term));
-                self.rep(id, g).leader = true;
+                self.note(|| format!("node {id} leads group {g} in term {term}"));
                 if let Some((fg, except)) = self.fig8_isolate_next {
                     if fg == g && id != except {
                         // Before this Ready's messages leave: its entries stay its own.
@@ -1064,168 +1204,123 @@ impl Cluster {
                         self.fig8_crash_next = None;
                     }
                 }
-            } else if soft.role != Role::Leader && was_leader {
+            }
+            Effect::Leadership(false) => {
+                let term = self.node(id).replicas[&g].raft.term();
+                self.trace.add(0x1055 ^ term ^ (id << 48));
                 self.cov.leader_losses += 1;
-                self.note(|| format!("node {id} loses group {g} in term {}", soft.term));
+                self.note(|| format!("node {id} loses group {g} in term {term}"));
+            }
+            Effect::Send(msg) => self.send(g, msg),
+            Effect::Write(write) => self.queue_write(id, g, write)?,
+            Effect::Applied(e) => self.commit_entry(id, g, e)?,
+            Effect::Release(w, committed) => {
+                let reply = if committed { w.reply } else { Reply::Unknown };
+                self.send_client(ClientFlight::Reply {
+                    client: w.client,
+                    request: w.request,
+                    reply,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A write of the replica: the shell's copy of the log follows it at once (what the
+    /// replica's Raft log holds), the disk gets it after a random delay, in order.
+    fn queue_write(&mut self, id: NodeId, g: u16, write: Write) -> Result<(), String> {
+        for rec in &write.records {
+            if let Command::Meta(MetaRecord::Snapshot {
+                index, term, state, ..
+            }) = &rec.command
+            {
+                self.cov.snapshot_installs += 1;
+                self.note(|| format!("node {id} group {g} installs snapshot at {index}"));
+                let gs = GroupState::decode_snapshot(state, self.limits)
+                    .map_err(|e| format!("node {id} group {g}: installed snapshot: {e}"))?;
+                self.checker.check_snapshot(g, *index, &gs, self.limits)?;
                 let r = self.rep(id, g);
-                r.leader = false;
-                r.waiters.clear();
-                r.gs.discard_uncommitted();
+                r.shadow_snap = SnapshotMeta {
+                    index: *index,
+                    term: *term,
+                };
+                r.shadow.clear();
             }
         }
-        for peer in ready.snapshot_requests {
-            let r = self.rep(id, g);
-            let meta = r.disk.snap;
-            let data = r.disk.snap_data.clone();
-            let r_len = data.len();
-            let result = if meta.index == 0 {
-                Err(None)
-            } else {
-                r.raft.send_snapshot(peer, meta, data).map_err(Some)
-            };
-            if result.is_err() {
-                r.raft.snapshot_failed(peer);
-            }
-            self.note(|| {
-                format!(
-                    "node {id} group {g}: snapshot {} ({} bytes) for {peer}: {result:?}",
-                    meta.index, r_len
-                )
-            });
-        }
-        for msg in ready.messages {
-            self.send(g, msg);
-        }
-        if let Some((meta, data)) = &ready.snapshot_to_install {
-            self.cov.snapshot_installs += 1;
-            self.note(|| format!("node {id} group {g} installs snapshot at {}", meta.index));
-            let gs = GroupState::decode_snapshot(data, self.limits)
-                .map_err(|e| format!("node {id} group {g}: received snapshot: {e}"))?;
-            self.checker
-                .check_snapshot(g, meta.index, &gs, self.limits)?;
-            let r = self.rep(id, g);
-            r.gs = gs;
-            r.applied = meta.index;
-            r.shadow_snap = *meta;
-            r.shadow.clear();
-        }
-        if let Some(first) = ready.entries_to_persist.first() {
+        let entries: Vec<Entry<Command>> = write
+            .records
+            .iter()
+            .filter(|rec| rec.index > 0)
+            .map(entry_of)
+            .collect();
+        if let Some(first) = entries.first() {
             let r = self.rep(id, g);
             let keep = first.index.saturating_sub(r.shadow_snap.index + 1) as usize;
             let truncated = r.shadow.len() > keep;
             r.shadow.truncate(keep);
-            r.shadow.extend(ready.entries_to_persist.iter().cloned());
+            r.shadow.extend(entries.iter().cloned());
             if truncated {
                 self.cov.truncations += 1;
                 self.note(|| format!("node {id} group {g} truncates from {}", first.index));
             }
         }
-        // Queue the writes on the shard's disk.
         let shard = shard_of(g, self.params.shards);
-        let has_write = ready.snapshot_to_install.is_some()
-            || !ready.entries_to_persist.is_empty()
-            || ready.hard_state.is_some()
-            || !ready.persisted_messages.is_empty();
-        if has_write {
-            let delay = self.rng.range(0, self.params.persist_rounds_max);
-            let bug = self.options.bugs.ack_before_persist;
-            let mut write = PendingWrite {
-                done_at: 0,
-                group: g,
-                snapshot: ready.snapshot_to_install,
-                entries: ready.entries_to_persist,
-                hard: ready.hard_state,
-                messages: ready.persisted_messages,
-            };
-            if bug {
-                // The planted bug: durable "at once", while the disk has not got it.
-                let messages = std::mem::take(&mut write.messages);
-                self.report_persisted(id, g, &write);
-                for m in messages {
-                    self.send(g, m);
-                }
-            }
-            let round = self.round;
-            let disk = &mut self.node_mut(id).disks[shard];
-            write.done_at = disk.last_done_at.max(round + delay);
-            disk.last_done_at = write.done_at;
-            disk.queue.push_back(write);
-        }
-        for e in ready.committed_entries {
-            self.commit_entry(id, g, e)?;
-        }
-        if became_leader {
-            self.become_leader(id, g);
-        }
+        let delay = self.rng.range(0, self.params.persist_rounds_max);
+        let round = self.round;
+        let disk = &mut self.node_mut(id).disks[shard];
+        let done_at = disk.last_done_at.max(round + delay);
+        disk.last_done_at = done_at;
+        disk.queue.push_back(PendingWrite {
+            done_at,
+            group: g,
+            records: write.records,
+            durable: write.durable,
+        });
         Ok(())
     }
 
-    fn report_persisted(&mut self, id: NodeId, g: u16, w: &PendingWrite) {
+    /// The leader answers a snapshot request with its last compaction snapshot (or
+    /// cannot, before its first one).
+    fn send_snapshot(&mut self, id: NodeId, g: u16, peer: NodeId) {
         let r = self.rep(id, g);
-        if let Some((meta, _)) = &w.snapshot {
-            r.raft.on_persisted(meta.index, meta.term);
+        r.building_snapshot = false;
+        let meta = r.disk.snap;
+        let result = if meta.index == 0 {
+            Err(None)
+        } else {
+            let data = GroupTransfer {
+                state: r.disk.snap_data.clone(),
+                checksum: r.disk.snap_checksum,
+                events: Vec::new(),
+            }
+            .encode();
+            r.raft.send_snapshot(peer, meta, data).map_err(Some)
+        };
+        if result.is_err() {
+            r.raft.snapshot_failed(peer);
         }
-        if let Some(last) = w.entries.last() {
-            r.raft.on_persisted(last.index, last.term);
-        }
-    }
-
-    fn become_leader(&mut self, id: NodeId, g: u16) {
-        let forget = self.options.bugs.forgotten_dedupe;
-        let limits = self.limits;
-        let r = self.rep(id, g);
-        if forget {
-            // The planted bug: the session state is rebuilt without its dedupe windows.
-            let none = Limits {
-                dedupe_keys_max: 0,
-                producers_max: 0,
-            };
-            let stripped = GroupState::decode_snapshot(&r.gs.encode_snapshot(), none)
-                .expect("own snapshot decodes");
-            r.gs = GroupState::decode_snapshot(&stripped.encode_snapshot(), limits)
-                .expect("own snapshot decodes");
-        }
-        // session.rs: on becoming leader, forget the overlay and apply the log's
-        // uncommitted suffix again before deciding anything.
-        r.gs.discard_uncommitted();
-        let applied = r.applied;
-        let suffix: Vec<Command> = r
-            .shadow
-            .iter()
-            .filter(|e| e.index > applied)
-            .filter_map(|e| match &e.payload {
-                Payload::Data(c) => Some(c.clone()),
-                Payload::Noop => None,
-            })
-            .collect();
-        for c in &suffix {
-            r.gs.apply(c);
-        }
+        self.note(|| {
+            format!(
+                "node {id} group {g}: snapshot {} for {peer}: {result:?}",
+                meta.index
+            )
+        });
     }
 
     fn commit_entry(&mut self, id: NodeId, g: u16, e: Entry<Command>) -> Result<(), String> {
         let term_now = self.node(id).replicas[&g].raft.term();
-        {
-            let r = &self.node(id).replicas[&g];
-            if e.index != r.applied + 1 {
+        if let Some(s) = self.node(id).replicas[&g].shadow_entry(e.index) {
+            if *s != e {
                 return Err(format!(
-                    "node {id} group {g}: committed entry {} after applied {}",
-                    e.index, r.applied
+                    "node {id} group {g}: committed entry {} differs from the log",
+                    e.index
                 ));
-            }
-            if let Some(s) = r.shadow_entry(e.index) {
-                if *s != e {
-                    return Err(format!(
-                        "node {id} group {g}: committed entry {} differs from the log",
-                        e.index
-                    ));
-                }
             }
         }
         self.checker.on_commit(g, id, &e, term_now, self.tick)?;
         self.cov.commits += 1;
         self.trace.add(0xC0 ^ e.index ^ (e.term << 32) ^ (id << 56));
-        if self.fig8_cut_on_commit == Some((g, id)) && self.node(id).replicas[&g].leader {
+        if self.fig8_cut_on_commit == Some((g, id)) && self.node(id).replicas[&g].leading {
             self.fig8_cut_on_commit = None;
             self.note(|| {
                 format!(
@@ -1236,92 +1331,51 @@ impl Cluster {
             self.isolate(id);
             self.fig8_crashed = true;
         }
-        let r = self.rep(id, g);
-        if let Payload::Data(c) = &e.payload {
-            r.gs.commit(c);
-        }
-        r.applied = e.index;
-        if !r.leader || r.waiters.is_empty() {
-            return Ok(());
-        }
-        let mut done = Vec::new();
-        let mut keep = Vec::new();
-        for w in std::mem::take(&mut r.waiters) {
-            let ready = match &w.wait {
-                WaitFor::Entry { index, term, seq } => {
-                    if *index == e.index && *term == e.term {
-                        Some(match seq {
-                            Some(seq) => Reply::Acked {
-                                seq: *seq,
-                                deduped: w.deduped,
-                            },
-                            None => Reply::Created,
-                        })
-                    } else if *index <= e.index {
-                        None // replaced: the client times out
-                    } else {
-                        keep.push(w);
-                        continue;
-                    }
-                }
-                WaitFor::Seq { session, seq } => {
-                    if r.gs.committed_seq(session).is_some_and(|s| s >= *seq) {
-                        Some(Reply::Acked {
-                            seq: *seq,
-                            deduped: true,
-                        })
-                    } else {
-                        keep.push(w);
-                        continue;
-                    }
-                }
-                WaitFor::Created { session } => {
-                    if r.gs.view(session).is_some() {
-                        Some(Reply::Created)
-                    } else {
-                        keep.push(w);
-                        continue;
-                    }
-                }
-            };
-            if let Some(reply) = ready {
-                done.push((w.client, w.request, reply));
-            }
-        }
-        r.waiters = keep;
-        for (client, request, reply) in done {
-            self.send_client(ClientFlight::Reply {
-                client,
-                request,
-                reply,
-            });
-        }
         Ok(())
     }
 
     fn write_to_disk(&mut self, id: NodeId, w: &PendingWrite) {
         let d = &mut self.rep(id, w.group).disk;
-        if let Some((meta, data)) = &w.snapshot {
-            if meta.index > d.snap.index {
-                d.log.clear();
-                d.snap = *meta;
-                d.snap_data = data.clone();
+        for rec in &w.records {
+            match &rec.command {
+                Command::Meta(MetaRecord::HardState { term, vote, commit }) => {
+                    d.hard = HardState {
+                        term: *term,
+                        vote: (*vote != 0).then_some(*vote),
+                        commit: *commit,
+                    };
+                }
+                Command::Meta(MetaRecord::Snapshot {
+                    index,
+                    term,
+                    checksum,
+                    state,
+                }) => {
+                    if *index > d.snap.index {
+                        d.log.clear();
+                        d.snap = SnapshotMeta {
+                            index: *index,
+                            term: *term,
+                        };
+                        d.snap_data = state.clone();
+                        d.snap_checksum = *checksum;
+                    }
+                }
+                _ if rec.index > 0 => {
+                    // §5.3: a record at an index replaces it and everything after it.
+                    d.log.retain(|(e, _)| e.index < rec.index);
+                    if rec.index > d.snap.index {
+                        d.log.push((entry_of(rec), record_crc(rec)));
+                    }
+                    // Keep the stored log one contiguous run after the snapshot.
+                    let cut = (d.snap.index + 1..)
+                        .zip(d.log.iter())
+                        .position(|(expect, (e, _))| e.index != expect)
+                        .unwrap_or(d.log.len());
+                    d.log.truncate(cut);
+                }
+                _ => {} // history events of an installed snapshot: not kept here
             }
-        }
-        if let Some(first) = w.entries.first() {
-            d.log.retain(|e| e.index < first.index);
-            let snap = d.snap.index;
-            d.log
-                .extend(w.entries.iter().filter(|e| e.index > snap).cloned());
-            // Keep the stored log one contiguous run after the snapshot.
-            let cut = (snap + 1..)
-                .zip(d.log.iter())
-                .position(|(expect, e)| e.index != expect)
-                .unwrap_or(d.log.len());
-            d.log.truncate(cut);
-        }
-        if let Some(h) = w.hard {
-            d.hard = h;
         }
     }
 
@@ -1336,15 +1390,20 @@ impl Cluster {
             if disk.queue.front().is_none_or(|w| w.done_at > now) {
                 return Ok(());
             }
-            let mut w = disk.queue.pop_front().expect("front");
+            let w = disk.queue.pop_front().expect("front");
             self.write_to_disk(id, &w);
-            if !self.options.bugs.ack_before_persist {
-                self.report_persisted(id, w.group, &w);
+            let group = w.group;
+            let mut effects = Effects::default();
+            let r = self.rep(id, group);
+            for rec in w.records.iter().filter(|rec| rec.index > 0) {
+                r.core
+                    .entry_durable(rec.index, rec.term, location(rec.index), record_crc(rec));
             }
-            for m in std::mem::take(&mut w.messages) {
-                self.send(w.group, m);
+            r.core.durable(w.durable, &mut effects);
+            for effect in effects.0 {
+                self.carry_out(id, group, effect)?;
             }
-            self.process(id, w.group)?;
+            self.process(id, group)?;
         }
     }
 
@@ -1367,11 +1426,12 @@ impl Cluster {
             r.raft
                 .compact(meta)
                 .map_err(|e| format!("node {id} group {g}: compact: {e:?}"))?;
-            let data = r.gs.encode_snapshot();
+            let data = r.state.encode_snapshot();
             // The snapshot file is written and synced on its own, then the log is cut.
             r.disk.snap = meta;
             r.disk.snap_data = data;
-            r.disk.log.retain(|e| e.index > applied);
+            r.disk.snap_checksum = r.checksum;
+            r.disk.log.retain(|(e, _)| e.index > applied);
             let keep_from = (applied - r.shadow_snap.index) as usize;
             r.shadow.drain(..keep_from.min(r.shadow.len()));
             r.shadow_snap = meta;
@@ -1464,6 +1524,9 @@ impl Cluster {
         });
     }
 
+    /// A node answers a client as the server's shard does (`src/shard/mod.rs`: create,
+    /// append): decide against the leader's state, then propose and wait for the entry,
+    /// or wait for the log's last entry (a reply decided against in-flight entries).
     fn handle_request(&mut self, id: NodeId, c: usize, request: Request) -> Result<(), String> {
         if !self.node(id).up {
             return Ok(());
@@ -1471,11 +1534,9 @@ impl Cluster {
         let g = self.clients[c].group;
         let session = self.clients[c].session.clone();
         let now_us = (self.tick * 1000 + self.round) as i64;
-        let (role, hint) = {
-            let r = &self.node(id).replicas[&g];
-            (r.raft.role(), r.raft.leader())
-        };
-        if role != Role::Leader {
+        let r = self.rep(id, g);
+        if !r.leading {
+            let hint = r.raft.leader();
             self.send_client(ClientFlight::Reply {
                 client: c,
                 request: request.id,
@@ -1483,107 +1544,69 @@ impl Cluster {
             });
             return Ok(());
         }
-        let mut reply = None;
-        let r = self.rep(id, g);
-        let term = r.raft.term();
-        match &request.kind {
+        // What to propose (with its reply once committed), or the reply to settle.
+        let decided: Result<(Option<Command>, Reply), String> = match &request.kind {
             RequestKind::Create => {
                 let new = NewSession {
                     id: Some(session.clone()),
                     title: None,
                     metadata: "{}".to_string(),
                 };
-                match r.gs.decide_create(&new, session.clone(), now_us) {
-                    Ok(cmd) => match r.raft.propose(cmd.clone()) {
-                        Ok(index) => {
-                            r.gs.apply(&cmd);
-                            r.waiters.push(Waiter {
-                                client: c,
-                                request: request.id,
-                                deduped: false,
-                                wait: WaitFor::Entry {
-                                    index,
-                                    term,
-                                    seq: None,
-                                },
-                            });
-                        }
-                        Err(_) => reply = Some(Reply::Unavailable),
-                    },
-                    Err(CreateError::SessionExists) => {
-                        if r.gs.view(&session).is_some() {
-                            reply = Some(Reply::Created);
-                        } else {
-                            r.waiters.push(Waiter {
-                                client: c,
-                                request: request.id,
-                                deduped: false,
-                                wait: WaitFor::Created {
-                                    session: session.clone(),
-                                },
-                            });
-                        }
-                    }
+                match r.state.decide_create(&new, session.clone(), now_us) {
+                    Ok(cmd) => Ok((Some(cmd), Reply::Created)),
+                    Err(CreateError::SessionExists) => Ok((None, Reply::Created)),
                 }
             }
             RequestKind::Append { body, .. } => {
                 let event: NewEvent =
                     validate::validate_append(body.as_bytes()).expect("valid body");
-                match r.gs.decide_append(&session, &event, now_us) {
+                match r.state.decide_append(&session, &event, now_us) {
                     Ok(AppendDecision::Append(cmd)) => {
                         let Command::Append(a) = &cmd else {
                             unreachable!("append decision")
                         };
                         let seq = a.seq;
-                        match r.raft.propose(cmd.clone()) {
-                            Ok(index) => {
-                                r.gs.apply(&cmd);
-                                r.waiters.push(Waiter {
-                                    client: c,
-                                    request: request.id,
-                                    deduped: false,
-                                    wait: WaitFor::Entry {
-                                        index,
-                                        term,
-                                        seq: Some(seq),
-                                    },
-                                });
-                            }
-                            Err(_) => reply = Some(Reply::Unavailable),
-                        }
+                        Ok((Some(cmd), Reply::Acked { seq, deduped: false }))
                     }
                     Ok(AppendDecision::Deduped { seq }) => {
                         self.cov.dedupe_hits += 1;
-                        let r = self.rep(id, g);
-                        if r.gs.committed_seq(&session).is_some_and(|s| s >= seq) {
-                            reply = Some(Reply::Acked { seq, deduped: true });
-                        } else {
-                            r.waiters.push(Waiter {
-                                client: c,
-                                request: request.id,
-                                deduped: true,
-                                wait: WaitFor::Seq {
-                                    session: session.clone(),
-                                    seq,
-                                },
-                            });
-                        }
+                        Ok((None, Reply::Acked { seq, deduped: true }))
                     }
-                    Err(AppendError::SessionNotFound) => reply = Some(Reply::NotFound),
+                    Err(AppendError::SessionNotFound) => Ok((None, Reply::NotFound)),
                     Err(AppendError::ExpectedSeqConflict { current_seq, .. }) => {
-                        reply = Some(Reply::Conflict { current_seq })
+                        Ok((None, Reply::Conflict { current_seq }))
                     }
-                    Err(e) => {
-                        return Err(format!(
-                            "node {id} group {g}: request {} of client {c} refused: {e:?} (the same content is always retried with the same key)",
-                            request.id
-                        ))
-                    }
+                    Err(e) => Err(format!(
+                        "node {id} group {g}: request {} of client {c} refused: {e:?} (the same content is always retried with the same key)",
+                        request.id
+                    )),
                 }
             }
-        }
+        };
+        let (command, reply) = decided?;
+        let r = self.rep(id, g);
+        let wait_for = match command {
+            Some(command) => r.core.propose(command).ok(),
+            None => Some(r.core.settle_point()),
+        };
+        let waiter = Waiter {
+            client: c,
+            request: request.id,
+            reply,
+        };
+        let now = match wait_for {
+            None => Some(Reply::Unavailable),
+            Some((index, term)) => match r.core.outcome(index, term) {
+                Some(true) => Some(waiter.reply),
+                Some(false) => Some(Reply::Unknown),
+                None => {
+                    r.core.wait(index, term, waiter);
+                    None
+                }
+            },
+        };
         self.process(id, g)?;
-        if let Some(reply) = reply {
+        if let Some(reply) = now {
             self.send_client(ClientFlight::Reply {
                 client: c,
                 request: request.id,
@@ -1657,6 +1680,13 @@ impl Cluster {
             Reply::Unavailable => {
                 if let Some(p) = client.pending.as_mut() {
                     p.resend = true;
+                }
+            }
+            Reply::Unknown => {
+                // As a timeout: the next client step retries (another node, or gives up
+                // an append without a key).
+                if let Some(p) = client.pending.as_mut() {
+                    p.sent_tick = 0;
                 }
             }
         }
