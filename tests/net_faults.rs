@@ -343,10 +343,11 @@ fn assert_refused_in_time(net: &Net, via: usize, session: &str, key: &str) {
 }
 
 /// Retries one append through node `via` only until it is acknowledged; returns the
-/// acknowledgement and how long it took.
-fn append_through(net: &Net, via: usize, session: &str, key: &str) -> (Ack, Duration) {
+/// acknowledgement, how long it took, and the replies before it.
+fn append_through(net: &Net, via: usize, session: &str, key: &str) -> (Ack, Duration, Vec<String>) {
     let started = Instant::now();
     let body = append_body(key).to_string();
+    let mut refused = Vec::new();
     loop {
         let sent_at = Instant::now();
         let resp = post_append(net.cluster.addr(via), session, &body);
@@ -361,9 +362,14 @@ fn append_through(net: &Net, via: usize, session: &str, key: &str) -> (Ack, Dura
                     sent_at,
                     acked_at,
                 };
-                return (ack, started.elapsed());
+                return (ack, started.elapsed(), refused);
             }
         }
+        let at = ms(started.elapsed());
+        refused.push(match &resp {
+            Ok(r) => format!("{at}ms:{}:{}", r.status, r.text()),
+            Err(e) => format!("{at}ms:{e}"),
+        });
         assert!(is_retryable(&resp), "append {key} via node {via}: {resp:?}");
         assert!(
             started.elapsed() < RECOVERY_TIMEOUT,
@@ -438,7 +444,7 @@ fn partition_scenario(name: &str, cut: Cut) {
 
     net.lab.heal();
     load.send_to(net.cluster.addrs());
-    let (ack, rejoin) = append_through(&net, victim, &led[0], &format!("{name}-healed"));
+    let (ack, rejoin, refused) = append_through(&net, victim, &led[0], &format!("{name}-healed"));
     load.acks.lock().unwrap().push(ack);
     thread::sleep(LOAD_AFTER);
     let acks = load.finish();
@@ -453,7 +459,7 @@ fn partition_scenario(name: &str, cut: Cut) {
         .collect();
     println!(
         "scenario={name} cut={cut:?} node={victim} recovery_ms={} led_by_cut_node_ms={} others_ms={} \
-         healed_node_acked_ms={} acks_during_fault={acks_during} acks={} test_ms={}",
+         healed_node_acked_ms={} healed_node_refused={refused:?} acks_during_fault={acks_during} acks={} test_ms={}",
         ms(worst),
         per_session(&recovery, &led),
         per_session(&recovery, &rest),
