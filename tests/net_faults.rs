@@ -425,15 +425,19 @@ fn partition_scenario(name: &str, cut: Cut) {
         .into_iter()
         .filter(|&i| i != victim)
         .collect();
-    let cut_at = Instant::now();
+    let mut pairs = Vec::new();
     for &other in &others {
         if cut != Cut::CannotReceive {
-            net.lab.cut(victim, other);
+            pairs.push((victim, other));
         }
         if cut != Cut::CannotSend {
-            net.lab.cut(other, victim);
+            pairs.push((other, victim));
         }
     }
+    let applying = Instant::now();
+    net.lab.cut_all(&pairs);
+    // Times count from the moment the whole cut is in place.
+    let cut_at = Instant::now();
     let recovery = load.recovery(&net.sessions, cut_at);
     if cut == Cut::BothWays {
         // The cut-off leader cannot get a majority for anything.
@@ -458,8 +462,9 @@ fn partition_scenario(name: &str, cut: Cut) {
         .cloned()
         .collect();
     println!(
-        "scenario={name} cut={cut:?} node={victim} recovery_ms={} led_by_cut_node_ms={} others_ms={} \
+        "scenario={name} cut={cut:?} node={victim} apply_ms={} recovery_ms={} led_by_cut_node_ms={} others_ms={} \
          healed_node_acked_ms={} healed_node_refused={refused:?} acks_during_fault={acks_during} acks={} test_ms={}",
+        ms(cut_at - applying),
         ms(worst),
         per_session(&recovery, &led),
         per_session(&recovery, &rest),
@@ -496,8 +501,8 @@ fn partitions_that_heal_one_node_after_another_leave_equal_replicas() {
     thread::sleep(LOAD_BEFORE);
     for victim in net.cluster.ids() {
         load.send_to(net.addrs_without(victim));
-        let cut_at = Instant::now();
         net.lab.isolate(victim);
+        let cut_at = Instant::now();
         let recovery = load.recovery(&net.sessions, cut_at);
         thread::sleep(Duration::from_secs(2).saturating_sub(cut_at.elapsed()));
         net.lab.heal();
@@ -536,11 +541,12 @@ fn five_percent_loss_and_50_ms_delay_on_every_link_lose_no_acknowledged_append()
     };
     let load = Load::start(&net);
     thread::sleep(LOAD_BEFORE);
-    let fault_at = Instant::now();
+    let applying = Instant::now();
+    net.lab.set_loss(LOSS_PERCENT);
     for proxy in &net.proxies {
         proxy.set_delay(DELAY);
     }
-    net.lab.set_loss(LOSS_PERCENT);
+    let fault_at = Instant::now();
     let recovery = load.recovery(&net.sessions, fault_at);
     thread::sleep(FAULT_HOLD.saturating_sub(fault_at.elapsed()));
     let during: Vec<Ack> = load
@@ -567,9 +573,10 @@ fn five_percent_loss_and_50_ms_delay_on_every_link_lose_no_acknowledged_append()
     let worst = recovery.values().max().copied().unwrap_or_default();
     let worst_after = after.values().max().copied().unwrap_or_default();
     println!(
-        "scenario={name} loss={LOSS_PERCENT}% delay_ms={} recovery_ms={} acks_during_fault={} \
+        "scenario={name} loss={LOSS_PERCENT}% delay_ms={} apply_ms={} recovery_ms={} acks_during_fault={} \
          ack_latency_during_fault_p50_ms={} p99_ms={} max_ms={} after_heal_ms={} acks={} test_ms={}",
         ms(DELAY),
+        ms(fault_at - applying),
         ms(worst),
         during.len(),
         quantile(&latency_ms, 0.5),

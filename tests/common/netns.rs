@@ -99,6 +99,38 @@ fn try_run(program: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `program [-n netns] -batch -` with `commands` on its stdin, one a line: several
+/// changes of one namespace in one process, so that they apply within a millisecond or
+/// so of each other rather than one fork and exec apart.
+fn run_batch(program: &str, netns: Option<&str>, commands: &[String]) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-batch", "-"]);
+    let mut child = Command::new(program)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} {}: {e}", args.join(" ")));
+    let script = commands.join("\n") + "\n";
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(script.as_bytes()).expect("write batch");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait for batch");
+    assert!(
+        out.status.success(),
+        "{program} {} failed ({}) on:\n{script}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
 /// True when process `pid` is alive.
 fn pid_alive(pid: u32) -> bool {
     fs::metadata(format!("/proc/{pid}")).is_ok()
@@ -261,35 +293,49 @@ impl NetLab {
     /// Node `from` can no longer send anything to node `to` (a blackhole route in
     /// `from`'s namespace; the kernel fails its sends to `to` at once).
     pub fn cut(&self, from: usize, to: usize) {
-        assert_ne!(from, to);
+        self.cut_all(&[(from, to)]);
+    }
+
+    /// [`NetLab::cut`] for every (from, to) pair, with one batch of `ip` commands per
+    /// namespace.
+    pub fn cut_all(&self, pairs: &[(usize, usize)]) {
         let mut cuts = self.cuts.lock().unwrap();
-        if cuts.insert((from, to)) {
-            let dest = format!("{}/32", self.node_ip(to));
-            run(
-                "ip",
-                &["-n", self.netns(from), "route", "add", "blackhole", &dest],
-            );
-        }
+        let new: Vec<(usize, usize)> = pairs
+            .iter()
+            .copied()
+            .filter(|p| !cuts.contains(p))
+            .collect();
+        self.change_routes("add", &new);
+        cuts.extend(new);
     }
 
     /// Undoes [`NetLab::cut`].
     pub fn mend(&self, from: usize, to: usize) {
         let mut cuts = self.cuts.lock().unwrap();
         if cuts.remove(&(from, to)) {
-            let dest = format!("{}/32", self.node_ip(to));
-            run(
-                "ip",
-                &["-n", self.netns(from), "route", "del", "blackhole", &dest],
-            );
+            self.change_routes("del", &[(from, to)]);
+        }
+    }
+
+    /// `ip route add|del blackhole` for each (from, to): in `from`'s namespace, to `to`.
+    fn change_routes(&self, verb: &str, pairs: &[(usize, usize)]) {
+        for from in 1..=self.nodes.len() {
+            let commands: Vec<String> = pairs
+                .iter()
+                .filter(|&&(f, to)| f == from && to != from)
+                .map(|&(_, to)| format!("route {verb} blackhole {}/32", self.node_ip(to)))
+                .collect();
+            if !commands.is_empty() {
+                run_batch("ip", Some(self.netns(from)), &commands);
+            }
         }
     }
 
     /// Node k can neither send to nor receive from any other node.
     pub fn isolate(&self, k: usize) {
-        for other in (1..=self.nodes.len()).filter(|&o| o != k) {
-            self.cut(k, other);
-            self.cut(other, k);
-        }
+        let others = (1..=self.nodes.len()).filter(|&o| o != k);
+        let pairs: Vec<(usize, usize)> = others.flat_map(|o| [(k, o), (o, k)]).collect();
+        self.cut_all(&pairs);
     }
 
     /// Every packet leaving either end of every node's veth is dropped with probability
@@ -304,10 +350,12 @@ impl NetLab {
         let threshold = ((1.0 - percent / 100.0) * 4_294_967_296.0) as u64;
         let threshold = threshold.min(u64::from(u32::MAX));
         let program = format!("4,32 0 0 4294963256,53 0 1 {threshold},6 0 0 4294967295,6 0 0 0");
+        let mut host_side = Vec::new();
         for node in &self.nodes {
-            add_drop_filter(None, &node.host_veth, &program);
-            add_drop_filter(Some(&node.netns), "eth0", &program);
+            host_side.extend(drop_filter(&node.host_veth, &program));
+            run_batch("tc", Some(&node.netns), &drop_filter("eth0", &program));
         }
+        run_batch("tc", None, &host_side);
         *lossy = true;
     }
 
@@ -317,53 +365,45 @@ impl NetLab {
         if !*lossy {
             return;
         }
+        let mut host_side = Vec::new();
         for node in &self.nodes {
-            run("tc", &["qdisc", "del", "dev", &node.host_veth, "root"]);
-            run(
+            host_side.push(format!("qdisc del dev {} root", node.host_veth));
+            run_batch(
                 "tc",
-                &["-n", &node.netns, "qdisc", "del", "dev", "eth0", "root"],
+                Some(&node.netns),
+                &["qdisc del dev eth0 root".to_string()],
             );
         }
+        run_batch("tc", None, &host_side);
         *lossy = false;
     }
 
     /// Removes every cut and the loss.
     pub fn heal(&self) {
-        let cuts: Vec<(usize, usize)> = self.cuts.lock().unwrap().iter().copied().collect();
-        for (from, to) in cuts {
-            self.mend(from, to);
-        }
+        let mut cuts = self.cuts.lock().unwrap();
+        let all: Vec<(usize, usize)> = cuts.iter().copied().collect();
+        self.change_routes("del", &all);
+        cuts.clear();
+        drop(cuts);
         self.clear_loss();
     }
 }
 
-/// `htb` on `dev` (in namespace `netns`, or here) with a default class that passes and
-/// a class that drops what `program` (classic BPF) matches.
-fn add_drop_filter(netns: Option<&str>, dev: &str, program: &str) {
-    let tc = |args: &[&str]| {
-        let mut all: Vec<&str> = Vec::new();
-        if let Some(ns) = netns {
-            all.extend(["-n", ns]);
-        }
-        all.extend(args);
-        run("tc", &all);
+/// `tc` commands for `dev`: an `htb` root with a default class that passes and a class
+/// that drops (a `pfifo` of 0 packets) what `program` (classic BPF) matches.
+fn drop_filter(dev: &str, program: &str) -> Vec<String> {
+    let class = |id: &str| {
+        format!("class add dev {dev} parent 1: classid {id} htb rate 10gbit quantum 60000")
     };
-    tc(&[
-        "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10",
-    ]);
-    for class in ["1:10", "1:20"] {
-        tc(&[
-            "class", "add", "dev", dev, "parent", "1:", "classid", class, "htb", "rate", "10gbit",
-            "quantum", "60000",
-        ]);
-    }
-    tc(&[
-        "qdisc", "add", "dev", dev, "parent", "1:20", "handle", "20:", "pfifo", "limit", "0",
-    ]);
-    tc(&[
-        "filter", "add", "dev", dev, "parent", "1:", "protocol", "all", "prio", "1", "bpf",
-        "bytecode", program, "classid", "1:20",
-    ]);
+    vec![
+        format!("qdisc add dev {dev} root handle 1: htb default 10"),
+        class("1:10"),
+        class("1:20"),
+        format!("qdisc add dev {dev} parent 1:20 handle 20: pfifo limit 0"),
+        format!(
+            "filter add dev {dev} parent 1: protocol all prio 1 bpf bytecode \"{program}\" classid 1:20"
+        ),
+    ]
 }
 
 impl Drop for NetLab {
