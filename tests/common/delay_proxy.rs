@@ -10,8 +10,9 @@
 //!
 //! Bounded: at most [`CONNECTIONS_MAX`] connections at once (more are closed at accept),
 //! at most [`CHUNKS_IN_FLIGHT_MAX`] chunks held per direction (then the reader waits,
-//! and TCP pushes back on the sender), and every thread polls a stop flag, so dropping
-//! the proxy ends it within a few tens of milliseconds.
+//! and TCP pushes back on the sender), a write blocked for [`WRITE_TIMEOUT`] closes the
+//! connection, and every thread polls a stop flag, so dropping the proxy ends it within
+//! a few tens of milliseconds (at most the write timeout).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -16,7 +16,8 @@
 //! - [`NetLab::set_loss`]: every packet leaving either end of every veth is dropped with
 //!   the given probability. This kernel has no `netem`, so an `htb` qdisc sends packets
 //!   that a classic-BPF filter picks at random (`ld rand`) to a class whose `pfifo` holds
-//!   0 packets, which drops them.
+//!   0 packets, which drops them. The qdisc sees packets before segmentation offload, so
+//!   one dropped packet may be several TCP segments of a bulk transfer.
 //! - Delay is not done by the kernel here (no `netem`): see `common::delay_proxy`.
 //!
 //! Names carry the test process's pid and a counter, so parallel tests and parallel test
