@@ -51,6 +51,8 @@ const SUBNETS: usize = 250;
 
 /// Labs created by this process (part of every name).
 static LABS: AtomicUsize = AtomicUsize::new(0);
+/// Namespaces made by [`unavailable`] to see whether it can make one.
+static PROBES: AtomicUsize = AtomicUsize::new(0);
 /// Serialises choosing a subnet and creating the bridge between the tests of one process.
 static CREATE: Mutex<()> = Mutex::new(());
 
@@ -67,6 +69,13 @@ pub fn unavailable() -> Option<String> {
             Err(e) => return Some(format!("`{tool}` (iproute2) missing: {e}")),
         }
     }
+    // Root in a container may still lack CAP_SYS_ADMIN: try one.
+    let n = PROBES.fetch_add(1, Ordering::SeqCst);
+    let probe = format!("{NETNS_PREFIX}{}-probe{n}", std::process::id());
+    if let Err(e) = try_run("ip", &["netns", "add", &probe]) {
+        return Some(format!("cannot create a network namespace: {e}"));
+    }
+    let _ = try_run("ip", &["netns", "delete", &probe]);
     None
 }
 
