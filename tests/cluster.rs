@@ -526,6 +526,9 @@ fn wait_stepped_down(cluster: &Cluster, node: usize, g: u16, timeout: Duration) 
     }
 }
 
+/// The in-process switch (`STARCITE_TEST_FAULTS`) cuts the node off; the main partition
+/// tests, with the kernel cutting real links between network namespaces, are in
+/// tests/net_faults.rs.
 #[test]
 fn an_isolated_leader_cannot_acknowledge_and_rejoins_cleanly() {
     let opts = ClusterOpts::new("cl-partition")

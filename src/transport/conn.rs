@@ -18,6 +18,7 @@ use shards::wire::{
 use super::backoff::Backoff;
 use super::{
     ConnHandle, Incoming, Shared, CONNECT_TIMEOUT, HANDSHAKES_PENDING_MAX, HANDSHAKE_TIMEOUT,
+    UNACKED_TIMEOUT,
 };
 
 /// Bytes asked of the socket per read; the buffer grows beyond it only for a larger frame.
@@ -26,6 +27,28 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const WRITE_BUFFER_KEPT_BYTES_MAX: usize = 1 << 20;
 /// A handshake frame is a few hundred bytes; anything announcing more is refused.
 const HANDSHAKE_BYTES_MAX: usize = 4 << 10;
+
+/// Sets `TCP_USER_TIMEOUT` to [`UNACKED_TIMEOUT`]; a failure is logged (the connection
+/// still works, it only notices a partition's end later).
+fn set_unacked_timeout(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(UNACKED_TIMEOUT.as_millis()).expect("timeout fits in u32");
+    // SAFETY: setsockopt on the stream's own open descriptor, with a pointer to a c_uint
+    // that outlives the call and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, "setting TCP_USER_TIMEOUT on a peer connection failed");
+    }
+}
 
 pub(super) fn handshake_frame(ours: &Handshake) -> Vec<u8> {
     let mut frame = Vec::new();
@@ -135,6 +158,7 @@ async fn accept_one(shared: &Rc<Shared>, mut stream: TcpStream, pending: Pending
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
+    set_unacked_timeout(&stream);
     let mut reader = FrameReader::new();
     let theirs = match within(HANDSHAKE_TIMEOUT, reader.next_frame(&mut stream)).await {
         Some(Ok(Some(bytes))) => bytes,
@@ -282,6 +306,7 @@ async fn dial_once(shared: &Rc<Shared>, peer_id: u64, addr: SocketAddr) -> Dial 
         }
     };
     let _ = stream.set_nodelay(true);
+    set_unacked_timeout(&stream);
     let mut reader = FrameReader::new();
     let answer = async {
         stream.write_all(&shared.handshake_frame).await?;

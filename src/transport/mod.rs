@@ -19,7 +19,9 @@
 //! [`Transport::refused_by`]. A higher node that
 //! dials us is refused (we dial it). A new connection always replaces an older one to
 //! the same peer (keep the newest: the old one belongs to a previous incarnation of the
-//! peer, or is about to fail anyway).
+//! peer, or is about to fail anyway). The kernel closes a connection whose bytes stay
+//! unacknowledged for [`UNACKED_TIMEOUT`], so a partition's end is noticed by a new dial,
+//! not by TCP's ever longer retransmission timeout.
 //!
 //! # Incarnations
 //! Every process has a random incarnation, sent in its handshake. Frames queued while a
@@ -68,6 +70,14 @@ pub const INCOMING_FRAMES_MAX: usize = 1024;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long either side waits for the other's handshake frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long bytes written to a peer may stay unacknowledged before the kernel closes the
+/// connection (`TCP_USER_TIMEOUT`). Without it, a connection that lived through a
+/// partition resumes only at TCP's next retransmission, whose timeout doubles for as long
+/// as the partition lasts (a healed node took 26 s to acknowledge again after a 30 s
+/// partition, tests/net_faults.rs); closed, it is dialled again within the reconnect
+/// backoff. Far above a round trip and an election timeout, so that loss alone (several
+/// retransmissions of one segment lost in a row) rarely closes a connection.
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Accepted connections still handshaking; beyond this, new ones are closed at once.
 pub const HANDSHAKES_PENDING_MAX: usize = 64;

@@ -1,6 +1,9 @@
 //! A real cluster for black-box tests: N `starcite serve` processes on 127.0.0.1 that
 //! replicate every group to each other (`--node-id`, `--peer-addr`, `--peers`).
 //!
+//! With [`ClusterOpts::hosts`] each node runs in its own network namespace instead, on its
+//! own address (see `common::netns`), and its peers may reach it through a proxy.
+//!
 //! Nodes are numbered like their node ids, from 1. Each node is a [`Server`] of the parent
 //! module (same spawn, kill -9, SIGTERM, stderr log and HTTP helpers), on its own data dir
 //! `target/test-data/<name>-<pid>-<n>/node<i>` and with its log next to it. Its ports
@@ -10,7 +13,7 @@
 //! passes and kept, with the tail of every node's stderr printed, when it fails.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +34,28 @@ const PORT_BLOCK_ATTEMPTS: usize = 500;
 const START_ATTEMPTS: usize = 3;
 /// Pause between two polls of a condition.
 const POLL: Duration = Duration::from_millis(20);
+/// HTTP and peer ports of a node alone in its network namespace (nothing else binds there).
+const NETNS_HTTP_PORT: u16 = 4000;
+const NETNS_PEER_PORT: u16 = 4100;
+
+/// Where a node runs when not on 127.0.0.1 of the test's own network namespace.
+#[derive(Clone, Debug)]
+pub struct NodeHost {
+    /// Network namespace (`ip netns` name) the process runs in.
+    pub netns: String,
+    /// Address its HTTP port and its peer port listen on.
+    pub ip: IpAddr,
+    /// Address the other nodes dial to reach its peer port (a proxy in between), when it
+    /// is not `ip:` its peer port.
+    pub peer_dial: Option<SocketAddr>,
+}
+
+impl NodeHost {
+    /// The peer address the node listens on.
+    pub fn peer_listen(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, NETNS_PEER_PORT)
+    }
+}
 
 /// How to start a cluster.
 #[derive(Clone, Debug)]
@@ -49,6 +74,8 @@ pub struct ClusterOpts {
     pub per_node_env: Vec<Vec<(String, String)>>,
     /// How long `start` waits for every node to be ready.
     pub ready_timeout: Duration,
+    /// `hosts[i - 1]`: where node i runs; empty: every node on 127.0.0.1 here.
+    pub hosts: Vec<NodeHost>,
 }
 
 impl ClusterOpts {
@@ -64,7 +91,15 @@ impl ClusterOpts {
             env: vec![("STARCITE_SPIN_BEFORE_PARK_US".into(), "0".into())],
             per_node_env: Vec::new(),
             ready_timeout: READY_TIMEOUT,
+            hosts: Vec::new(),
         }
+    }
+
+    /// Runs node i in `hosts[i - 1]` (one entry per node).
+    pub fn hosts(mut self, hosts: Vec<NodeHost>) -> ClusterOpts {
+        assert_eq!(hosts.len(), self.nodes, "one host per node");
+        self.hosts = hosts;
+        self
     }
 
     pub fn arg(mut self, flag: &str, value: &str) -> ClusterOpts {
@@ -98,6 +133,15 @@ struct Ports {
 }
 
 impl Ports {
+    /// The fixed ports of nodes that each have a network namespace of their own.
+    fn in_own_netns(nodes: usize, shards: usize) -> Ports {
+        assert!(shards <= usize::from(NETNS_PEER_PORT - NETNS_HTTP_PORT));
+        Ports {
+            http: vec![NETNS_HTTP_PORT; nodes],
+            peer: vec![NETNS_PEER_PORT; nodes],
+        }
+    }
+
     /// One block of `nodes * (1 + shards)` consecutive ports that were all free a moment
     /// ago, starting at an offset that differs between processes and between calls.
     fn reserve(nodes: usize, shards: usize) -> Ports {
@@ -161,7 +205,11 @@ impl Cluster {
         let mut last_err = String::new();
         for _ in 0..START_ATTEMPTS {
             fs::create_dir_all(&dir).expect("create cluster dir");
-            let ports = Ports::reserve(opts.nodes, opts.shards);
+            let ports = if opts.hosts.is_empty() {
+                Ports::reserve(opts.nodes, opts.shards)
+            } else {
+                Ports::in_own_netns(opts.nodes, opts.shards)
+            };
             let mut cluster = Cluster::build(&opts, &dir, &ports);
             for (i, node) in cluster.nodes.iter_mut().enumerate() {
                 if !absent.contains(&(i + 1)) {
@@ -189,8 +237,15 @@ impl Cluster {
     }
 
     fn build(opts: &ClusterOpts, dir: &std::path::Path, ports: &Ports) -> Cluster {
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        let ip = |i: usize| opts.hosts.get(i).map_or(loopback, |h| h.ip);
+        let peer_listen = |i: usize| SocketAddr::new(ip(i), ports.peer[i]);
+        let peer_dial = |i: usize| {
+            let dial = opts.hosts.get(i).and_then(|h| h.peer_dial);
+            dial.unwrap_or_else(|| peer_listen(i))
+        };
         let peers = (0..opts.nodes)
-            .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports.peer[i]))
+            .map(|i| format!("{}={}", i + 1, peer_dial(i)))
             .collect::<Vec<_>>()
             .join(",");
         let cluster_id = dir
@@ -204,8 +259,10 @@ impl Cluster {
                     .shards(opts.shards)
                     .arg("--node-id", &(i + 1).to_string())
                     .arg("--cluster-id", &cluster_id)
-                    .arg("--peer-addr", &format!("127.0.0.1:{}", ports.peer[i]))
+                    .arg("--peer-addr", &peer_listen(i).to_string())
                     .arg("--peers", &peers);
+                node_opts.ip = ip(i);
+                node_opts.netns = opts.hosts.get(i).map(|h| h.netns.clone());
                 if let Some(bytes) = opts.segment_bytes {
                     node_opts.segment_bytes = bytes;
                 }
@@ -287,7 +344,7 @@ impl Cluster {
         self.nodes.iter().map(Server::addr).collect()
     }
 
-    /// `http://127.0.0.1:<port>` of node i.
+    /// `http://<ip>:<port>` of node i.
     pub fn node_url(&self, i: usize) -> String {
         format!("http://{}", self.addr(i))
     }

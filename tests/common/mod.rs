@@ -7,11 +7,13 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod delay_proxy;
+pub mod netns;
 pub mod postgres;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -61,6 +63,10 @@ pub struct Opts {
     pub env: Vec<(String, String)>,
     /// Pass `--data-dir` relative to the workspace root (the child's working dir).
     pub relative_data_dir: bool,
+    /// Address the HTTP port listens on (and the tests connect to).
+    pub ip: IpAddr,
+    /// Network namespace (`ip netns` name) the process runs in; None: the test's own.
+    pub netns: Option<String>,
 }
 
 impl Opts {
@@ -72,6 +78,8 @@ impl Opts {
             args: Vec::new(),
             env: Vec::new(),
             relative_data_dir: false,
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            netns: None,
         }
     }
 
@@ -141,7 +149,7 @@ impl Server {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::new(self.opts.ip, self.port)
     }
 
     /// The `--data-dir` argument as passed to the child.
@@ -162,7 +170,7 @@ impl Server {
         let mut args = vec![
             "serve".to_string(),
             "--http-addr".to_string(),
-            format!("127.0.0.1:{}", self.port),
+            self.addr().to_string(),
             "--data-dir".to_string(),
             self.data_dir_arg(),
             "--shards".to_string(),
@@ -187,7 +195,14 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        // Kept open until the child has exec'd: it enters the namespace through it.
+        let netns_file = self.opts.netns.as_deref().map(|name| {
+            let file = netns::open(name);
+            enter_netns_before_exec(&mut cmd, &file);
+            file
+        });
         self.child = Some(cmd.spawn().expect("spawn starcite"));
+        drop(netns_file);
     }
 
     fn try_wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
@@ -444,6 +459,23 @@ pub fn base_command(env: &[(String, String)]) -> Command {
         });
     }
     cmd
+}
+
+/// Makes `cmd`'s child join the network namespace `netns` (an open `/run/netns/NAME`)
+/// between fork and exec.
+fn enter_netns_before_exec(cmd: &mut Command, netns: &fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = netns.as_raw_fd();
+    // SAFETY: setns(2) is a plain system call on a descriptor the parent keeps open
+    // until spawn returns; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Runs the binary with `args` to completion (at most `timeout`; then kill -9 and
