@@ -32,6 +32,7 @@ pub mod forwarding;
 pub mod json;
 pub mod peer;
 pub mod raft;
+pub mod replay;
 pub mod replica;
 pub mod scrub;
 pub mod session;

@@ -334,3 +334,14 @@ fn planted_bug_ack_bad_snapshot_is_caught() {
         "ack_bad_snapshot",
     );
 }
+
+#[test]
+fn planted_bug_skip_truncation_on_replay_is_caught() {
+    planted(
+        Bugs {
+            skip_truncation_on_replay: true,
+            ..Bugs::default()
+        },
+        "skip_truncation_on_replay",
+    );
+}

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::channel::oneshot;
 use glommio::channels::local_channel::{self, LocalSender};
 use shards::entry::Command;
-use shards::raft::{Config as RaftConfig, RaftNode, Restored};
+use shards::raft::{Config as RaftConfig, RaftNode};
 use shards::replica::Refused;
 use shards::session::{AppendDecision, AppendError, CreateError, Limits, PatchError};
 use shards::validate::{render_event, NewEvent, NewSession, PatchRequest};
@@ -374,23 +374,19 @@ impl ShardCore {
             let seed = (settings.node_id << 16 | u64::from(group)) ^ now_us() as u64;
             let r = recovered
                 .remove(&group)
-                .unwrap_or_else(|| recovery::RecoveredGroup::fresh(settings.limits));
-            let mut hard_state = r.hard_state;
+                .unwrap_or_else(|| shards::replay::Replay::new(settings.limits).finish());
+            let mut restored = r.raft;
             if let Some(carried) = settings
                 .catch_up
                 .as_ref()
                 .and_then(|c| c.carried.get(&group))
             {
-                hard_state.merge(carried.term, carried.vote);
-                if hard_state != r.hard_state {
-                    carried_to_write.push((group, hard_state));
+                let before = restored.hard_state;
+                restored.hard_state.merge(carried.term, carried.vote);
+                if restored.hard_state != before {
+                    carried_to_write.push((group, restored.hard_state));
                 }
             }
-            let restored = Restored {
-                hard_state,
-                snapshot: r.recovered.snapshot_meta(),
-                entries: r.entries,
-            };
             let mut raft = RaftNode::new(
                 raft_config(&settings.raft),
                 settings.node_id,

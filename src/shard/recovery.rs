@@ -1,32 +1,28 @@
 //! Rebuilding a shard at start: the shard snapshot, then every log record after its
-//! resume position, into each group's state machine, Raft log and hard state, and the
-//! shard's event index.
+//! resume position, into each group's replica (state machine, Raft log and hard state)
+//! and the shard's event index.
 //!
-//! Replay rules (the log holds Raft entries, so a suffix may be rewritten):
-//! - An entry record `(group, index)` replaces every earlier record of that group with
-//!   an index `>= index` (the follower's log was truncated by a conflict, §5.3).
-//! - A `HardState` record replaces the group's previous one.
-//! - A `Snapshot` record replaces the group's state and voids every earlier entry of
-//!   the group; the history events (index-0 appends) written just before it become
-//!   the group's events. History without its `Snapshot` record (a crash during the
-//!   install) is ignored.
-//! - Events of entries the snapshot's state already holds are indexed at the end of
-//!   replay (once truncation can no longer change them); later entries go back to Raft,
-//!   which hands the committed ones out again.
+//! Each group's replay rules are `shards::replay` (the simulation replays with the same
+//! code). Here: which records belong to which group, the history events a snapshot
+//! install wrote before its `Snapshot` record (they become the group's events; history
+//! without its `Snapshot` record, a crash during the install, is ignored), the event
+//! index (events of entries the state already holds are indexed at the end of replay,
+//! once truncation can no longer change them; later entries go back to Raft, which
+//! hands the committed ones out again), segment seals and repaired copies.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use shards::entry::{Command, MetaRecord, REPAIR_TERM};
-use shards::raft::{Entry, HardState, Payload};
-use shards::session::{GroupState, Limits};
+use shards::session::Limits;
 use shards::snapshot::ShardSnapshot;
 
-use shards::replica::{Persisted, RecordLocation, Recovered};
+use shards::replay::{Replay, Replayed};
+use shards::replica::{Persisted, RecordLocation};
 
 use super::{place_in_seal, ShardSettings};
 use crate::store::EventStore;
-use crate::wal::Replayed;
+use crate::wal::Replayed as LogItem;
 
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot";
 
@@ -88,12 +84,6 @@ pub(crate) fn decode_snapshot_file(path: &Path, bytes: &[u8]) -> Result<ShardSna
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// An entry record seen during replay, with the event it carries (if any).
-struct Seen {
-    persisted: Persisted,
-    event: Option<(String, u64)>,
-}
-
 /// A history event seen during replay (waiting for its group's `Snapshot` record).
 struct History {
     session: String,
@@ -106,87 +96,23 @@ struct History {
 /// replay with their index file bodies, and the repaired copies of events that are not
 /// indexed yet (their entries commit again once Raft restarts: apply them then).
 pub(super) type ReplayOutcome = (
-    HashMap<u16, RecoveredGroup>,
+    HashMap<u16, Replayed>,
     EventStore,
     Vec<(u64, Vec<u32>)>,
     Vec<(String, u64, RecordLocation)>,
 );
 
-/// One group as recovered: the replica's start, and Raft's.
-pub(super) struct RecoveredGroup {
-    pub recovered: Recovered,
-    pub hard_state: HardState,
-    /// Log entries after `recovered.applied`, in index order (Raft's restored log).
-    pub entries: Vec<Entry<Command>>,
-}
-
-impl RecoveredGroup {
-    /// A group with nothing on disk.
-    pub fn fresh(limits: Limits) -> RecoveredGroup {
-        RecoveredGroup {
-            recovered: Recovered::fresh(limits),
-            hard_state: HardState::default(),
-            entries: Vec::new(),
-        }
-    }
-}
-
+/// One group being replayed, and the history events of a snapshot install that wait
+/// for its `Snapshot` record.
 struct ReplayGroup {
-    state: GroupState,
-    applied: u64,
-    applied_term: u64,
-    checksum: u64,
-    hard_state: HardState,
-    entries: Vec<Entry<Command>>,
-    seen: BTreeMap<u64, Seen>,
+    replay: Replay,
     history: Vec<History>,
 }
 
 impl ReplayGroup {
-    /// An entry record: it replaces every entry at or after its index.
-    fn add_entry(&mut self, index: u64, term: u64, command: Command, persisted: Persisted) {
-        self.seen.split_off(&index);
-        let event = match &command {
-            Command::Append(e) => Some((e.session_id.clone(), e.seq)),
-            _ => None,
-        };
-        self.seen.insert(index, Seen { persisted, event });
-        let keep = self.entries.partition_point(|e| e.index < index);
-        self.entries.truncate(keep);
-        if index <= self.applied {
-            return;
-        }
-        let contiguous = match self.entries.last() {
-            Some(last) => last.index + 1 == index,
-            None => index == self.applied + 1,
-        };
-        if !contiguous {
-            tracing::warn!(
-                index,
-                applied = self.applied,
-                "log entry after a gap ignored"
-            );
-            return;
-        }
-        self.entries.push(Entry {
-            term,
-            index,
-            payload: match command {
-                Command::Noop => Payload::Noop,
-                command => Payload::Data(command),
-            },
-        });
-    }
-
-    fn new(limits: Limits) -> ReplayGroup {
+    fn new(replay: Replay) -> ReplayGroup {
         ReplayGroup {
-            state: GroupState::new(limits),
-            applied: 0,
-            applied_term: 0,
-            checksum: 0,
-            hard_state: HardState::default(),
-            entries: Vec::new(),
-            seen: BTreeMap::new(),
+            replay,
             history: Vec::new(),
         }
     }
@@ -225,42 +151,19 @@ impl Recovery {
         if let Some(snapshot) = snapshot {
             recovery.resume = (snapshot.resume_epoch, snapshot.resume_offset);
             for g in snapshot.groups {
-                let state = GroupState::decode_snapshot(&g.state, settings.limits)
-                    .map_err(|e| format!("snapshot of group {}: {e}", g.group))?;
-                let mut group = ReplayGroup::new(settings.limits);
-                group.state = state;
-                group.applied = g.committed_index;
-                group.applied_term = g.committed_term;
-                group.checksum = g.checksum;
-                group.hard_state = HardState {
-                    term: g.hard_term,
-                    vote: (g.hard_vote != 0).then_some(g.hard_vote),
-                    commit: g.committed_index,
-                };
-                for e in g.entries {
-                    let loc = RecordLocation {
-                        epoch: e.epoch,
-                        offset: e.offset,
-                    };
-                    let persisted = Persisted {
-                        term: e.term,
-                        loc,
-                        crc: e.crc,
-                        sealed: (e.sealed != u32::MAX).then_some(e.sealed),
-                    };
-                    group.add_entry(e.index, e.term, e.command, persisted);
-                }
-                recovery.groups.insert(g.group, group);
+                let group = g.group;
+                let replay = Replay::from_snapshot(g, settings.limits)?;
+                recovery.groups.insert(group, ReplayGroup::new(replay));
             }
             recovery.store.restore(snapshot.sessions);
         }
         Ok(recovery)
     }
 
-    pub fn replay(&mut self, item: Replayed) -> Result<(), String> {
+    pub fn replay(&mut self, item: LogItem) -> Result<(), String> {
         let (loc, crc, rec) = match item {
-            Replayed::Record(loc, crc, rec) => (loc, crc, rec),
-            Replayed::SegmentEnd(epoch) => {
+            LogItem::Record(loc, crc, rec) => (loc, crc, rec),
+            LogItem::SegmentEnd(epoch) => {
                 self.seal(epoch);
                 return Ok(());
             }
@@ -275,7 +178,7 @@ impl Recovery {
         let group = self
             .groups
             .entry(rec.group)
-            .or_insert_with(|| ReplayGroup::new(limits));
+            .or_insert_with(|| ReplayGroup::new(Replay::new(limits)));
         let rec = *rec;
         if rec.index == 0 {
             match rec.command {
@@ -289,10 +192,7 @@ impl Recovery {
                     sealed: None,
                 }),
                 Command::Meta(MetaRecord::HardState { term, vote, commit }) => {
-                    // A record older than the snapshot's hard state never rolls it back.
-                    let h = &mut group.hard_state;
-                    h.merge(term, (vote != 0).then_some(vote));
-                    h.commit = h.commit.max(commit);
+                    group.replay.hard_state(term, vote, commit);
                 }
                 Command::Meta(MetaRecord::Snapshot {
                     index,
@@ -300,15 +200,12 @@ impl Recovery {
                     checksum,
                     state,
                 }) => {
-                    group.state = GroupState::decode_snapshot(&state, limits).map_err(|e| {
-                        format!("snapshot record of group {} at {loc:?}: {e}", rec.group)
-                    })?;
-                    group.applied = index;
-                    group.applied_term = term;
-                    group.checksum = checksum;
-                    group.entries.clear();
-                    group.seen.clear();
-                    group.hard_state.commit = group.hard_state.commit.max(index);
+                    group
+                        .replay
+                        .snapshot(index, term, checksum, &state)
+                        .map_err(|e| {
+                            format!("snapshot record of group {} at {loc:?}: {e}", rec.group)
+                        })?;
                     for h in std::mem::take(&mut group.history) {
                         if h.seq > self.store.last_seq(&h.session) + 1 {
                             // The leader no longer held older events (retention).
@@ -316,7 +213,7 @@ impl Recovery {
                         }
                         index_event(&mut self.store, &h.session, h.seq, h.loc, h.sealed);
                     }
-                    super::replication::rebase_missing(&mut self.store, &group.state);
+                    super::replication::rebase_missing(&mut self.store, group.replay.state());
                 }
                 other => {
                     return Err(format!(
@@ -332,7 +229,9 @@ impl Recovery {
             crc,
             sealed: None,
         };
-        group.add_entry(rec.index, rec.term, rec.command, persisted);
+        group
+            .replay
+            .entry(rec.index, rec.term, rec.command, persisted);
         Ok(())
     }
 
@@ -344,8 +243,7 @@ impl Recovery {
         ids.sort_unstable();
         for id in ids {
             let group = self.groups.get_mut(&id).expect("listed");
-            for seen in group.seen.values_mut() {
-                let p = &mut seen.persisted;
+            for p in group.replay.places_mut() {
                 place_in_seal(p.loc, &mut p.sealed, epoch, &mut plan.offsets);
             }
             for h in group.history.iter_mut() {
@@ -362,31 +260,15 @@ impl Recovery {
         let mut ids: Vec<u16> = self.groups.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            let mut g = self.groups.remove(&id).expect("listed");
-            let later = g.seen.split_off(&(g.applied + 1));
-            for seen in g.seen.values() {
+            let g = self.groups.remove(&id).expect("listed");
+            let replayed = g.replay.finish();
+            for seen in replayed.applied_records.values() {
                 if let Some((session, seq)) = &seen.event {
                     let p = &seen.persisted;
                     index_event(&mut self.store, session, *seq, p.loc, p.sealed);
                 }
             }
-            let persisted = later.into_iter().map(|(i, s)| (i, s.persisted)).collect();
-            let last = g.entries.last().map_or(g.applied, |e| e.index);
-            g.hard_state.commit = g.hard_state.commit.clamp(g.applied, last);
-            out.insert(
-                id,
-                RecoveredGroup {
-                    recovered: Recovered {
-                        state: g.state,
-                        applied: g.applied,
-                        applied_term: g.applied_term,
-                        checksum: g.checksum,
-                        persisted,
-                    },
-                    hard_state: g.hard_state,
-                    entries: g.entries,
-                },
-            );
+            out.insert(id, replayed);
         }
         let mut later = Vec::new();
         for (session, seq, loc) in std::mem::take(&mut self.repairs) {
@@ -499,7 +381,7 @@ mod tests {
             };
             self.offset += 64;
             self.recovery
-                .replay(Replayed::Record(loc, self.offset, Box::new(rec)))
+                .replay(LogItem::Record(loc, self.offset, Box::new(rec)))
                 .unwrap();
         }
 
@@ -512,8 +394,8 @@ mod tests {
         }
     }
 
-    fn terms(g: &RecoveredGroup) -> Vec<(u64, u64)> {
-        g.entries.iter().map(|e| (e.index, e.term)).collect()
+    fn terms(g: &Replayed) -> Vec<(u64, u64)> {
+        g.raft.entries.iter().map(|e| (e.index, e.term)).collect()
     }
 
     #[test]
@@ -544,7 +426,7 @@ mod tests {
         f.hard(2, 1, 0);
         f.hard(3, 0, 0);
         let (groups, _, _, _) = f.recovery.finish();
-        let h = groups[&G].hard_state;
+        let h = groups[&G].raft.hard_state;
         assert_eq!((h.term, h.vote), (3, Some(2)));
     }
 
@@ -554,7 +436,7 @@ mod tests {
         f.record(1, 1, Command::Noop);
         f.hard(1, 1, 9);
         let (groups, _, _, _) = f.recovery.finish();
-        assert_eq!(groups[&G].hard_state.commit, 1);
+        assert_eq!(groups[&G].raft.hard_state.commit, 1);
     }
 
     #[test]
@@ -562,7 +444,7 @@ mod tests {
         let mut f = Feed::new();
         f.record(1, 1, Command::Noop);
         f.record(1, 2, append("stale", 1, "1")); // voided by the snapshot
-        let mut state = GroupState::new(settings().limits);
+        let mut state = shards::session::GroupState::new(settings().limits);
         state.apply(&create("s"));
         state.commit(&create("s"));
         for seq in 1..=2 {
@@ -596,7 +478,7 @@ mod tests {
         assert_eq!(terms(g), vec![(11, 4)]);
         assert_eq!(store.last_seq("s"), 2);
         assert_eq!(store.last_seq("stale"), 0);
-        assert!(g.hard_state.commit >= 10);
+        assert!(g.raft.hard_state.commit >= 10);
     }
 
     #[test]
@@ -612,7 +494,7 @@ mod tests {
         // A repair of an event this replica does not hold is ignored.
         f.record(REPAIR_TERM, 0, append("s", 9, "9"));
         let (groups, store, _, later) = f.recovery.finish();
-        assert_eq!(groups[&G].entries.len(), 3, "a repair is not an entry");
+        assert_eq!(groups[&G].raft.entries.len(), 3, "a repair is not an entry");
         // The entries are not applied yet (Raft hands them out again at start), so the
         // event is not indexed: its repair is handed back, to apply once it is.
         assert_eq!(store.repaired_count(), 0);
@@ -672,7 +554,7 @@ mod tests {
             offset: 0,
         };
         assert!(recovery
-            .replay(Replayed::Record(loc, 0, Box::new(rec)))
+            .replay(LogItem::Record(loc, 0, Box::new(rec)))
             .is_err());
     }
 }

@@ -17,9 +17,10 @@ use shards::raft::{
     Body, Config, Entry, HardState, Message, NodeId, Payload, PlantedBugs, RaftNode, Restored,
     Role, SnapshotMeta,
 };
+use shards::replay::{self, Replay, Replayed};
 use shards::replica::{self, Durable, Persisted, RecordLocation, Recovered, Shell, Stop, Write};
 use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits};
-use shards::snapshot::GroupTransfer;
+use shards::snapshot::{GroupSnapshot, GroupTransfer, SnapshotEntry};
 use shards::validate::{self, NewEvent, NewSession};
 
 use super::check::{Ack, Checker};
@@ -43,6 +44,9 @@ pub struct Bugs {
     /// Raft knob: a rebuilt node (wiped data dir) votes while it is catching up, so it
     /// can help elect a leader that lacks entries only it had acknowledged.
     pub vote_while_catching_up: bool,
+    /// Replay bug: a restart keeps an entry its log rewrote (the §5.3 truncation
+    /// skipped), so the restarted replica holds entries its leader replaced.
+    pub skip_truncation_on_replay: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -149,14 +153,14 @@ pub struct Params {
     pub raft: Config,
 }
 
+/// What one group stored: as the server's shard does, its part of the last snapshot,
+/// then the log records written since, in log order. A restart replays them with the
+/// server's own rules (`shards::replay`).
+#[derive(Default)]
 struct GroupDisk {
-    hard: HardState,
-    snap: SnapshotMeta,
-    /// The compaction snapshot: the group's state and rolling checksum at `snap`.
-    snap_data: Vec<u8>,
-    snap_checksum: u64,
-    /// Entries after `snap`, each with the crc32 of its record.
-    log: Vec<(Entry<Command>, u32)>,
+    snapshot: Option<GroupSnapshot>,
+    /// Each record with the crc32 of its encoding.
+    records: Vec<(LogRecord, u32)>,
 }
 
 struct PendingWrite {
@@ -480,13 +484,7 @@ impl Cluster {
                             core,
                             shadow_snap: SnapshotMeta::default(),
                             shadow: Vec::new(),
-                            disk: GroupDisk {
-                                hard: HardState::default(),
-                                snap: SnapshotMeta::default(),
-                                snap_data: Vec::new(),
-                                snap_checksum: 0,
-                                log: Vec::new(),
-                            },
+                            disk: GroupDisk::default(),
                         },
                     );
                 }
@@ -1040,51 +1038,55 @@ impl Cluster {
         let restarts = self.node(id).restarts;
         let groups: Vec<u16> = self.node(id).replicas.keys().copied().collect();
         for g in groups {
-            let (restored, recovered) = {
-                let d = &self.node(id).replicas[&g].disk;
-                let entries: Vec<Entry<Command>> = d.log.iter().map(|(e, _)| e.clone()).collect();
-                let persisted = d
-                    .log
-                    .iter()
-                    .map(|(e, crc)| {
-                        let place = Persisted {
-                            term: e.term,
-                            loc: location(e.index),
-                            crc: *crc,
-                            sealed: None,
-                        };
-                        (e.index, place)
-                    })
-                    .collect();
-                let state = if d.snap.index == 0 {
-                    GroupState::new(self.limits)
-                } else {
-                    GroupState::decode_snapshot(&d.snap_data, self.limits)
-                        .expect("stored snapshot decodes")
-                };
-                let recovered = Recovered {
-                    state,
-                    applied: d.snap.index,
-                    applied_term: d.snap.term,
-                    checksum: d.snap_checksum,
-                    persisted,
-                };
-                let restored = Restored {
-                    hard_state: d.hard,
-                    snapshot: d.snap,
-                    entries,
-                };
-                (restored, recovered)
-            };
-            let snap = restored.snapshot;
-            let shadow = restored.entries.clone();
-            let core = self.new_replica(id, g, restarts, Some(restored), recovered);
+            let replayed = self.replay_disk(id, g);
+            let snap = replayed.raft.snapshot;
+            let shadow = replayed.raft.entries.clone();
+            let core = self.new_replica(id, g, restarts, Some(replayed.raft), replayed.recovered);
             let r = self.rep(id, g);
             r.core = core;
             r.shadow_snap = snap;
             r.shadow = shadow;
         }
         self.node_mut(id).up = true;
+    }
+
+    /// What a restart of node `id` rebuilds of group `g` from its disk.
+    fn replay_disk(&self, id: NodeId, g: u16) -> Replayed {
+        let d = &self.node(id).replicas[&g].disk;
+        let mut replay = match &d.snapshot {
+            Some(snapshot) => Replay::from_snapshot(snapshot.clone(), self.limits)
+                .expect("stored snapshot decodes"),
+            None => Replay::new(self.limits),
+        };
+        replay.plant_bugs(replay::PlantedBugs {
+            skip_truncation: self.options.bugs.skip_truncation_on_replay,
+        });
+        for (rec, crc) in &d.records {
+            match &rec.command {
+                Command::Meta(MetaRecord::HardState { term, vote, commit }) => {
+                    replay.hard_state(*term, *vote, *commit)
+                }
+                Command::Meta(MetaRecord::Snapshot {
+                    index,
+                    term,
+                    checksum,
+                    state,
+                }) => replay
+                    .snapshot(*index, *term, *checksum, state)
+                    .expect("stored snapshot record decodes"),
+                _ if rec.index > 0 => {
+                    let place = Persisted {
+                        term: rec.term,
+                        loc: location(rec.index),
+                        crc: *crc,
+                        sealed: None,
+                    };
+                    replay.entry(rec.index, rec.term, rec.command.clone(), place);
+                }
+                _ => {} // history events of an installed snapshot: the server's index
+            }
+        }
+        replay.finish()
     }
 
     /// The node's data dir is lost and rebuilt (`starcite serve --rebuild`): it stops,
@@ -1099,20 +1101,20 @@ impl Cluster {
             .add(0x3199 ^ id ^ u64::from(lose_hard_state) << 8);
         let node = self.node_mut(id);
         node.rebuilding = Some(lose_hard_state || node.rebuilding == Some(true));
-        for r in node.replicas.values_mut() {
-            let d = &mut r.disk;
-            d.hard = if lose_hard_state {
-                HardState::default()
-            } else {
-                HardState {
-                    commit: 0,
-                    ..d.hard
-                }
-            };
-            d.snap = SnapshotMeta::default();
-            d.snap_data.clear();
-            d.snap_checksum = 0;
-            d.log.clear();
+        let groups: Vec<u16> = self.node(id).replicas.keys().copied().collect();
+        for g in groups {
+            // `--rebuild` writes the old log's term and vote as the new log's first
+            // records; `--forget-votes` (and a data dir deleted by hand) keeps nothing.
+            let hard = self.replay_disk(id, g).raft.hard_state;
+            let d = &mut self.rep(id, g).disk;
+            d.snapshot = None;
+            d.records.clear();
+            if !lose_hard_state {
+                let carried = HardState { commit: 0, ..hard };
+                let rec = replica::hard_state_record(g, carried);
+                let crc = record_crc(&rec);
+                d.records.push((rec, crc));
+            }
         }
         self.restart(id);
     }
@@ -1279,18 +1281,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// The leader answers a snapshot request with its last compaction snapshot (or
-    /// cannot, before its first one).
+    /// The leader answers a snapshot request as the server's does: its committed state
+    /// at its applied index (nothing before its first applied entry).
     fn send_snapshot(&mut self, id: NodeId, g: u16, peer: NodeId) {
         let r = self.rep(id, g);
         r.building_snapshot = false;
-        let meta = r.disk.snap;
+        let meta = SnapshotMeta {
+            index: r.applied,
+            term: r.applied_term,
+        };
         let result = if meta.index == 0 {
             Err(None)
         } else {
             let data = GroupTransfer {
-                state: r.disk.snap_data.clone(),
-                checksum: r.disk.snap_checksum,
+                state: r.state.encode_snapshot(),
+                checksum: r.checksum,
                 events: Vec::new(),
             }
             .encode();
@@ -1336,47 +1341,8 @@ impl Cluster {
 
     fn write_to_disk(&mut self, id: NodeId, w: &PendingWrite) {
         let d = &mut self.rep(id, w.group).disk;
-        for rec in &w.records {
-            match &rec.command {
-                Command::Meta(MetaRecord::HardState { term, vote, commit }) => {
-                    d.hard = HardState {
-                        term: *term,
-                        vote: (*vote != 0).then_some(*vote),
-                        commit: *commit,
-                    };
-                }
-                Command::Meta(MetaRecord::Snapshot {
-                    index,
-                    term,
-                    checksum,
-                    state,
-                }) => {
-                    if *index > d.snap.index {
-                        d.log.clear();
-                        d.snap = SnapshotMeta {
-                            index: *index,
-                            term: *term,
-                        };
-                        d.snap_data = state.clone();
-                        d.snap_checksum = *checksum;
-                    }
-                }
-                _ if rec.index > 0 => {
-                    // §5.3: a record at an index replaces it and everything after it.
-                    d.log.retain(|(e, _)| e.index < rec.index);
-                    if rec.index > d.snap.index {
-                        d.log.push((entry_of(rec), record_crc(rec)));
-                    }
-                    // Keep the stored log one contiguous run after the snapshot.
-                    let cut = (d.snap.index + 1..)
-                        .zip(d.log.iter())
-                        .position(|(expect, (e, _))| e.index != expect)
-                        .unwrap_or(d.log.len());
-                    d.log.truncate(cut);
-                }
-                _ => {} // history events of an installed snapshot: not kept here
-            }
-        }
+        d.records
+            .extend(w.records.iter().map(|rec| (rec.clone(), record_crc(rec))));
     }
 
     fn finish_writes(&mut self, id: NodeId, shard: usize) -> Result<(), String> {
@@ -1426,12 +1392,40 @@ impl Cluster {
             r.raft
                 .compact(meta)
                 .map_err(|e| format!("node {id} group {g}: compact: {e:?}"))?;
-            let data = r.state.encode_snapshot();
-            // The snapshot file is written and synced on its own, then the log is cut.
-            r.disk.snap = meta;
-            r.disk.snap_data = data;
-            r.disk.snap_checksum = r.checksum;
-            r.disk.log.retain(|(e, _)| e.index > applied);
+            // As the server's shard snapshot: the committed state, the hard state, and the
+            // entries on disk not applied yet with their places; the log before it goes.
+            let hard = r.raft.hard_state();
+            let entries = r
+                .persisted
+                .iter()
+                .filter_map(|(&index, p)| {
+                    let entry = r.raft.entry(index).filter(|e| e.term == p.term)?;
+                    Some(SnapshotEntry {
+                        index,
+                        term: p.term,
+                        command: match &entry.payload {
+                            Payload::Noop => Command::Noop,
+                            Payload::Data(c) => c.clone(),
+                        },
+                        epoch: p.loc.epoch,
+                        offset: p.loc.offset,
+                        crc: p.crc,
+                        sealed: u32::MAX,
+                    })
+                })
+                .collect();
+            let snapshot = GroupSnapshot {
+                group: g,
+                committed_index: applied,
+                state: r.state.encode_snapshot(),
+                checksum: r.checksum,
+                committed_term: term,
+                hard_term: hard.term,
+                hard_vote: hard.vote.unwrap_or(0),
+                entries,
+            };
+            r.disk.snapshot = Some(snapshot);
+            r.disk.records.clear();
             let keep_from = (applied - r.shadow_snap.index) as usize;
             r.shadow.drain(..keep_from.min(r.shadow.len()));
             r.shadow_snap = meta;
