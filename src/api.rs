@@ -474,12 +474,9 @@ impl Api {
             Ok(values) => values,
             Err(e) => return Outcome::Respond(error_response(&e)),
         };
-        let Some(key) = tail::upgrade_key(req) else {
-            return Outcome::Respond(Response::error(
-                400,
-                "websocket_upgrade_required",
-                "this endpoint is a WebSocket: send a GET with Upgrade: websocket",
-            ));
+        let key = match tail::upgrade_key(req) {
+            Ok(key) => key,
+            Err(refusal) => return Outcome::Respond(tail::refuse_upgrade(refusal)),
         };
         if let Err(e) = self.session_op(&id, Op::Get { id: id.clone() }, 200).await {
             return Outcome::Respond(error_response(&e));
@@ -721,7 +718,8 @@ fn faults_enabled() -> bool {
 }
 
 /// `PUT /debug/faults` `{"isolate": bool, "fsync_delay_ms": n | null, "lead_to": n |
-/// null}` (any of them): cut this node off from (or reconnect it to) every other node;
+/// null, "panic_shard": true}` (any of them; `panic_shard` panics the shard serving the
+/// request, for the fail-stop tests): cut this node off from (or reconnect it to) every other node;
 /// delay every durable log write of this node by n ms (null: back to the start-up
 /// setting); hand every group this node leads to node n, now and whenever it leads one
 /// again (null: stop).
@@ -754,6 +752,10 @@ fn debug_faults(body: &[u8]) -> Result<Response, ApiError> {
             })?,
         ))),
     };
+    // Test fault: the shard serving this request panics (fail-stop tests).
+    if value.get("panic_shard") == Some(&serde_json::Value::Bool(true)) {
+        panic!("test fault: PUT /debug/faults {{\"panic_shard\": true}}");
+    }
     let lead_to = match value.get("lead_to") {
         None => None,
         Some(serde_json::Value::Null) => Some(None),

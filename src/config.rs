@@ -46,6 +46,14 @@ pub struct ServeConfig {
     #[arg(long, env = "STARCITE_SPIN_BEFORE_PARK_US", default_value_t = 50)]
     pub spin_before_park_us: u64,
 
+    /// Client connections (HTTP, WebSocket) the node serves at once, split evenly across
+    /// shards; past it a new connection gets 503 `overloaded` and is closed. Default: the
+    /// open-file limit (RLIMIT_NOFILE, raised to its hard limit at start) minus the
+    /// descriptors the node keeps for itself (docs/deployment.md, "Connections and file
+    /// descriptors").
+    #[arg(long, env = "STARCITE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Largest accepted request body in bytes.
     #[arg(long, env = "STARCITE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -189,6 +197,7 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err("--max-body-bytes must be at least 1024".into());
         }
+        self.check_record_bounds()?;
         if self.dedupe_keys_max == 0 || self.producers_max == 0 {
             return Err("dedupe bounds must be at least 1".into());
         }
@@ -236,6 +245,79 @@ impl ServeConfig {
         }
         self.members()?;
         Ok(())
+    }
+
+    /// The largest log record a request can produce (a batch of the most events with a
+    /// body of `--max-body-bytes`, every server-added field included) must fit the log:
+    /// within its record limit and, with batch header and padding, within one segment.
+    /// Otherwise the first such request would stop the committer.
+    fn check_record_bounds(&self) -> Result<(), String> {
+        use shards::codec;
+        let events = codec::BATCH_EVENTS_MAX;
+        let record = codec::append_record_bytes_max(self.max_body_bytes, events);
+        if record > codec::RECORD_BYTES_MAX {
+            return Err(format!(
+                "--max-body-bytes {} is too large: an append of up to {events} events with \
+                 such a body makes a log record of up to {record} bytes, above the log's \
+                 record limit of {} bytes (use --max-body-bytes {} at most)",
+                self.max_body_bytes,
+                codec::RECORD_BYTES_MAX,
+                codec::append_body_bytes_max(codec::RECORD_BYTES_MAX, events)
+            ));
+        }
+        let segment_needed = codec::single_record_batch_bytes(record) as u64;
+        if segment_needed > self.segment_bytes {
+            return Err(format!(
+                "--max-body-bytes {} needs --segment-bytes of at least {segment_needed}, got \
+                 --segment-bytes {}: an append of up to {events} events with such a body \
+                 makes a log record of up to {record} bytes, which with its batch header and \
+                 padding must fit in one segment (or use --max-body-bytes {} at most)",
+                self.max_body_bytes,
+                self.segment_bytes,
+                codec::append_body_bytes_max(
+                    codec::record_bytes_max_in(self.segment_bytes),
+                    events
+                )
+            ));
+        }
+        Ok(())
+    }
+
+    /// File descriptors the node keeps for everything but client connections: see
+    /// [`FdReserve`].
+    pub fn fd_reserve(&self) -> Result<u64, String> {
+        let peers = self.members()?.len().saturating_sub(1) as u64;
+        Ok(FdReserve::default().total(self.shard_count() as u64, peers))
+    }
+
+    /// Client connections each shard serves at once, from `--max-connections` or, by
+    /// default, from the open-file limit `nofile` minus [`Self::fd_reserve`]. Refuses
+    /// a limit that would let connections take the descriptors the log needs (a
+    /// segment roll without one stops the process).
+    pub fn connections_per_shard(&self, nofile: u64) -> Result<usize, String> {
+        let shards = self.shard_count() as u64;
+        let reserve = self.fd_reserve()?;
+        let available = nofile.saturating_sub(reserve);
+        let total = match self.max_connections {
+            Some(max) if max as u64 > available => {
+                return Err(format!(
+                    "--max-connections {max} is more than the open-file limit allows: \
+                     RLIMIT_NOFILE {nofile} minus {reserve} descriptors kept for logs, \
+                     snapshots, peers and Postgres leaves {available} (raise ulimit -n)"
+                ))
+            }
+            Some(max) => max as u64,
+            None => available,
+        };
+        if total < shards {
+            return Err(format!(
+                "too few file descriptors for client connections: RLIMIT_NOFILE {nofile} \
+                 minus {reserve} kept for logs, snapshots, peers and Postgres leaves \
+                 {available}, and each of the {shards} shards needs at least one \
+                 (raise ulimit -n, or give --max-connections at least {shards})"
+            ));
+        }
+        Ok((total / shards) as usize)
     }
 
     /// One shard's share of `--scrub-bytes-per-sec` (0 stays 0: scrubbing off).
@@ -307,6 +389,50 @@ impl ServeConfig {
                 .map(|m| m.peer_addr)
                 .ok_or_else(|| "--peer-addr is needed without --peers".to_string()),
         }
+    }
+}
+
+/// The file descriptors a node keeps for itself, so that client connections can never
+/// take the one a segment roll, an index file or a snapshot needs.
+#[derive(Debug, Clone, Copy)]
+pub struct FdReserve {
+    /// Standard streams, the data dir lock, signal handling, logging, the archiver's
+    /// Postgres connections, files read or written once at start.
+    pub base: u64,
+    /// Per shard: its executor's io_uring rings and eventfds, the active and the next
+    /// log segment, index and snapshot files being written, its HTTP listener.
+    pub per_shard: u64,
+    /// Per shard: segments and index files its log reader keeps open for cold reads.
+    pub reader_files: u64,
+    /// Per shard: connections being refused (503 `overloaded`) at once.
+    pub refusing: u64,
+    /// Per shard of a cluster: its peer listener and handshakes in progress.
+    pub peer_listener_and_handshakes: u64,
+    /// Per shard and other member: the connection to that member's shard.
+    pub per_peer: u64,
+}
+
+impl Default for FdReserve {
+    fn default() -> Self {
+        FdReserve {
+            base: 32,
+            per_shard: 16,
+            reader_files: 2 * crate::wal::READER_FILES_MAX as u64,
+            refusing: crate::server::REFUSING_PER_SHARD_MAX as u64,
+            peer_listener_and_handshakes: 1 + crate::transport::HANDSHAKES_PENDING_MAX as u64,
+            per_peer: 2,
+        }
+    }
+}
+
+impl FdReserve {
+    pub fn total(&self, shards: u64, peers: u64) -> u64 {
+        let cluster = if peers > 0 {
+            self.peer_listener_and_handshakes + self.per_peer * peers
+        } else {
+            0
+        };
+        self.base + shards * (self.per_shard + self.reader_files + self.refusing + cluster)
     }
 }
 
@@ -438,6 +564,51 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.contains("not hex"), "{err}");
+    }
+
+    #[test]
+    fn the_largest_record_a_body_makes_must_fit_a_record_and_a_segment() {
+        use shards::codec;
+        let events = codec::BATCH_EVENTS_MAX;
+        // The default body limit needs more than the smallest segment.
+        let err = serve(&["--segment-bytes", "1048576"]).unwrap_err();
+        assert!(err.contains("--max-body-bytes 1048576"), "{err}");
+        assert!(err.contains("--segment-bytes 1048576"), "{err}");
+        // The largest body a 1 MiB segment takes is accepted; one byte more is not.
+        let body = codec::append_body_bytes_max(codec::record_bytes_max_in(1 << 20), events);
+        let body_arg = body.to_string();
+        serve(&["--segment-bytes", "1048576", "--max-body-bytes", &body_arg]).unwrap();
+        let more = (body + 1).to_string();
+        let err = serve(&["--segment-bytes", "1048576", "--max-body-bytes", &more]).unwrap_err();
+        assert!(err.contains("needs --segment-bytes of at least"), "{err}");
+        // The log's record limit caps the body whatever the segment size.
+        let err = serve(&["--max-body-bytes", "16777216"]).unwrap_err();
+        assert!(err.contains("record limit of 8388608"), "{err}");
+        let body = codec::append_body_bytes_max(codec::RECORD_BYTES_MAX, events);
+        assert!(body > 7 << 20, "{body}");
+        let body_arg = body.to_string();
+        serve(&["--segment-bytes", "16777216", "--max-body-bytes", &body_arg]).unwrap();
+        let more = (body + 1).to_string();
+        let err = serve(&["--segment-bytes", "16777216", "--max-body-bytes", &more]).unwrap_err();
+        assert!(err.contains("record limit"), "{err}");
+    }
+
+    #[test]
+    fn connections_are_what_the_open_file_limit_leaves_after_the_reserve() {
+        let config = serve(&["--shards", "2"]).unwrap();
+        let reserve = config.fd_reserve().unwrap();
+        assert_eq!(reserve, FdReserve::default().total(2, 0));
+        assert_eq!(config.connections_per_shard(reserve + 100).unwrap(), 50);
+        let err = config.connections_per_shard(reserve + 1).unwrap_err();
+        assert!(err.contains("too few file descriptors"), "{err}");
+        let config = serve(&["--shards", "2", "--max-connections", "10"]).unwrap();
+        assert_eq!(config.connections_per_shard(reserve + 100).unwrap(), 5);
+        let err = config.connections_per_shard(reserve + 9).unwrap_err();
+        assert!(err.contains("--max-connections 10"), "{err}");
+        // A cluster keeps descriptors for its peers too.
+        let peers = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003";
+        let config = serve(&["--shards", "2", "--peers", peers]).unwrap();
+        assert!(config.fd_reserve().unwrap() > reserve);
     }
 
     #[test]

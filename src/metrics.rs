@@ -74,6 +74,8 @@ pub struct ShardStats {
     pub hot_bytes: u64,
     pub sessions: u64,
     pub tail_subscribers: u64,
+    /// Connections answered 503 `overloaded` at accept (past `--max-connections`).
+    pub connections_refused: u64,
     pub commit_index_sum: u64,
     pub groups_leading: u64,
     pub groups_without_leader: u64,
@@ -170,6 +172,7 @@ impl ShardStats {
         self.hot_bytes += other.hot_bytes;
         self.sessions += other.sessions;
         self.tail_subscribers += other.tail_subscribers;
+        self.connections_refused += other.connections_refused;
         self.commit_index_sum += other.commit_index_sum;
         self.groups_leading += other.groups_leading;
         self.groups_without_leader += other.groups_without_leader;
@@ -283,6 +286,10 @@ pub fn render(per_shard: &[ShardStats]) -> String {
         (
             "starcite_raft_leaderships_given_up_total",
             total.damage.leaderships_given_up,
+        ),
+        (
+            "starcite_connections_refused_total",
+            total.connections_refused,
         ),
     ];
     for (name, value) in counters {

@@ -26,8 +26,20 @@ use crate::shard::{
     ShardSettings,
 };
 
-/// Connections one shard serves at once, at most; more are closed on accept.
-const CONNECTIONS_PER_SHARD_MAX: usize = 16_384;
+/// Connections one shard is refusing at once (writing their 503), at most; past it the
+/// shard accepts nothing until one is done (new connections wait in the kernel's
+/// backlog). Counted in the descriptors the node keeps for itself
+/// (`crate::config::FdReserve`).
+pub const REFUSING_PER_SHARD_MAX: usize = 16;
+/// How long a refused connection gets to take its 503 before it is closed anyway.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the 503, how long what the client sends meanwhile is read and dropped, so that
+/// closing does not reset the connection before the client read the answer.
+const REFUSE_LINGER: Duration = Duration::from_millis(250);
+/// Accept errors (out of descriptors, …) are logged at most this often per shard.
+const ACCEPT_ERROR_LOG_PERIOD: Duration = Duration::from_secs(1);
+/// Exit status of a process stopped because a thread panicked (fail-stop).
+pub const EXIT_PANIC: i32 = 101;
 /// Test-only: delay every fdatasync by this many milliseconds (proves acks wait for fsync).
 const FSYNC_DELAY_ENV: &str = "STARCITE_TEST_FSYNC_DELAY_MS";
 /// Followers campaign after 15–30 ticks without a leader (150–300 ms at the default
@@ -44,6 +56,8 @@ struct ShardBoot {
     receivers: Vec<Option<SharedReceiver<MeshMsg>>>,
     ready: Arc<AtomicUsize>,
     stop: oneshot::Receiver<()>,
+    /// Client connections this shard serves at once.
+    connections_max: usize,
     archive: Option<ArchiveLink>,
     rebuild: Option<Rebuild>,
 }
@@ -53,8 +67,19 @@ type Rebuild = (Arc<Marker>, Arc<RebuildTracker>);
 
 /// Runs a node until it is asked to stop. Returns an error message for a failed start.
 pub fn run(config: ServeConfig) -> Result<(), String> {
+    install_fail_stop();
     config.validate()?;
     let members = config.members()?;
+    check_ports_free(&config, &members)?;
+    let nofile = raise_open_file_limit();
+    let connections_max = config.connections_per_shard(nofile)?;
+    tracing::info!(
+        nofile,
+        reserved = config.fd_reserve()?,
+        connections_per_shard = connections_max,
+        "client connection cap"
+    );
+    crate::tail::set_event_bytes_max(config.max_body_bytes);
     if !members.is_empty() {
         let listen = config.listen_peer_addr(&members)?;
         tracing::info!(
@@ -95,6 +120,7 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             receivers: std::mem::take(&mut receivers[index]),
             ready: ready.clone(),
             stop: stop_rx,
+            connections_max,
             archive: links.as_mut().map(|links| links[index].clone()),
             rebuild: rebuild.clone(),
         };
@@ -136,6 +162,162 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Fail-stop (DESIGN.md, "The replica core and its driver"): a panic in any thread (a
+/// shard's executor, the archiver, the signal thread) means an invariant broke, and a
+/// process with one shard gone would keep serving half of its groups. The hook prints
+/// the reason (the default hook's message first) and ends the process at once with
+/// [`EXIT_PANIC`]; a supervisor restarts it and recovery replays the log.
+fn install_fail_stop() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let message = format!(
+            "thread {name} panicked ({info}): stopping the process (fail-stop, exit status \
+             {EXIT_PANIC}); restart it to recover from the log"
+        );
+        tracing::error!("{message}");
+        eprintln!("starcite: {message}");
+        // SAFETY: _exit(2) ends the process without running atexit handlers or
+        // destructors, which other threads may be using; everything acknowledged is
+        // already durable.
+        unsafe { libc::_exit(EXIT_PANIC) }
+    }));
+}
+
+/// Every shard listens with SO_REUSEPORT, which would also let a second node on this
+/// host share (and silently take half of) the HTTP or peer ports. A port that a socket
+/// held by a running process already listens on (in this network namespace) is
+/// refused. The kernel's tables are read rather than a test bind: connections a killed
+/// predecessor left closing would fail a bind without SO_REUSEPORT, and its listener
+/// may outlive it briefly (held by its io_uring until the kernel tears that down),
+/// though the port is free for this process.
+fn check_ports_free(config: &ServeConfig, members: &[crate::config::Member]) -> Result<(), String> {
+    let mut ports = vec![("HTTP", config.http_addr)];
+    if members.len() > 1 {
+        let listen = config.listen_peer_addr(members)?;
+        for shard in 0..config.shard_count() {
+            let addr = crate::transport::shard_peer_addr(listen, shard as u32);
+            ports.push(("peer", addr));
+        }
+    }
+    let listening = listening_sockets();
+    for (what, addr) in ports.into_iter().filter(|(_, a)| a.port() != 0) {
+        let inodes: Vec<u64> = listening
+            .iter()
+            .filter(|(l, _)| {
+                l.port() == addr.port()
+                    && (l.ip() == addr.ip()
+                        || l.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            })
+            .map(|&(_, inode)| inode)
+            .collect();
+        if !inodes.is_empty() && held_by_a_process(&inodes) {
+            return Err(format!(
+                "cannot listen on {addr} ({what} port): the port is already in use, another \
+                 process listens on it (another starcite node?): stop it or choose another port"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Local addresses and inodes of the TCP sockets in LISTEN state, from
+/// `/proc/net/tcp{,6}` (empty where those cannot be read: the bind then decides alone).
+fn listening_sockets() -> Vec<(std::net::SocketAddr, u64)> {
+    const LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 10 || fields[3] != LISTEN {
+                continue;
+            }
+            let inode = fields[9].parse::<u64>().unwrap_or(0);
+            if let Some(addr) = parse_proc_addr(fields[1]) {
+                out.push((addr, inode));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a running process has one of these socket inodes open. Processes of other
+/// users may be unreadable: their sockets cannot share our port anyway (SO_REUSEPORT
+/// needs the same user), so the bind refuses those.
+fn held_by_a_process(inodes: &[u64]) -> bool {
+    let names: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for proc_dir in procs.flatten() {
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if names.iter().any(|n| target.as_os_str() == n.as_str()) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits + port (IPv6): the address as the kernel
+/// prints it, in 32-bit words of host byte order, and the port in hex.
+fn parse_proc_addr(text: &str) -> Option<std::net::SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        16 => {
+            let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?);
+            // A dual-stack listener on `::` or a v4-mapped one covers IPv4 too.
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// Raises the soft open-file limit to the hard one (client connections are the main
+/// user of descriptors) and returns it.
+fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    limit.rlim_cur
 }
 
 /// `--rebuild` deletes the damaged log, keeping the terms and votes in the marker
@@ -379,6 +561,7 @@ async fn shard_main(boot: ShardBoot) -> Result<(), String> {
         api,
         http_config,
         http_shutdown.clone(),
+        boot.connections_max,
     ));
     let _ = boot.stop.await;
     drain(&core, &http_shutdown, config.shutdown_timeout).await;
@@ -409,9 +592,15 @@ async fn accept_loop(
     api: Rc<Api>,
     config: Rc<HttpConfig>,
     shutdown: Rc<Shutdown>,
+    connections_max: usize,
 ) {
     let open = Rc::new(std::cell::Cell::new(0usize));
+    let refusing = Rc::new(std::cell::Cell::new(0usize));
+    let mut errors = AcceptErrors::default();
     loop {
+        while refusing.get() >= REFUSING_PER_SHARD_MAX && !shutdown.is_triggered() {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
         let accepted = match select(Box::pin(listener.accept()), Box::pin(shutdown.wait())).await {
             Either::Left((accepted, _)) => accepted,
             Either::Right(_) => return,
@@ -419,13 +608,20 @@ async fn accept_loop(
         let stream = match accepted {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                errors.failed(&e);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        if open.get() >= CONNECTIONS_PER_SHARD_MAX {
-            drop(stream);
+        if open.get() >= connections_max {
+            api.node.core.stats.borrow_mut().connections_refused += 1;
+            refusing.set(refusing.get() + 1);
+            let refusing = refusing.clone();
+            glommio::spawn_local(async move {
+                refuse(stream).await;
+                refusing.set(refusing.get() - 1);
+            })
+            .detach();
             continue;
         }
         let _ = stream.set_nodelay(true);
@@ -437,6 +633,56 @@ async fn accept_loop(
             open.set(open.get() - 1);
         })
         .detach();
+    }
+}
+
+/// Answers a connection over the cap with 503 `overloaded` (`Retry-After: 1`) and closes
+/// it, within [`REFUSE_TIMEOUT`] plus [`REFUSE_LINGER`].
+async fn refuse(mut stream: glommio::net::TcpStream) {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let response = crate::http::Response::error(
+        503,
+        "overloaded",
+        "this node serves as many connections as it can: retry shortly",
+    )
+    .with_header("Retry-After", "1");
+    let bytes = crate::http::encode_last(&response);
+    let answer = async {
+        stream.write_all(&bytes).await?;
+        stream.shutdown(std::net::Shutdown::Write).await
+    };
+    if !matches!(
+        crate::node::with_timeout(REFUSE_TIMEOUT, answer).await,
+        Some(Ok(()))
+    ) {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 1024];
+        while let Ok(1..) = stream.read(&mut sink).await {}
+    };
+    let _ = crate::node::with_timeout(REFUSE_LINGER, drain).await;
+}
+
+/// Accept errors (EMFILE, ENFILE, …) repeat as fast as the loop retries: log the first,
+/// then at most one line per [`ACCEPT_ERROR_LOG_PERIOD`] with how many happened.
+#[derive(Default)]
+struct AcceptErrors {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptErrors {
+    fn failed(&mut self, error: &dyn std::fmt::Display) {
+        self.unlogged += 1;
+        let due = self
+            .last_logged
+            .is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_PERIOD);
+        if due {
+            tracing::warn!(%error, count = self.unlogged, "accept failed");
+            self.last_logged = Some(Instant::now());
+            self.unlogged = 0;
+        }
     }
 }
 
@@ -468,4 +714,33 @@ fn process_incarnation() -> u64 {
             return id;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_addresses_parse_as_the_kernel_prints_them() {
+        let v4 = parse_proc_addr("0100007F:1F90").unwrap();
+        assert_eq!(
+            v4,
+            "127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()
+        );
+        let any6 = parse_proc_addr("00000000000000000000000000000000:0FA0").unwrap();
+        assert_eq!(any6, "[::]:4000".parse::<std::net::SocketAddr>().unwrap());
+        assert!(parse_proc_addr("zz:1").is_none());
+        // This process listens on a port: the table shows it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inodes: Vec<u64> = listening_sockets()
+            .into_iter()
+            .filter(|(a, _)| *a == addr)
+            .map(|(_, inode)| inode)
+            .collect();
+        assert_eq!(inodes.len(), 1);
+        assert!(held_by_a_process(&inodes));
+        drop(listener);
+        assert!(!listening_sockets().iter().any(|(a, _)| *a == addr));
+    }
 }

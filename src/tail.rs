@@ -9,16 +9,20 @@
 //! never makes the server buffer.
 
 use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use async_tungstenite::tungstenite::Message;
+use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures::future::{select, Either};
-use futures::{SinkExt, StreamExt};
+use futures::task::{Context, Poll};
+use futures::{AsyncRead, AsyncWrite, SinkExt, StreamExt};
 use glommio::net::TcpStream;
 
 use crate::http::{Outcome, Request, Response, Shutdown};
@@ -37,6 +41,100 @@ const CLIENT_MESSAGE_BYTES_MAX: usize = 64 << 10;
 const READ_EVENTS_MAX: usize = 1000;
 /// A batch frame stays under this size unless one event alone is larger (API.md).
 const FRAME_BYTES_MAX: usize = 1 << 20;
+/// tungstenite's read buffer per connection. Clients send only control frames and small
+/// messages, and its default (128 KiB) would be most of an idle tailer's memory.
+const READ_BUFFER_BYTES: usize = 4 << 10;
+/// Frames are queued up to this many bytes before they are written to the socket.
+const WRITE_BUFFER_BYTES: usize = 64 << 10;
+/// Room in the write buffer for control frames (pongs, close) beyond a full event frame.
+const CONTROL_FRAMES_BYTES: usize = 4 << 10;
+/// What an event object adds to the text of its request body at most: field names,
+/// seq, cursor, `inserted_at`, nulls and defaults.
+const EVENT_FIELDS_BYTES: usize = 4 << 10;
+/// The longest event frame: `--max-body-bytes` plus [`EVENT_FIELDS_BYTES`], set once at
+/// start by [`set_event_bytes_max`].
+static EVENT_FRAME_BYTES_MAX: AtomicUsize = AtomicUsize::new(FRAME_BYTES_MAX);
+/// A client that violated the protocol (or stopped reading) gets its close frame within
+/// this long, or is dropped without it.
+const VIOLATION_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Sets the longest event frame from the body limit (called once at start).
+pub fn set_event_bytes_max(max_body_bytes: usize) {
+    EVENT_FRAME_BYTES_MAX.store(
+        max_body_bytes.saturating_add(EVENT_FIELDS_BYTES),
+        Ordering::Relaxed,
+    );
+}
+
+/// Bytes a reading client can leave queued at most: the write buffer plus one frame of
+/// the subscriber budget (or one event, if larger). The tail sends a frame only once
+/// what it sent before left the write buffer, so only pongs (and a close) go past it.
+fn unsent_bytes_max(buffer_bytes: usize) -> usize {
+    let frame_max = buffer_bytes
+        .max(FRAME_BYTES_MAX)
+        .max(EVENT_FRAME_BYTES_MAX.load(Ordering::Relaxed));
+    WRITE_BUFFER_BYTES + frame_max
+}
+
+/// The WebSocket settings of a tail with a subscriber budget of `buffer_bytes`. What
+/// the server queues for one client stays below [`unsent_bytes_max`] plus room for
+/// control frames: a client that sends pings and never reads makes the server queue
+/// pongs until that bound (tungstenite then keeps only the latest), and is closed
+/// (1008) once past [`unsent_bytes_max`].
+pub fn ws_config(buffer_bytes: usize) -> WebSocketConfig {
+    let mut config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        // tungstenite requires it above write_buffer_size (it panics otherwise).
+        .max_write_buffer_size(unsent_bytes_max(buffer_bytes) + CONTROL_FRAMES_BYTES);
+    config.max_message_size = Some(CLIENT_MESSAGE_BYTES_MAX);
+    config.max_frame_size = Some(CLIENT_MESSAGE_BYTES_MAX);
+    config
+}
+
+/// The socket under a tail's WebSocket. tungstenite hands the socket its whole write
+/// buffer at every attempt, so what the last attempt left unwritten is what the client
+/// has not taken: the tail's measure of a client that does not read.
+struct Metered {
+    stream: TcpStream,
+    unsent: Rc<Cell<usize>>,
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        let unsent = match &polled {
+            Poll::Ready(Ok(written)) => buf.len().saturating_sub(*written),
+            Poll::Ready(Err(_)) => 0,
+            Poll::Pending => buf.len(),
+        };
+        this.unsent.set(unsent);
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_close(cx)
+    }
+}
 
 pub struct TailParams {
     pub id: String,
@@ -45,23 +143,59 @@ pub struct TailParams {
     pub buffer_bytes: usize,
 }
 
-/// The `Sec-WebSocket-Key` of a valid upgrade request, or None.
-pub fn upgrade_key(req: &Request) -> Option<String> {
+/// Why a request cannot be upgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeRefusal {
+    /// Not a WebSocket upgrade (or without a key): 400 `websocket_upgrade_required`.
+    NotUpgrade,
+    /// A WebSocket upgrade of a version other than 13: 426 with
+    /// `Sec-WebSocket-Version: 13` (RFC 6455 §4.2.2, §4.4).
+    WrongVersion,
+}
+
+/// The `Sec-WebSocket-Key` of a valid upgrade request, or why there is none.
+pub fn upgrade_key(req: &Request) -> Result<String, UpgradeRefusal> {
     let header = |name: &str| {
         req.header(name)
             .map(|v| String::from_utf8_lossy(v).to_ascii_lowercase())
     };
-    let upgrade = header("upgrade")?;
-    let connection = header("connection")?;
-    let version = header("sec-websocket-version")?;
+    let not_upgrade = UpgradeRefusal::NotUpgrade;
+    let upgrade = header("upgrade").ok_or(not_upgrade)?;
+    let connection = header("connection").ok_or(not_upgrade)?;
     let wants_ws = upgrade.split(',').any(|t| t.trim() == "websocket");
     let wants_upgrade = connection.split(',').any(|t| t.trim() == "upgrade");
-    if !wants_ws || !wants_upgrade || version.trim() != "13" {
-        return None;
+    if !wants_ws || !wants_upgrade {
+        return Err(not_upgrade);
     }
-    let key = req.header("sec-websocket-key")?;
-    let key = std::str::from_utf8(key).ok()?.trim().to_string();
-    (!key.is_empty()).then_some(key)
+    if header("sec-websocket-version").as_deref().map(str::trim) != Some("13") {
+        return Err(UpgradeRefusal::WrongVersion);
+    }
+    let key = req.header("sec-websocket-key").ok_or(not_upgrade)?;
+    let key = std::str::from_utf8(key)
+        .map_err(|_| not_upgrade)?
+        .trim()
+        .to_string();
+    if key.is_empty() {
+        return Err(not_upgrade);
+    }
+    Ok(key)
+}
+
+/// The answer to a request that cannot be upgraded.
+pub fn refuse_upgrade(refusal: UpgradeRefusal) -> Response {
+    match refusal {
+        UpgradeRefusal::NotUpgrade => Response::error(
+            400,
+            "websocket_upgrade_required",
+            "this endpoint is a WebSocket: send a GET with Upgrade: websocket",
+        ),
+        UpgradeRefusal::WrongVersion => Response::error(
+            426,
+            "websocket_version_unsupported",
+            "this server speaks WebSocket version 13 (RFC 6455) only",
+        )
+        .with_header("Sec-WebSocket-Version", "13"),
+    }
 }
 
 /// The 101 response and the task that runs the tail once the connection is upgraded.
@@ -91,21 +225,39 @@ async fn run(
     leftover: Vec<u8>,
     params: TailParams,
 ) {
-    let mut config = WebSocketConfig::default();
-    config.max_message_size = Some(CLIENT_MESSAGE_BYTES_MAX);
-    config.max_frame_size = Some(CLIENT_MESSAGE_BYTES_MAX);
+    let config = ws_config(params.buffer_bytes);
+    let unsent = Rc::new(Cell::new(0));
+    let unsent_max = unsent_bytes_max(params.buffer_bytes);
+    let stream = Metered {
+        stream,
+        unsent: unsent.clone(),
+    };
     let ws =
         WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
     let (mut sink, mut incoming) = ws.split();
     let last_heard = Rc::new(Cell::new(Instant::now()));
     let client_gone = Rc::new(Shutdown::new());
+    let violation: Rc<Cell<Option<&'static str>>> = Rc::new(Cell::new(None));
     let reader = {
         let last_heard = last_heard.clone();
         let client_gone = client_gone.clone();
+        let violation = violation.clone();
         glommio::spawn_local(async move {
             // Reading also answers pings and completes the close handshake.
-            while let Some(Ok(_)) = incoming.next().await {
-                last_heard.set(Instant::now());
+            loop {
+                match incoming.next().await {
+                    // Pongs queue up for a client that pings and does not read.
+                    Some(Ok(_)) if unsent.get() > unsent_max => {
+                        violation.set(Some("the client does not read what it asked for"));
+                        break;
+                    }
+                    Some(Ok(_)) => last_heard.set(Instant::now()),
+                    Some(Err(e)) => {
+                        violation.set(violation_of(&e));
+                        break;
+                    }
+                    None => break,
+                }
             }
             client_gone.trigger();
         })
@@ -121,6 +273,21 @@ async fn run(
     )
     .await;
     node.core.stats.borrow_mut().tail_subscribers -= 1;
+    if let Some(reason) = violation.get() {
+        // The client broke the protocol or stopped reading: attempt the close frame,
+        // but never wait on this client for long.
+        let frame = CloseFrame {
+            code: CloseCode::Policy,
+            reason: reason.into(),
+        };
+        let closing = async {
+            if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                let _ = SinkExt::close(&mut sink).await;
+            }
+        };
+        let _ = with_timeout(VIOLATION_CLOSE_TIMEOUT, closing).await;
+        return;
+    }
     if let Some((code, reason)) = close {
         let frame = CloseFrame {
             code,
@@ -134,7 +301,18 @@ async fn run(
     let _ = with_timeout(Duration::from_secs(1), reader).await;
 }
 
-type Sink = async_tungstenite::WebSocketSender<TcpStream>;
+type Sink = async_tungstenite::WebSocketSender<Metered>;
+
+/// The close reason for a read error the client caused (all answered 1008, API.md), or
+/// None when the client just went away.
+fn violation_of(error: &WsError) -> Option<&'static str> {
+    match error {
+        WsError::Protocol(_) => Some("protocol violation"),
+        WsError::Capacity(_) => Some("message too large"),
+        WsError::Utf8(_) => Some("invalid UTF-8 in a text message"),
+        _ => None,
+    }
+}
 
 /// The tail loop. Returns the close frame to send, or None when the client left.
 async fn follow(
@@ -161,7 +339,7 @@ async fn follow(
         }
         if last_ping.elapsed() >= PING_INTERVAL {
             last_ping = Instant::now();
-            if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+            if !sent(sink.send(Message::Ping(Vec::new().into())), client_gone).await {
                 return None;
             }
         }
@@ -188,7 +366,7 @@ async fn follow(
                 let gap = format!(
                     r#"{{"type":"gap","reason":"expired","from_cursor":{cursor},"next_cursor":{next}}}"#
                 );
-                if sink.send(Message::Text(gap.into())).await.is_err() {
+                if !sent(sink.send(Message::Text(gap.into())), client_gone).await {
                     return None;
                 }
                 cursor = next;
@@ -207,7 +385,7 @@ async fn follow(
             let gap = format!(
                 r#"{{"type":"gap","reason":"resume_invalidated","from_cursor":{cursor},"next_cursor":{last_seq}}}"#
             );
-            if sink.send(Message::Text(gap.into())).await.is_err() {
+            if !sent(sink.send(Message::Text(gap.into())), client_gone).await {
                 return None;
             }
             cursor = last_seq;
@@ -216,9 +394,22 @@ async fn follow(
         if let Some(last) = events.last() {
             cursor = last.0;
         }
-        if send_events(sink, &events, params.batch_size).await.is_err() {
+        if !sent(send_events(sink, &events, params.batch_size), client_gone).await {
             return None;
         }
+    }
+}
+
+/// Whether a send completed, unless the client left first: a client that stops reading
+/// blocks a send until its reader fails (pongs past the write buffer bound), and must
+/// not keep the tail waiting on it.
+async fn sent<E>(
+    send: impl std::future::Future<Output = Result<(), E>>,
+    client_gone: &Shutdown,
+) -> bool {
+    match select(Box::pin(send), Box::pin(client_gone.wait())).await {
+        Either::Left((result, _)) => result.is_ok(),
+        Either::Right(_) => false,
     }
 }
 

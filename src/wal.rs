@@ -266,6 +266,9 @@ impl Wal {
             probed: false,
         };
         wal.probe().await;
+        // See `reusable_before_last`: the segment before an unused last one may stay
+        // the active one; it is then not sealed (no `SegmentEnd`) unless it is full.
+        let reuse_candidate = reusable_before_last(dir, &epochs)?;
         let mut outcomes = Vec::with_capacity(epochs.len());
         // The last segment (the pre-written next one, possibly empty) and the torn tail,
         // which `classify_log` allows only in the last segment that holds batches.
@@ -274,7 +277,7 @@ impl Wal {
         for (i, &epoch) in epochs.iter().enumerate() {
             let from = if epoch == resume.0 { resume.1 } else { 0 };
             let (end, outcome, kind) = scan_file(dir, epoch, from, &mut visit).await?;
-            if i + 1 < epochs.len() {
+            if i + 1 < epochs.len() && reuse_candidate != Some(epoch) {
                 visit(Replayed::SegmentEnd(epoch));
             }
             outcomes.push(codec::SegmentSummary {
@@ -291,6 +294,22 @@ impl Wal {
         if let Some((epoch, end, kind)) = torn {
             drop_torn_tail(dir, epoch, end, kind, segment_bytes, damaged_tail_marker).await?;
         }
+        if let Some(previous) = reuse_candidate {
+            let last = tail.expect("a candidate has a segment after it");
+            assert_eq!(last.1, 0, "segment {} has an empty first block", last.0);
+            let end = outcomes
+                .iter()
+                .find(|o| o.epoch == previous)
+                .expect("scanned")
+                .end;
+            if end + codec::BLOCK_BYTES as u64 <= segment_bytes {
+                wal.reuse(previous, end, last.0).await?;
+                wal.publish_room();
+                return Ok(wal);
+            }
+            // Full: it is sealed after all, and the empty last segment is the active one.
+            visit(Replayed::SegmentEnd(previous));
+        }
         if let Some((epoch, end)) = tail {
             let file = open_segment(dir, epoch).await?;
             wal.active = Some(Active {
@@ -304,6 +323,28 @@ impl Wal {
         }
         wal.publish_room();
         Ok(wal)
+    }
+
+    /// Continues writing in segment `epoch` at `end`, with the unused pre-written
+    /// segment `next` as the next one: what the previous run left of both is used, and
+    /// a restart adds no segment (the previous run's writes stopped before it needed
+    /// `next`).
+    async fn reuse(&mut self, epoch: u64, end: u64, next: u64) -> Result<(), String> {
+        let file = open_segment(&self.dir, epoch).await?;
+        self.active = Some(Active {
+            file: Rc::new(file),
+            epoch,
+            write_pos: end,
+        });
+        self.next_epoch = next;
+        self.next = Some(glommio::spawn_local(async { true }).detach());
+        self.space.next.set(NextSegment::Ready);
+        tracing::debug!(
+            segment = epoch,
+            next,
+            "continuing the last written segment; the empty one after it stays the next"
+        );
+        Ok(())
     }
 
     /// An empty log's first segment, created before the log serves (so that the first
@@ -618,8 +659,10 @@ pub struct LogReader {
     indexes: RefCell<HashMap<String, (Rc<std::fs::File>, u32)>>,
 }
 
-/// Segment files a reader keeps open at most.
-const READER_FILES_MAX: usize = 64;
+/// Segment files (and, separately, index files) a reader keeps open at most; counted
+/// in the file descriptors the node keeps from client connections
+/// (`crate::config::FdReserve`).
+pub const READER_FILES_MAX: usize = 32;
 
 /// Why a record or an index entry could not be read back.
 #[derive(Debug)]
@@ -1032,6 +1075,33 @@ async fn probe_with_a_segment(dir: &Path) -> bool {
     }
 }
 
+/// The segment before the last one, when writing may go on in it after a restart: the
+/// last segment was pre-written and never written (its first block is all zeros, so it
+/// holds no batch), and the one before it has no index file (it was never sealed: a
+/// roll writes the sealed segment's index only after the first write into the new
+/// one). Every restart would otherwise make the unused segment the active one and
+/// pre-write another, leaving the rest of the previous one unused.
+fn reusable_before_last(dir: &Path, epochs: &[u64]) -> Result<Option<u64>, String> {
+    let [.., previous, last] = epochs else {
+        return Ok(None);
+    };
+    if *previous + 1 != *last || dir.join(sidecar_name(*previous)).exists() {
+        return Ok(None);
+    }
+    let path = segment_path(dir, *last);
+    let mut header = [0u8; codec::BATCH_HEADER_BYTES];
+    let read = std::fs::File::open(&path).and_then(|mut file| {
+        use std::io::Read;
+        file.read_exact(&mut header)
+    });
+    match read {
+        Ok(()) => Ok(header.iter().all(|&b| b == 0).then_some(*previous)),
+        // Shorter than a header: not a segment this log wrote; the scan decides.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
 /// A crash while pre-writing leaves a `.tmp` file that never held records.
 fn remove_unfinished_segments(dir: &Path) -> Result<(), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("list {}: {e}", dir.display()))?;
@@ -1346,6 +1416,61 @@ mod tests {
             assert_eq!(space.full(), Some(FullReason::Budget));
             assert!(dir_bytes(&dir).unwrap() <= budget);
             assert_eq!(space.files_bytes(), dir_bytes(&dir).unwrap());
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Opens the log in `dir` and returns it with the segments replay saw sealed.
+    async fn open_sealed(dir: &Path) -> (Wal, Vec<u64>) {
+        let mut sealed = Vec::new();
+        let space = LogSpace::new(0, None);
+        let marker = dir.join("catching-up");
+        let wal = Wal::open(dir, SEGMENT, None, (1, 0), space, &marker, |r| {
+            if let Replayed::SegmentEnd(epoch) = r {
+                sealed.push(epoch);
+            }
+        })
+        .await
+        .expect("open");
+        (wal, sealed)
+    }
+
+    #[test]
+    fn a_restart_writes_on_in_the_last_segment_while_the_next_is_unused() {
+        let dir = fresh_dir("wal-reuse");
+        let test_dir = dir.clone();
+        run(async move {
+            let dir = test_dir;
+            let (mut wal, _) = open_sealed(&dir).await;
+            wal.start_next();
+            wal.write(&[record(1)]).await.expect("write");
+            for _ in 0..1000 {
+                if wal.space.next.get() == NextSegment::Ready {
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            drop(wal);
+            // Every restart (with a write each) goes on in segment 1; segment 2 stays
+            // the pre-written next one and no third appears.
+            for index in 2..5 {
+                let (mut wal, sealed) = open_sealed(&dir).await;
+                wal.start_next();
+                assert!(sealed.is_empty(), "{sealed:?}");
+                assert_eq!(wal.space.next.get(), NextSegment::Ready);
+                let written = wal.write(&[record(index)]).await.expect("write");
+                assert_eq!(written.locations[0].epoch, 1);
+                assert_eq!(written.sealed, None);
+                assert_eq!(list_segments(&dir).unwrap(), vec![1, 2]);
+            }
+            // A sealed segment (its index file exists) is not written again: the empty
+            // one after it is the active one.
+            std::fs::write(dir.join(sidecar_name(1)), [0u8; 64]).expect("index");
+            let (mut wal, sealed) = open_sealed(&dir).await;
+            assert_eq!(sealed, vec![1]);
+            assert_eq!(wal.durable_position(), (2, 0));
+            let written = wal.write(&[record(5)]).await.expect("write");
+            assert_eq!(written.locations[0].epoch, 2);
         });
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -60,6 +60,7 @@
 //! need repair.
 
 mod batch;
+mod bounds;
 mod record;
 mod scan;
 mod tail;
@@ -68,6 +69,10 @@ mod verify;
 pub use batch::{
     find_valid_batch_after, scan_batch, BatchBuilder, BatchScan, PushError, BATCH_MAGIC,
     FORMAT_VERSION,
+};
+pub use bounds::{
+    append_body_bytes_max, append_record_bytes_max, record_bytes_max_in, single_record_batch_bytes,
+    BATCH_EVENTS_MAX,
 };
 pub use record::{
     decode_record, encode_record, read_record_at, record_crc, record_frame_bytes, DecodeError,

@@ -24,6 +24,16 @@ use std::pin::Pin;
 use std::time::Duration;
 
 pub use conn::serve_connection;
+
+/// The bytes of `response` as the last one of its connection (`Connection: close`),
+/// for an answer written outside a connection's task (one refused at accept).
+pub fn encode_last(response: &Response) -> Vec<u8> {
+    let wire = response::Wire {
+        close: true,
+        ..Default::default()
+    };
+    response::encode(response, wire)
+}
 pub use response::Response;
 pub use shutdown::Shutdown;
 

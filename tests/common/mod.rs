@@ -25,6 +25,11 @@ use serde_json::{json, Value};
 pub const BIN: &str = env!("CARGO_BIN_EXE_starcite");
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Servers with segments smaller than this get `--max-body-bytes`
+/// [`SMALL_SEGMENT_BODY_BYTES`] unless their test sets it (see `Server::serve_args`).
+pub const SMALL_SEGMENT_BYTES_MAX: u64 = 2 << 20;
+pub const SMALL_SEGMENT_BODY_BYTES: usize = 512 << 10;
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// `target/test-data` of the workspace.
@@ -67,6 +72,8 @@ pub struct Opts {
     pub ip: IpAddr,
     /// Network namespace (`ip netns` name) the process runs in; None: the test's own.
     pub netns: Option<String>,
+    /// Open-file limit (soft and hard RLIMIT_NOFILE) of the child, like `ulimit -n`.
+    pub nofile: Option<u64>,
 }
 
 impl Opts {
@@ -80,6 +87,7 @@ impl Opts {
             relative_data_dir: false,
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             netns: None,
+            nofile: None,
         }
     }
 
@@ -179,6 +187,15 @@ impl Server {
             self.opts.segment_bytes.to_string(),
         ];
         args.extend(self.opts.args.iter().cloned());
+        // The default 1 MiB body makes records larger than a segment under 2 MiB holds,
+        // which the server refuses at start: such servers get a smaller body limit
+        // unless the test sets one.
+        if self.opts.segment_bytes < SMALL_SEGMENT_BYTES_MAX
+            && !args.iter().any(|a| a == "--max-body-bytes")
+        {
+            args.push("--max-body-bytes".to_string());
+            args.push(SMALL_SEGMENT_BODY_BYTES.to_string());
+        }
         args
     }
 
@@ -191,6 +208,22 @@ impl Server {
             .expect("open stderr log");
         let _ = writeln!(&log, "=== spawn {:?}", self.serve_args());
         let mut cmd = base_command(&self.opts.env);
+        if let Some(nofile) = self.opts.nofile {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and
+            // exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(self.serve_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -312,6 +345,18 @@ impl Server {
             None => false,
             Some(child) => child.try_wait().ok().flatten().is_none(),
         }
+    }
+
+    /// VmRSS of the running server process in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("server not running").id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
     }
 
     pub fn stderr(&self) -> String {
