@@ -402,26 +402,25 @@ impl Api {
                 filters: filters.clone(),
             })
             .await;
-        let mut all = Vec::new();
+        let mut parts = Vec::with_capacity(replies.len());
         for reply in replies {
             match reply {
-                Reply::Sessions(found) => all.extend(found),
+                Reply::Sessions(part) => parts.push(part),
                 Reply::Error(e) => return Err(e),
                 other => return Err(unexpected(other)),
             }
         }
-        all.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        let more = all.len() > limit;
-        all.truncate(limit);
-        let next_cursor = match (more, all.last()) {
-            (true, Some((id, _))) => Value::String(id.clone()),
-            _ => Value::Null,
-        };
+        let page = shards::listing::merge(parts, limit);
+        let next_cursor = page.next_cursor.map_or(Value::Null, Value::String);
         let mut body = String::from("{\"sessions\":");
-        push_json_array(&mut body, all.iter().map(|(_, text)| text.as_str()));
+        push_json_array(
+            &mut body,
+            page.sessions.iter().map(|(_, text)| text.as_str()),
+        );
         body.push_str(",\"next_cursor\":");
         body.push_str(&next_cursor.to_string());
         body.push('}');
+        debug_assert!(body.len() <= shards::listing::PAGE_BYTES_MAX);
         Ok(Response::json(200, body))
     }
 
