@@ -299,6 +299,18 @@ impl Server {
         }
     }
 
+    /// VmRSS of the running server process in bytes (from `/proc/<pid>/status`).
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS line");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
     pub fn stderr(&self) -> String {
         fs::read(&self.log_path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
