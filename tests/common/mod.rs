@@ -299,14 +299,14 @@ impl Server {
         }
     }
 
-    /// VmRSS of the running server process in bytes (from `/proc/<pid>/status`).
+    /// VmRSS of the running server process in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let pid = self.child.as_ref().expect("server running").id();
+        let pid = self.child.as_ref().expect("server not running").id();
         let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
         let line = status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
-            .expect("VmRSS line");
+            .expect("VmRSS");
         let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib * 1024
     }
