@@ -20,14 +20,16 @@ pub const PAGE_BYTES_MAX: usize = 4 << 20;
 /// Sessions one page examines at most, over all shards of the node.
 pub const EXAMINED_SESSIONS_MAX: usize = 10_000;
 
-/// Listing scans one shard runs at once; more wait their turn. Each running scan is one
-/// more task that a shard's ready append may have to wait behind (one chunk each), so
-/// listings, however many, take a bounded share of the shard.
-pub const SCANS_AT_ONCE_MAX: usize = 2;
+/// Listing scans one shard runs at once; more wait their turn (waiting costs nothing).
+/// Each running scan is one more task that a shard's ready append may have to wait
+/// behind (one chunk each), so listings, however many, take a bounded share of the
+/// shard. One at a time measured better for appends than two (docs/benchmarks.md).
+pub const SCANS_AT_ONCE_MAX: usize = 1;
 
-/// Sessions a shard examines between two yields to its executor (about 1 ms of work
-/// with a filter; each chunk also restarts the merge of the shard's groups).
-pub const SCAN_CHUNK_SESSIONS: usize = 1024;
+/// Sessions a shard examines between two yields to its executor (well under 1 ms of
+/// work with a filter on small metadata; each chunk also restarts the merge of the
+/// shard's groups, which is why it is not smaller).
+pub const SCAN_CHUNK_SESSIONS: usize = 512;
 
 /// Metadata bytes a shard's filter may look at between two yields (a filter parses the
 /// metadata, up to 64 KiB per session).
