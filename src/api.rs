@@ -94,9 +94,17 @@ impl Drop for BodyPermit {
     }
 }
 
+/// `Allow` of a read-only route: HEAD is a GET without the body (API.md, "Hardening
+/// rules (v1.1)"), and every path answers a CORS preflight.
+const ALLOW_GET: &str = "GET, HEAD, OPTIONS";
+const ALLOW_POST: &str = "POST, OPTIONS";
+/// The tail is a WebSocket (or stream) only: HEAD has no meaning there.
+const ALLOW_TAIL: &str = "GET, OPTIONS";
+
 /// Matches a path and method to a route (API.md: unknown path 404, then 405).
 pub fn route(method: &Method, path: &str) -> RouteMatch<Route> {
-    let get = matches!(method, Method::Get);
+    // The connection drops the body of a HEAD answer and keeps its headers.
+    let get = matches!(method, Method::Get | Method::Head);
     let post = matches!(method, Method::Post);
     let only = |ok: bool, route: Route, allow: &'static str| {
         if ok {
@@ -106,25 +114,28 @@ pub fn route(method: &Method, path: &str) -> RouteMatch<Route> {
         }
     };
     match path {
-        "/health/live" => return only(get, Route::Live, "GET"),
-        "/health/ready" => return only(get, Route::Ready, "GET"),
-        "/metrics" => return only(get, Route::Metrics, "GET"),
+        "/health/live" => return only(get, Route::Live, ALLOW_GET),
+        "/health/ready" => return only(get, Route::Ready, ALLOW_GET),
+        "/metrics" => return only(get, Route::Metrics, ALLOW_GET),
         "/v1/sessions" => {
             return match method {
-                Method::Get => RouteMatch::Found(Route::ListSessions),
+                Method::Get | Method::Head => RouteMatch::Found(Route::ListSessions),
                 Method::Post => RouteMatch::Found(Route::CreateSession),
-                _ => RouteMatch::MethodNotAllowed { allow: "GET, POST" },
+                _ => RouteMatch::MethodNotAllowed {
+                    allow: "GET, HEAD, POST, OPTIONS",
+                },
             }
         }
         _ => {}
     }
     if path == "/debug/faults" && faults_enabled() {
-        return only(matches!(method, Method::Put), Route::DebugFaults, "PUT");
+        let put = matches!(method, Method::Put);
+        return only(put, Route::DebugFaults, "PUT, OPTIONS");
     }
     if let Some(group) = path.strip_prefix("/debug/groups/") {
         return match group.parse::<u16>() {
             Ok(g) if g < shards::GROUPS && !group.starts_with('+') => {
-                only(get, Route::DebugGroup(g), "GET")
+                only(get, Route::DebugGroup(g), ALLOW_GET)
             }
             _ => RouteMatch::NotFound,
         };
@@ -143,17 +154,17 @@ pub fn route(method: &Method, path: &str) -> RouteMatch<Route> {
     let id = percent_decode(raw_id).unwrap_or_default();
     match action {
         None => match method {
-            Method::Get => RouteMatch::Found(Route::GetSession(id)),
+            Method::Get | Method::Head => RouteMatch::Found(Route::GetSession(id)),
             Method::Patch => RouteMatch::Found(Route::PatchSession(id)),
             _ => RouteMatch::MethodNotAllowed {
-                allow: "GET, PATCH",
+                allow: "GET, HEAD, PATCH, OPTIONS",
             },
         },
-        Some("archive") => only(post, Route::SetArchived(id, true), "POST"),
-        Some("unarchive") => only(post, Route::SetArchived(id, false), "POST"),
-        Some("append") => only(post, Route::Append(id), "POST"),
-        Some("events") => only(get, Route::Events(id), "GET"),
-        Some("tail") => only(get, Route::Tail(id), "GET"),
+        Some("archive") => only(post, Route::SetArchived(id, true), ALLOW_POST),
+        Some("unarchive") => only(post, Route::SetArchived(id, false), ALLOW_POST),
+        Some("append") => only(post, Route::Append(id), ALLOW_POST),
+        Some("events") => only(get, Route::Events(id), ALLOW_GET),
+        Some("tail") => only(*method == Method::Get, Route::Tail(id), ALLOW_TAIL),
         Some(_) => RouteMatch::NotFound,
     }
 }
@@ -365,23 +376,23 @@ impl Api {
     }
 
     async fn list(&self, query: &str) -> Result<Response, ApiError> {
-        let params = parse_query(query);
-        let limit = limit_param(&params)?;
-        let after = match first(&params, "cursor") {
-            Some("") => {
+        let query = Query::parse(query);
+        let limit = limit_param(&query)?;
+        let after = match query.get("cursor") {
+            Ok(Some("")) | Err(Malformed) => {
                 return Err(invalid(
                     "invalid_cursor",
                     "cursor",
-                    "cursor must not be empty",
+                    "cursor must be a session id (the previous page's next_cursor)",
                 ))
             }
-            other => other.map(str::to_string),
+            Ok(other) => other.map(str::to_string),
         };
-        let archived = match first(&params, "archived") {
-            None | Some("false") => ArchivedFilter::Active,
-            Some("true") => ArchivedFilter::Archived,
-            Some("all") => ArchivedFilter::All,
-            Some(_) => {
+        let archived = match query.get("archived") {
+            Ok(None | Some("false")) => ArchivedFilter::Active,
+            Ok(Some("true")) => ArchivedFilter::Archived,
+            Ok(Some("all")) => ArchivedFilter::All,
+            Ok(Some(_)) | Err(Malformed) => {
                 return Err(invalid(
                     "invalid_archived",
                     "archived",
@@ -389,10 +400,7 @@ impl Api {
                 ))
             }
         };
-        let filters: Vec<(String, String)> = params
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("metadata.")?.to_string(), v.clone())))
-            .collect();
+        let filters = query.metadata_filters()?;
         let replies = self
             .node
             .call_all(|| Op::List {
@@ -402,33 +410,32 @@ impl Api {
                 filters: filters.clone(),
             })
             .await;
-        let mut all = Vec::new();
+        let mut parts = Vec::with_capacity(replies.len());
         for reply in replies {
             match reply {
-                Reply::Sessions(found) => all.extend(found),
+                Reply::Sessions(part) => parts.push(part),
                 Reply::Error(e) => return Err(e),
                 other => return Err(unexpected(other)),
             }
         }
-        all.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        let more = all.len() > limit;
-        all.truncate(limit);
-        let next_cursor = match (more, all.last()) {
-            (true, Some((id, _))) => Value::String(id.clone()),
-            _ => Value::Null,
-        };
+        let page = shards::listing::merge(parts, limit);
+        let next_cursor = page.next_cursor.map_or(Value::Null, Value::String);
         let mut body = String::from("{\"sessions\":");
-        push_json_array(&mut body, all.iter().map(|(_, text)| text.as_str()));
+        push_json_array(
+            &mut body,
+            page.sessions.iter().map(|(_, text)| text.as_str()),
+        );
         body.push_str(",\"next_cursor\":");
         body.push_str(&next_cursor.to_string());
         body.push('}');
+        debug_assert!(body.len() <= shards::listing::PAGE_BYTES_MAX);
         Ok(Response::json(200, body))
     }
 
     async fn events(&self, id: String, query: &str) -> Result<Response, ApiError> {
-        let params = parse_query(query);
-        let cursor = parse_cursor(first(&params, "cursor"))?;
-        let limit = limit_param(&params)?;
+        let query = Query::parse(query);
+        let cursor = cursor_param(&query)?;
+        let limit = limit_param(&query)?;
         if !validate::valid_session_id(&id) {
             return Err(ApiError::SessionNotFound);
         }
@@ -455,21 +462,11 @@ impl Api {
     }
 
     async fn tail(&self, id: String, req: &Request) -> Outcome {
-        let params = parse_query(&req.query);
-        let checked = (|| {
-            let cursor = parse_cursor(first(&params, "cursor"))?;
-            let batch_size = match first(&params, "batch_size") {
-                None => 1,
-                Some(text) => parse_limit(text).ok_or_else(|| {
-                    invalid(
-                        "invalid_batch_size",
-                        "batch_size",
-                        "batch_size must be an integer from 1 to 1000",
-                    )
-                })?,
-            };
+        let query = Query::parse(&req.query);
+        let checked = cursor_param(&query).and_then(|cursor| {
+            let batch_size = count_param(&query, "batch_size", "invalid_batch_size", 1)?;
             Ok((cursor, batch_size))
-        })();
+        });
         let (cursor, batch_size) = match checked {
             Ok(values) => values,
             Err(e) => return Outcome::Respond(error_response(&e)),
@@ -578,16 +575,19 @@ fn unexpected(reply: Reply) -> ApiError {
     ApiError::Internal(format!("unexpected reply from shard: {reply:?}"))
 }
 
-fn parse_cursor(text: Option<&str>) -> Result<u64, ApiError> {
-    match text {
-        None => Ok(0),
-        Some(text) => parse_u64(text).ok_or_else(|| {
-            invalid(
-                "invalid_cursor",
-                "cursor",
-                "cursor must be a non-negative integer",
-            )
-        }),
+/// The `cursor` of `/events` and the tail: an integer ≥ 0, default 0.
+fn cursor_param(query: &Query) -> Result<u64, ApiError> {
+    let bad = || {
+        invalid(
+            "invalid_cursor",
+            "cursor",
+            "cursor must be a non-negative integer",
+        )
+    };
+    match query.get("cursor") {
+        Ok(None) => Ok(0),
+        Ok(Some(text)) => parse_u64(text).ok_or_else(bad),
+        Err(Malformed) => Err(bad()),
     }
 }
 
@@ -599,16 +599,28 @@ fn parse_u64(text: &str) -> Option<u64> {
 }
 
 /// The `limit` query parameter: 1–1000, default 100.
-fn limit_param(params: &[(String, String)]) -> Result<usize, ApiError> {
-    match first(params, "limit") {
-        None => Ok(100),
-        Some(text) => parse_limit(text).ok_or_else(|| {
-            invalid(
-                "invalid_limit",
-                "limit",
-                "limit must be an integer from 1 to 1000",
-            )
-        }),
+fn limit_param(query: &Query) -> Result<usize, ApiError> {
+    count_param(query, "limit", "invalid_limit", 100)
+}
+
+/// An integer parameter from 1 to 1000 with a default, else 400 `code`.
+fn count_param(
+    query: &Query,
+    name: &str,
+    code: &'static str,
+    default: usize,
+) -> Result<usize, ApiError> {
+    let bad = || {
+        invalid(
+            code,
+            name,
+            &format!("{name} must be an integer from 1 to {LIMIT_MAX}"),
+        )
+    };
+    match query.get(name) {
+        Ok(None) => Ok(default),
+        Ok(Some(text)) => parse_limit(text).ok_or_else(bad),
+        Err(Malformed) => Err(bad()),
     }
 }
 
@@ -731,8 +743,7 @@ fn debug_faults(body: &[u8]) -> Result<Response, ApiError> {
             why,
         ))
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| invalid(None, "the body is not JSON"))?;
+    let value = shards::json::parse(body).map_err(|e| invalid(None, &e.message))?;
     let isolate = match value.get("isolate") {
         None => None,
         Some(v) => Some(
@@ -784,43 +795,82 @@ fn debug_faults(body: &[u8]) -> Result<Response, ApiError> {
     Ok(Response::empty(204))
 }
 
-/// Splits a query string into percent-decoded pairs (`+` is a space, as browsers send).
-pub fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|part| !part.is_empty())
-        .filter_map(|part| {
-            let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            let k = percent_decode(&k.replace('+', " "))?;
-            let v = percent_decode(&v.replace('+', " "))?;
-            Some((k, v))
-        })
-        .collect()
+/// A query string's `name=value` pairs, percent-decoded (`+` is a space, as browsers
+/// send). A pair with a malformed escape (`%` not followed by two hex digits, or bytes
+/// that are not UTF-8) keeps its raw name and no value: the parameter it names is
+/// refused with that parameter's error code, never skipped (API.md, "Hardening rules
+/// (v1.1)"), so `metadata.k=%zz` cannot turn a filtered listing into a full one.
+pub struct Query {
+    pairs: Vec<(String, Option<String>)>,
 }
 
-fn first<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
+/// A parameter whose name or value has a malformed percent-escape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
 
-/// Decodes `%XX` escapes; None for bad escapes or bytes that are not UTF-8.
-pub fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+impl Query {
+    pub fn parse(query: &str) -> Query {
+        let pairs = query
+            .split('&')
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                let (name, value) = part.split_once('=').unwrap_or((part, ""));
+                let decode = |text: &str| percent_decode(&text.replace('+', " "));
+                match (decode(name), decode(value)) {
+                    (Some(name), value) => (name, value),
+                    (None, _) => (name.to_owned(), None),
+                }
+            })
+            .collect();
+        Query { pairs }
+    }
+
+    /// The first value of `name`, if the parameter is there.
+    pub fn get(&self, name: &str) -> Result<Option<&str>, Malformed> {
+        match self.pairs.iter().find(|(n, _)| n == name) {
+            None => Ok(None),
+            Some((_, Some(value))) => Ok(Some(value)),
+            Some((_, None)) => Err(Malformed),
         }
     }
-    String::from_utf8(out).ok()
+
+    /// Every `metadata.KEY=VALUE` filter as (KEY, VALUE); a malformed one is 400
+    /// `invalid_filter` naming the parameter.
+    fn metadata_filters(&self) -> Result<Vec<(String, String)>, ApiError> {
+        let mut filters = Vec::new();
+        for (name, value) in &self.pairs {
+            let Some(key) = name.strip_prefix("metadata.") else {
+                continue;
+            };
+            let Some(value) = value else {
+                return Err(invalid(
+                    "invalid_filter",
+                    name,
+                    "the filter has a malformed percent-escape (% must be followed by two \
+                     hex digits, and the decoded bytes must be UTF-8)",
+                ));
+            };
+            filters.push((key.to_owned(), value.clone()));
+        }
+        Ok(filters)
+    }
+}
+
+/// Decodes `%XX` escapes; None for a malformed escape or bytes that are not UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    // The crate passes a malformed escape through unchanged; API.md refuses it.
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode(bytes).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 #[cfg(test)]
@@ -844,9 +894,19 @@ mod tests {
         assert!(matches!(
             route(&Method::Delete, "/v1/sessions/x"),
             RouteMatch::MethodNotAllowed {
-                allow: "GET, PATCH"
+                allow: "GET, HEAD, PATCH, OPTIONS"
             }
         ));
+        assert_eq!(
+            route(&Method::Head, "/v1/sessions/x"),
+            RouteMatch::Found(Route::GetSession("x".into()))
+        );
+        assert_eq!(
+            route(&Method::Head, "/v1/sessions/x/tail"),
+            RouteMatch::MethodNotAllowed {
+                allow: "GET, OPTIONS"
+            }
+        );
         assert!(matches!(
             route(&Method::Get, "/v1/sessions/x/append/y"),
             RouteMatch::NotFound
@@ -872,11 +932,53 @@ mod tests {
 
     #[test]
     fn query_values_are_percent_decoded() {
-        let params = parse_query("metadata.user=a%20b&limit=5&x=1+2");
-        assert_eq!(first(&params, "metadata.user"), Some("a b"));
-        assert_eq!(first(&params, "x"), Some("1 2"));
+        let query = Query::parse("metadata.user=a%20b&limit=5&x=1+2&x=3&y");
+        assert_eq!(query.get("metadata.user"), Ok(Some("a b")));
+        assert_eq!(query.get("x"), Ok(Some("1 2")), "the first one counts");
+        assert_eq!(query.get("y"), Ok(Some("")));
+        assert_eq!(query.get("z"), Ok(None));
+        assert_eq!(
+            query.metadata_filters().unwrap(),
+            vec![("user".to_owned(), "a b".to_owned())]
+        );
         assert_eq!(parse_limit("1001"), None);
         assert_eq!(parse_limit("0"), None);
         assert_eq!(parse_u64("-1"), None);
+    }
+
+    fn code(error: ApiError) -> &'static str {
+        match error {
+            ApiError::Invalid(field) => field.code,
+            other => panic!("not a field error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_percent_escapes_are_refused_not_dropped() {
+        for bad in ["%zz", "%", "%4", "a%g1", "%+1", "%ff", "%C3%28", "%%41"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+            let query = Query::parse(&format!("cursor={bad}&limit={bad}"));
+            assert_eq!(query.get("cursor"), Err(Malformed), "{bad}");
+            assert_eq!(code(limit_param(&query).unwrap_err()), "invalid_limit");
+            assert_eq!(code(cursor_param(&query).unwrap_err()), "invalid_cursor");
+        }
+        assert_eq!(percent_decode("%41%c3%a9+").as_deref(), Some("Aé+"));
+        for filter in [
+            "metadata.k=%zz",
+            "metadata.%zz=v",
+            "metadata.k=ok&metadata.j=%",
+        ] {
+            let error = Query::parse(filter).metadata_filters().unwrap_err();
+            let ApiError::Invalid(field) = error else {
+                panic!("{filter}: {error:?}")
+            };
+            assert_eq!(field.code, "invalid_filter", "{filter}");
+            assert!(field.field.unwrap().starts_with("metadata."), "{filter}");
+        }
+        // An unknown parameter stays ignored, malformed or not.
+        assert!(Query::parse("other=%zz")
+            .metadata_filters()
+            .unwrap()
+            .is_empty());
     }
 }

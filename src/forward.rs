@@ -172,11 +172,18 @@ enum WireReply {
         events: Vec<(u64, Arc<str>)>,
         last_seq: u64,
     },
+    /// A full scan's answer (a node from before listing pages had bounds).
     Sessions(Vec<(String, String)>),
     Debug(String),
     ReadIndex(Vec<(u16, u64)>),
     Error(WireApiError),
     Records(Vec<shards::entry::LogRecord>),
+    /// One shard's part of a listing page (`shards::listing::Part`); new variants go
+    /// last so that older nodes keep decoding the others.
+    Page {
+        sessions: Vec<(String, String)>,
+        complete_through: Option<String>,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize)]
@@ -438,7 +445,10 @@ impl WireReply {
                 events: events.clone(),
                 last_seq: *last_seq,
             },
-            Reply::Sessions(sessions) => WireReply::Sessions(sessions.clone()),
+            Reply::Sessions(part) => WireReply::Page {
+                sessions: part.sessions.clone(),
+                complete_through: part.complete_through.clone(),
+            },
             Reply::Stats(_) => return Err("Reply::Stats is per node and never forwarded".into()),
             Reply::Debug(text) => WireReply::Debug(text.clone()),
             Reply::ReadIndex(commits) => WireReply::ReadIndex(commits.clone()),
@@ -462,7 +472,17 @@ impl WireReply {
                 archived_seq,
             },
             WireReply::Events { events, last_seq } => Reply::Events { events, last_seq },
-            WireReply::Sessions(sessions) => Reply::Sessions(sessions),
+            WireReply::Sessions(sessions) => Reply::Sessions(shards::listing::Part {
+                sessions,
+                complete_through: None,
+            }),
+            WireReply::Page {
+                sessions,
+                complete_through,
+            } => Reply::Sessions(shards::listing::Part {
+                sessions,
+                complete_through,
+            }),
             WireReply::Debug(text) => Reply::Debug(text),
             WireReply::ReadIndex(commits) => Reply::ReadIndex(commits),
             WireReply::Records(records) => Reply::Records(records),
@@ -732,7 +752,14 @@ mod tests {
                 events: Vec::new(),
                 last_seq: 0,
             },
-            Reply::Sessions(vec![("a".into(), "{}".into()), ("b".into(), "{}".into())]),
+            Reply::Sessions(shards::listing::Part {
+                sessions: vec![("a".into(), "{}".into()), ("b".into(), "{}".into())],
+                complete_through: Some("c".into()),
+            }),
+            Reply::Sessions(shards::listing::Part {
+                sessions: Vec::new(),
+                complete_through: None,
+            }),
             Reply::Debug("{}".into()),
             Reply::ReadIndex(vec![(3, 100), (255, u64::MAX)]),
             Reply::Records(vec![shards::entry::LogRecord {

@@ -38,7 +38,9 @@ pub enum Op {
         max_bytes: usize,
         wait: Option<Duration>,
     },
-    /// Sessions of this shard with id > `after`, in id order, at most `limit + 1`.
+    /// Sessions of this shard with id > `after`, in id order: at most `limit + 1`, a
+    /// share of the page's examination budget and the page's bytes
+    /// (`shards::listing`).
     List {
         after: Option<String>,
         limit: usize,
@@ -89,7 +91,8 @@ pub enum Reply {
         last_seq: u64,
     },
     /// `(id, rendered session)` in id order.
-    Sessions(Vec<(String, String)>),
+    /// One shard's part of a listing page.
+    Sessions(shards::listing::Part),
     Stats(Box<crate::metrics::ShardStats>),
     /// Rendered JSON of a debug view.
     Debug(String),

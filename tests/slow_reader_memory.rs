@@ -13,29 +13,6 @@ const EVENTS: u64 = 100_000;
 const WRITERS: u64 = 8;
 const TAIL_BUDGET_BYTES: u64 = 1 << 20;
 
-/// VmRSS of the server process in bytes, found by its unique data dir on the command line.
-fn server_rss_bytes(server: &Server) -> u64 {
-    let needle = server
-        .data_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("serve") && cmdline.contains(&needle) {
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
-            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-            let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            return kib * 1024;
-        }
-    }
-    panic!("server process not found");
-}
-
 fn append_many(server: &Server, session: &str, count: u64, pad: usize) {
     let addr = server.addr();
     let per_writer = count / WRITERS;
@@ -80,14 +57,14 @@ fn slow_reader_gets_every_seq_and_server_memory_stays_within_the_subscriber_budg
     let first = ws.next_json(Duration::from_secs(10));
     assert_eq!(first["seq"], 1);
 
-    let before = server_rss_bytes(&server);
+    let before = server.rss_bytes();
     let started = Instant::now();
     append_many(&server, "slow", EVENTS, 64);
     // Keep not reading for 10 s in all, as the reader of the issue does.
     if let Some(rest) = Duration::from_secs(10).checked_sub(started.elapsed()) {
         std::thread::sleep(rest);
     }
-    let after = server_rss_bytes(&server);
+    let after = server.rss_bytes();
 
     let events = ws.collect_until(EVENTS + 1, Duration::from_secs(120));
     let seqs = common::seqs(&events);

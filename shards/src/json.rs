@@ -24,7 +24,8 @@ impl std::fmt::Display for JsonError {
 
 impl std::error::Error for JsonError {}
 
-/// Parses a request body: UTF-8, JSON syntax and the nesting limit.
+/// Parses a request body: UTF-8, JSON syntax, the nesting limit and distinct member
+/// names in every object.
 ///
 /// serde_json stops at 128 levels on its own (so 100000 `[` cannot overflow the stack);
 /// the depth check below is iterative and enforces the API's 64.
@@ -45,7 +46,114 @@ pub fn parse(body: &[u8]) -> Result<Value, JsonError> {
             message: format!("JSON is nested {depth} levels deep, more than {MAX_DEPTH}"),
         });
     }
+    check_distinct_members(text)?;
     Ok(value)
+}
+
+/// Refuses an object that names a member twice, at any depth (API.md, "Hardening rules
+/// (v1.1)"). serde_json keeps the last of two equal names while the raw text keeps
+/// both, so a body with duplicates would be stored and served as written but digested
+/// for dedupe as if only the last existed. Names are compared after unescaping
+/// (`"k"` and `"\u006b"` are the same name). A second pass over text [`parse`] has
+/// already accepted, so only a duplicate can fail it.
+fn check_distinct_members(text: &str) -> Result<(), JsonError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::Deserialize::deserialize(&mut de)
+        .map(|DistinctMembers| ())
+        .map_err(|e| JsonError {
+            message: format!("invalid JSON: {e}"),
+        })
+}
+
+/// Deserializes any JSON value, keeping nothing but failing on a repeated member name.
+struct DistinctMembers;
+
+impl<'de> serde::Deserialize<'de> for DistinctMembers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DistinctMembers)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DistinctMembers {
+    type Value = DistinctMembers;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(DistinctMembers)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(DistinctMembers)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(DistinctMembers)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(DistinctMembers)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(DistinctMembers)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(DistinctMembers)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Self, A::Error> {
+        while items.next_element::<DistinctMembers>()?.is_some() {}
+        Ok(DistinctMembers)
+    }
+
+    /// With `arbitrary_precision` a number arrives as a one-member map too; it has no
+    /// duplicates, so it needs no special case.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut members: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(name) = members.next_key::<MemberName<'de>>()? {
+            members.next_value::<DistinctMembers>()?;
+            let name = name.0;
+            if seen.contains(name.as_ref()) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate member name {:?} in an object",
+                    name.as_ref()
+                )));
+            }
+            seen.insert(name);
+        }
+        Ok(DistinctMembers)
+    }
+}
+
+/// A member name, borrowed from the body unless it had escapes.
+struct MemberName<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(MemberNameVisitor)
+    }
+}
+
+struct MemberNameVisitor;
+
+impl<'de> serde::de::Visitor<'de> for MemberNameVisitor {
+    type Value = MemberName<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Self::Value, E> {
+        Ok(MemberName(std::borrow::Cow::Borrowed(name)))
+    }
+
+    fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(MemberName(std::borrow::Cow::Owned(name.to_owned())))
+    }
 }
 
 /// Nesting depth of arrays and objects (a scalar is 0, `{}` and `[]` are 1), computed
@@ -76,8 +184,8 @@ pub fn to_compact(value: &Value) -> String {
     serde_json::to_string(value).expect("serialising a serde_json::Value cannot fail")
 }
 
-/// The top-level members of a JSON object body as their raw text (for duplicate keys
-/// the last one wins, as in [`parse`]). Call after [`parse`] accepted the body.
+/// The top-level members of a JSON object body as their raw text. Call after [`parse`]
+/// accepted the body (so every name is distinct).
 pub fn raw_members(
     body: &[u8],
 ) -> Result<std::collections::HashMap<String, Box<serde_json::value::RawValue>>, JsonError> {
@@ -295,6 +403,31 @@ mod tests {
         assert!(parse(objects_ok.as_bytes()).is_ok());
         let objects_deep = format!("{}1{}", r#"{"a":"#.repeat(65), "}".repeat(65));
         assert!(parse(objects_deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn duplicate_member_names_are_refused_at_any_depth() {
+        for body in [
+            r#"{"k":1,"k":2}"#,
+            r#"{"k":1,"\u006b":1}"#,
+            r#"{"a":{"x":[{"y":1,"y":1}]}}"#,
+            r#"[1,{"n":1.5e300,"n":null}]"#,
+        ] {
+            let error = parse(body.as_bytes()).unwrap_err();
+            assert!(
+                error.message.contains("duplicate member"),
+                "{body}: {error}"
+            );
+        }
+        for body in [
+            r#"{"k":1,"K":2,"k2":{"k":3},"a":[{"k":1},{"k":2}]}"#,
+            r#"{"n":-1.50e-7,"m":123456789012345678901234567890}"#,
+            r#"{"":1,"\"":2,"\\":3}"#,
+            "[]",
+            "7",
+        ] {
+            assert!(parse(body.as_bytes()).is_ok(), "{body}");
+        }
     }
 
     #[test]

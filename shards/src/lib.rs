@@ -5,6 +5,8 @@
 //! - [`json`]: JSON validation (depth limit), compact re-serialisation and content digests.
 //! - [`validate`]: request bodies → validated commands or field errors (API.md rules).
 //! - [`session`]: the per-group session state machine: seq, dedupe, expected_seq, versions.
+//! - [`listing`]: listing pages: each shard's bounded scan in id order, and the merge of
+//!   the shards' parts into one page.
 //! - [`codec`]: log records and batches on disk (length + crc32 + rkyv) and the pure
 //!   recovery scan that classifies torn tails and corruption.
 //! - [`time`]: RFC 3339 formatting of microsecond timestamps.
@@ -30,6 +32,7 @@ pub mod codec;
 pub mod entry;
 pub mod forwarding;
 pub mod json;
+pub mod listing;
 pub mod peer;
 pub mod raft;
 pub mod replay;

@@ -14,12 +14,16 @@ use super::parse::{
     parse_head, parse_request_line, ChunkError, ChunkedDecoder, Framing, FramingError, Head,
     HeadParse,
 };
-use super::response::{encode, Wire};
+use super::response::{encode, encode_head, sends_body, Wire};
 use super::{HttpConfig, Method, Outcome, Response, RouteMatch, Service, Shutdown, UpgradeFn};
 
 /// One socket read. The connection buffer holds at most one head (`max_header_bytes`)
 /// plus one read.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// A body at least this large is written after its head rather than copied behind it:
+/// the response is the connection's only unsent output and should exist once in memory.
+const COPIED_BODY_BYTES_MAX: usize = 64 * 1024;
 
 /// How long a closing connection drains what the client still sends; see `close`.
 const LINGER: Duration = Duration::from_secs(2);
@@ -233,6 +237,15 @@ impl Conn {
             Ok(framing) => framing,
             Err(error) => return self.finish(exchange.closing(), framing_error(error)).await,
         };
+        // A coded body cannot be read as JSON (the server decodes none): the same rank
+        // as a wrong media type. A chunked body may still break the framing rules, which
+        // rank above, so that case is decided once it is read.
+        let coded = !head.has_identity_content_encoding();
+        if coded && framing != Framing::Chunked {
+            return self
+                .answer_early(&head, unsupported_content_encoding())
+                .await;
+        }
         // With a known length the media type can be judged before the body arrives.
         if matches!(framing, Framing::Length(_)) && !head.has_json_content_type() {
             return self.answer_early(&head, unsupported_media_type()).await;
@@ -250,6 +263,9 @@ impl Conn {
             Err(error) => return self.body_failed(exchange, error).await,
         };
         // A chunked body's emptiness is known only now (framing errors rank above 415).
+        if coded {
+            return self.finish(exchange, unsupported_content_encoding()).await;
+        }
         if !body.is_empty() && !head.has_json_content_type() {
             return self.finish(exchange, unsupported_media_type()).await;
         }
@@ -294,16 +310,23 @@ impl Conn {
         self.finish(exchange.closing(), response).await
     }
 
-    /// Reads the body; with `keep` false it is checked and dropped, not stored.
+    /// Reads the body, all of it within `body_timeout` from now (the head has just been
+    /// read); with `keep` false it is checked and dropped, not stored.
     async fn read_body(&mut self, framing: Framing, keep: bool) -> Result<Vec<u8>, BodyError> {
+        let deadline = Instant::now() + self.cfg.body_timeout;
         match framing {
             Framing::Empty => Ok(Vec::new()),
-            Framing::Length(len) => self.read_sized_body(len, keep).await,
-            Framing::Chunked => self.read_chunked_body(keep).await,
+            Framing::Length(len) => self.read_sized_body(len, keep, deadline).await,
+            Framing::Chunked => self.read_chunked_body(keep, deadline).await,
         }
     }
 
-    async fn read_sized_body(&mut self, len: usize, keep: bool) -> Result<Vec<u8>, BodyError> {
+    async fn read_sized_body(
+        &mut self,
+        len: usize,
+        keep: bool,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, BodyError> {
         // `len` was checked against max_body_bytes before this is called.
         let mut body = Vec::with_capacity(if keep { len } else { 0 });
         let mut remaining = len;
@@ -317,11 +340,15 @@ impl Conn {
             if remaining == 0 {
                 return Ok(body);
             }
-            self.read_body_bytes().await?;
+            self.read_body_bytes(deadline).await?;
         }
     }
 
-    async fn read_chunked_body(&mut self, keep: bool) -> Result<Vec<u8>, BodyError> {
+    async fn read_chunked_body(
+        &mut self,
+        keep: bool,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, BodyError> {
         let mut decoder = ChunkedDecoder::new(self.cfg.max_body_bytes, self.cfg.max_header_bytes);
         let mut body = Vec::new();
         loop {
@@ -331,13 +358,14 @@ impl Conn {
             if done {
                 return Ok(body);
             }
-            self.read_body_bytes().await?;
+            self.read_body_bytes(deadline).await?;
         }
     }
 
-    /// One read inside a body: silence longer than `body_idle_timeout` is a 408.
-    async fn read_body_bytes(&mut self) -> Result<(), BodyError> {
-        let deadline = Instant::now() + self.cfg.body_idle_timeout;
+    /// One read inside a body: silence longer than `body_idle_timeout`, or a body still
+    /// incomplete at `body_deadline`, is a 408.
+    async fn read_body_bytes(&mut self, body_deadline: Instant) -> Result<(), BodyError> {
+        let deadline = body_deadline.min(Instant::now() + self.cfg.body_idle_timeout);
         match self.read_more(deadline, false).await {
             ReadEvent::Data => Ok(()),
             ReadEvent::TimedOut => Err(BodyError::TimedOut),
@@ -387,6 +415,12 @@ impl Conn {
 
     /// Writes the response. It closes after it when the client or a framing error
     /// asked for that, or when the server is shutting down.
+    ///
+    /// Only then does the connection read its next request: a client that pipelines
+    /// requests and never reads makes the server stop reading its requests as soon as
+    /// one answer does not fit in the socket buffer, so a connection holds at most one
+    /// unsent response, and responses are bounded (API.md: listing pages and `/events`
+    /// pages ≤ 4 MiB; "a connection's unsent responses are bounded (4 MiB)").
     async fn finish(&mut self, exchange: Exchange, response: Response) -> Next {
         let close = !exchange.keep_alive || self.shutdown.is_triggered();
         let wire = Wire {
@@ -395,7 +429,16 @@ impl Conn {
             head_request: exchange.head_request,
             upgrade: false,
         };
-        if let Err(e) = self.write_all(&encode(&response, wire)).await {
+        let written = if response.body.len() > COPIED_BODY_BYTES_MAX {
+            let head = encode_head(&response, wire, 0);
+            match self.write_all(&head).await {
+                Ok(()) if sends_body(&response, wire) => self.write_all(&response.body).await,
+                other => other,
+            }
+        } else {
+            self.write_all(&encode(&response, wire)).await
+        };
+        if let Err(e) = written {
             tracing::debug!(error = %e, "writing response failed");
             return Next::Close { linger: false };
         }
@@ -521,6 +564,14 @@ fn unsupported_media_type() -> Response {
         415,
         "unsupported_media_type",
         "request body must be application/json",
+    )
+}
+
+fn unsupported_content_encoding() -> Response {
+    Response::error(
+        415,
+        "unsupported_media_type",
+        "request bodies must not be content-coded (Content-Encoding other than identity)",
     )
 }
 

@@ -8,7 +8,9 @@
 //! - `shutdown`: the [`Shutdown`] signal shared by every connection of a shard.
 //! - `conn`: [`serve_connection`], the shell that moves bytes, applies the timeouts and
 //!   enforces the order of checks of `API.md` ("General HTTP behaviour"):
-//!   unknown route 404 → 405 → framing (400 / 431 / 413) → 415 → [`Service::handle`].
+//!   unknown route 404 → 405 → framing (400 / 431 / 413) → 415 → [`Service::handle`],
+//!   and bounds what a connection holds: one request's head and body, one unsent
+//!   response.
 //!
 //! The [`Service`] owns everything after that: JSON parsing, field rules, the domain.
 
@@ -150,6 +152,9 @@ pub struct HttpConfig {
     /// Longest silence inside a body (else 408); also the longest a response write may
     /// make no progress before the connection is dropped.
     pub body_idle_timeout: Duration,
+    /// From the end of the head until the whole body is in (else 408), however steadily
+    /// it trickles: a byte every 29 s must not hold a connection and its buffers forever.
+    pub body_timeout: Duration,
     /// A connection waiting for its next request closes silently after this long.
     pub keepalive_idle: Duration,
 }
@@ -161,6 +166,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
             keepalive_idle: Duration::from_secs(60),
         }
     }

@@ -183,6 +183,12 @@ impl Head {
             .eq_ignore_ascii_case(b"application/json")
     }
 
+    /// No `Content-Encoding`, or only `identity` (any case): the body is as sent.
+    pub fn has_identity_content_encoding(&self) -> bool {
+        self.tokens("content-encoding")
+            .all(|coding| coding.eq_ignore_ascii_case(b"identity"))
+    }
+
     /// Decides the body framing from the headers alone, before reading any of it, so
     /// an oversized Content-Length is refused without receiving the body.
     pub fn framing(&self, body_bytes_max: usize) -> Result<Framing, FramingError> {
@@ -542,6 +548,21 @@ mod unit {
         assert!(!ct("application/jsonx"));
         assert!(!ct("text/plain"));
         assert!(!head("POST / HTTP/1.1\r\n\r\n").has_json_content_type());
+    }
+
+    #[test]
+    fn content_encoding_rules() {
+        let identity = |extra: &str| {
+            head(&format!("POST / HTTP/1.1\r\n{extra}\r\n")).has_identity_content_encoding()
+        };
+        assert!(identity(""));
+        assert!(identity("Content-Encoding: Identity\r\n"));
+        assert!(identity("Content-Encoding: \r\n"));
+        assert!(!identity("Content-Encoding: gzip\r\n"));
+        assert!(!identity("Content-Encoding: identity, br\r\n"));
+        assert!(!identity(
+            "Content-Encoding: identity\r\nContent-Encoding: deflate\r\n"
+        ));
     }
 
     /// Feeds `input` in pieces of `step` bytes, as reads would deliver it.

@@ -76,7 +76,22 @@ pub(crate) struct Wire {
 
 /// The whole response, head and body, in one buffer so it goes out in one write.
 pub(crate) fn encode(response: &Response, wire: Wire) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + response.body.len());
+    let mut out = encode_head(response, wire, response.body.len());
+    if sends_body(response, wire) {
+        out.extend_from_slice(&response.body);
+    }
+    out
+}
+
+/// Whether the body follows the head on the wire.
+pub(crate) fn sends_body(response: &Response, wire: Wire) -> bool {
+    let bodiless = response.status < 200 || response.status == 204;
+    !bodiless && !wire.head_request
+}
+
+/// The status line and headers, with room for `reserve` more bytes.
+pub(crate) fn encode_head(response: &Response, wire: Wire, reserve: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + reserve);
     let status = response.status;
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
     for (name, value) in &response.headers {
@@ -105,9 +120,6 @@ pub(crate) fn encode(response: &Response, wire: Wire) -> Vec<u8> {
         }
     }
     out.extend_from_slice(b"\r\n");
-    if !bodiless && !wire.head_request {
-        out.extend_from_slice(&response.body);
-    }
     out
 }
 

@@ -758,6 +758,67 @@ fn silence_inside_a_body_is_408() {
 }
 
 #[test]
+fn a_body_still_incomplete_at_the_body_deadline_is_408_despite_trickling() {
+    let cfg = HttpConfig {
+        body_timeout: Duration::from_millis(500),
+        ..small_timeouts()
+    };
+    with_server(cfg, |addr, _| async move {
+        let mut c = Client::connect(addr).await;
+        c.send(
+            b"POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+        )
+        .await;
+        let started = Instant::now();
+        // A byte every 50 ms: never 200 ms of silence, yet never the whole body.
+        let trickle = async {
+            for _ in 0..60 {
+                if c.stream.write_all(b" ").await.is_err() {
+                    return;
+                }
+                sleep(Duration::from_millis(50)).await;
+            }
+        };
+        trickle.await;
+        let r = c.reply().await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (408, "request_timeout")
+        );
+        assert!(r.closes());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    });
+}
+
+#[test]
+fn content_coded_bodies_are_415() {
+    with_server(HttpConfig::default(), |addr, _| async move {
+        let mut c = Client::connect(addr).await;
+        c.send(b"POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}")
+            .await;
+        let r = c.reply().await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (415, "unsupported_media_type")
+        );
+        // The body was read and dropped: the connection goes on.
+        c.send(b"POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Encoding: identity\r\nContent-Length: 2\r\n\r\n{}")
+            .await;
+        assert_eq!(c.reply().await.status, 200);
+        c.send(
+            b"POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Encoding: br\r\n\
+              Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(c.reply().await.status, 415, "a chunked body");
+        // Framing errors still rank above.
+        c.send(b"POST /echo HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Length: x\r\n\r\n")
+            .await;
+        assert_eq!(c.reply().await.status, 400);
+    });
+}
+
+#[test]
 fn idle_keep_alive_connection_closes_silently() {
     with_server(small_timeouts(), |addr, _| async move {
         let mut c = Client::connect(addr).await;
