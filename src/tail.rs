@@ -29,8 +29,8 @@ use crate::http::{Outcome, Request, Response, Shutdown};
 use crate::node::{with_timeout, Node};
 use crate::ops::{ApiError, Op, Reply};
 
-const PING_INTERVAL: Duration = Duration::from_secs(30);
-const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// How long one read waits for a commit before the loop checks pings and silence.
 const READ_WAIT: Duration = Duration::from_secs(5);
 /// A tail whose next events are only in an unreachable archive retries this often.
@@ -245,18 +245,20 @@ async fn run(
         glommio::spawn_local(async move {
             // Reading also answers pings and completes the close handshake.
             loop {
-                match incoming.next().await {
+                let item = incoming.next().await;
+                match client_item(item.as_ref()) {
                     // Pongs queue up for a client that pings and does not read.
-                    Some(Ok(_)) if unsent.get() > unsent_max => {
+                    ClientItem::Heard if unsent.get() > unsent_max => {
                         violation.set(Some("the client does not read what it asked for"));
                         break;
                     }
-                    Some(Ok(_)) => last_heard.set(Instant::now()),
-                    Some(Err(e)) => {
-                        violation.set(violation_of(&e));
+                    ClientItem::Heard => last_heard.set(Instant::now()),
+                    ClientItem::Gone => {
+                        if let Some(Err(e)) = &item {
+                            violation.set(violation_of(e));
+                        }
                         break;
                     }
-                    None => break,
                 }
             }
             client_gone.trigger();
@@ -314,6 +316,53 @@ fn violation_of(error: &WsError) -> Option<&'static str> {
     }
 }
 
+/// What the tail's reader does with one item of the client's side of the socket (None
+/// is the end of the stream). Pure, so a fuzz target can drive it with any sequence of
+/// frames (`shards/fuzz`, target `tail_frames`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientItem {
+    /// Any message, data or control (tungstenite has already answered a ping and
+    /// replied to a close): the client is alive, read on.
+    Heard,
+    /// An error (a message over the size limit, a protocol violation, a reset) or the
+    /// end of the stream: the client is gone, stop reading.
+    Gone,
+}
+
+/// The decision of [`ClientItem`] for one item. Frames the client sends are read and
+/// ignored (websocket.md); only their arrival counts.
+pub fn client_item(
+    item: Option<&Result<Message, async_tungstenite::tungstenite::Error>>,
+) -> ClientItem {
+    match item {
+        Some(Ok(_)) => ClientItem::Heard,
+        Some(Err(_)) | None => ClientItem::Gone,
+    }
+}
+
+/// What the tail loop does about the client's liveness before its next read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Silent for more than [`SILENCE_LIMIT`]: close with 1001 "idle".
+    Idle,
+    /// [`PING_INTERVAL`] since the last ping: send one.
+    Ping,
+    Fine,
+}
+
+/// The liveness decision from the time since the client was last heard (any frame,
+/// including the automatic pong) and since the last ping was sent. Silence is checked
+/// first: an idle client is closed, not pinged once more.
+pub fn liveness(since_heard: Duration, since_ping: Duration) -> Liveness {
+    if since_heard > SILENCE_LIMIT {
+        Liveness::Idle
+    } else if since_ping >= PING_INTERVAL {
+        Liveness::Ping
+    } else {
+        Liveness::Fine
+    }
+}
+
 /// The tail loop. Returns the close frame to send, or None when the client left.
 async fn follow(
     node: &Node,
@@ -334,14 +383,15 @@ async fn follow(
         if client_gone.is_triggered() {
             return None;
         }
-        if last_heard.get().elapsed() > SILENCE_LIMIT {
-            return Some((CloseCode::Away, "idle"));
-        }
-        if last_ping.elapsed() >= PING_INTERVAL {
-            last_ping = Instant::now();
-            if !sent(sink.send(Message::Ping(Vec::new().into())), client_gone).await {
-                return None;
+        match liveness(last_heard.get().elapsed(), last_ping.elapsed()) {
+            Liveness::Idle => return Some((CloseCode::Away, "idle")),
+            Liveness::Ping => {
+                last_ping = Instant::now();
+                if !sent(sink.send(Message::Ping(Vec::new().into())), client_gone).await {
+                    return None;
+                }
             }
+            Liveness::Fine => {}
         }
         let op = Op::Read {
             id: params.id.clone(),
@@ -459,4 +509,51 @@ async fn send_events(
         start += count;
     }
     sink.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+
+    #[test]
+    fn any_client_message_is_heard_and_an_error_or_the_end_means_gone() {
+        let close = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        for message in [
+            Message::Text("x".into()),
+            Message::Binary(vec![0u8; 3].into()),
+            Message::Ping(Vec::new().into()),
+            Message::Pong(Vec::new().into()),
+            Message::Close(Some(close)),
+            Message::Close(None),
+        ] {
+            assert_eq!(client_item(Some(&Ok(message))), ClientItem::Heard);
+        }
+        let too_long = WsError::Capacity(CapacityError::MessageTooLong {
+            size: CLIENT_MESSAGE_BYTES_MAX + 1,
+            max_size: CLIENT_MESSAGE_BYTES_MAX,
+        });
+        for error in [too_long, WsError::ConnectionClosed, WsError::AlreadyClosed] {
+            assert_eq!(client_item(Some(&Err(error))), ClientItem::Gone);
+        }
+        assert_eq!(client_item(None), ClientItem::Gone);
+    }
+
+    #[test]
+    fn a_client_silent_past_the_limit_is_closed_not_pinged() {
+        let just = Duration::from_millis(1);
+        assert_eq!(
+            liveness(SILENCE_LIMIT, PING_INTERVAL - just),
+            Liveness::Fine
+        );
+        assert_eq!(liveness(SILENCE_LIMIT, PING_INTERVAL), Liveness::Ping);
+        assert_eq!(
+            liveness(SILENCE_LIMIT + just, PING_INTERVAL),
+            Liveness::Idle
+        );
+        assert_eq!(liveness(Duration::ZERO, Duration::ZERO), Liveness::Fine);
+    }
 }

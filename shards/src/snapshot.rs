@@ -24,7 +24,8 @@
 //! 8      4  crc32 of bytes 12..L
 //! 12     …  rkyv bytes of ShardSnapshot; L = end of the body
 //! L      8  L (u64 LE)
-//! …         zeros to a whole number of 4 KiB blocks
+//! …         zeros to a whole number of 4 KiB blocks (one more block when L + 8 ends
+//!           less than 8 bytes before a boundary, so the copy and the trailer never overlap)
 //! end-8  8  L again (u64 LE): a reader finds the body from the file's end
 //! ```
 //!
@@ -181,7 +182,7 @@ impl ShardSnapshot {
         let mut bytes = self.encode();
         let len = bytes.len() as u64;
         bytes.extend_from_slice(&len.to_le_bytes());
-        bytes.resize(bytes.len().next_multiple_of(block_bytes), 0);
+        bytes.resize(file_bytes(len as usize, block_bytes), 0);
         let total = bytes.len();
         bytes[total - 8..].copy_from_slice(&len.to_le_bytes());
         bytes
@@ -276,24 +277,37 @@ pub fn decode_snapshot_file(
     }
     let trailer_at = file.len() - 8;
     let read_len = |at: usize| u64::from_le_bytes(file[at..at + 8].try_into().expect("8 bytes"));
-    // The body's length L is stored right after the body and in the trailer; the file
-    // ends at the block boundary after L + 8. L is the position of its own copy.
-    let is_length = |len: u64| {
-        usize::try_from(len).is_ok_and(|l| {
-            l >= SNAPSHOT_BODY_AT
-                && l + 8 <= file.len()
-                && (l + 8).next_multiple_of(block_bytes) == file.len()
-                && read_len(l) == len
-        })
-    };
     let trailer = read_len(trailer_at);
+    // The body's length L is stored right after the body and in the trailer; the file
+    // ends where `file_bytes` says. L is the position of its own copy. A damaged length
+    // may be any u64, so nothing here may overflow.
+    let is_length = |len: u64| {
+        let Some((l, copy_end)) = usize::try_from(len)
+            .ok()
+            .and_then(|l| Some((l, l.checked_add(8)?)))
+        else {
+            return false;
+        };
+        if l < SNAPSHOT_BODY_AT || copy_end > file.len() {
+            return false;
+        }
+        if file_bytes(l, block_bytes) == file.len() {
+            return read_len(l) == len;
+        }
+        // Written before `file_bytes` kept the trailer clear of the copy: the trailer
+        // overwrote half of the copy and is the only whole L left (the checksum of the
+        // body still decides).
+        copy_end.next_multiple_of(block_bytes) == file.len()
+            && copy_end > trailer_at
+            && trailer == len
+    };
     let mut notes = Vec::new();
     let body_end = if is_length(trailer) {
         trailer as usize
     } else {
         let lowest = file
             .len()
-            .saturating_sub(block_bytes + 8)
+            .saturating_sub(block_bytes + 16)
             .max(SNAPSHOT_BODY_AT);
         let found = (lowest..=trailer_at)
             .rev()
@@ -317,6 +331,19 @@ pub fn decode_snapshot_file(
     }
     let snapshot = decode_body(&file[..body_end])?;
     Ok(SnapshotFile { snapshot, notes })
+}
+
+/// The size of a snapshot file whose body ends at `body_end`: the body, its length's
+/// copy, zeros, and the trailer in the last 8 bytes of the last block. The trailer never
+/// overlaps the copy: it is the copy itself when the copy ends on a block boundary, else
+/// it sits in the block boundary's last 8 bytes at or after `body_end + 16`.
+fn file_bytes(body_end: usize, block_bytes: usize) -> usize {
+    let copy_end = body_end + 8;
+    if copy_end.is_multiple_of(block_bytes) {
+        copy_end
+    } else {
+        (copy_end + 8).next_multiple_of(block_bytes)
+    }
 }
 
 /// Decodes the framed body of a snapshot of version 3 or 2.
@@ -588,6 +615,71 @@ mod tests {
         let read = decode_snapshot_file(&file, 4096).unwrap();
         assert_eq!(read.snapshot, sample());
         assert!(read.notes.is_empty());
+    }
+
+    /// Found by the `snapshot_file` fuzz target: when the length's copy ended less than 8
+    /// bytes before a block boundary, the trailer was written over half of it and the
+    /// file could not be read back (start-up then refused to run once retention had
+    /// deleted the first segment). rkyv bodies grow in steps of 8 bytes, so with 4 KiB
+    /// blocks that was one body length in 512.
+    #[test]
+    fn fuzz_a_length_copy_just_before_a_block_boundary_does_not_collide_with_the_trailer() {
+        for block in [64, 4096] {
+            let mut snapshot = sample();
+            let mut collisions = 0;
+            for _ in 0..block {
+                snapshot.groups[0].state.push(0x5a);
+                let body_end = snapshot.encode().len();
+                let file = snapshot.encode_file(block);
+                assert_eq!(file.len() % block, 0);
+                assert!(file.len() >= body_end + 16 || file.len() == body_end + 8);
+                let read = decode_snapshot_file(&file, block)
+                    .unwrap_or_else(|e| panic!("body of {body_end} bytes, {block}: {e}"));
+                assert_eq!(read.snapshot, snapshot);
+                assert!(read.notes.is_empty(), "{:?}", read.notes);
+                let copy_end_in_block = (body_end + 8) % block;
+                collisions += usize::from(copy_end_in_block > block - 8);
+            }
+            assert!(collisions > 0, "the case that collided before is covered");
+        }
+    }
+
+    /// The files the encoder wrote before that fix: the trailer is the only whole copy of
+    /// the length, and the body's checksum still guards them.
+    #[test]
+    fn fuzz_a_file_whose_trailer_overwrote_the_length_copy_is_still_read() {
+        let mut snapshot = sample();
+        while snapshot.encode().len() % 4096 != 4084 {
+            snapshot.groups[0].state.push(0x5a);
+        }
+        let len = snapshot.encode().len() as u64;
+        let mut file = snapshot.encode();
+        file.extend_from_slice(&len.to_le_bytes());
+        file.resize(file.len().next_multiple_of(4096), 0);
+        let trailer_at = file.len() - 8;
+        file[trailer_at..].copy_from_slice(&len.to_le_bytes());
+        let read = decode_snapshot_file(&file, 4096).expect("an old file is read");
+        assert_eq!(read.snapshot, snapshot);
+        file[20] ^= 1;
+        assert!(matches!(
+            decode_snapshot_file(&file, 4096),
+            Err(SnapshotFileError::Checksum { .. })
+        ));
+    }
+
+    /// A damaged trailer near `u64::MAX`: `L + 8` overflowed (a panic with overflow
+    /// checks, an out-of-bounds read without) instead of being refused as a length.
+    #[test]
+    fn fuzz_a_trailer_near_u64_max_is_a_damaged_trailer_not_a_panic() {
+        let mut file = sample().encode_file(4096);
+        let trailer_at = file.len() - 8;
+        // `u64::MAX - 6 + 8` wraps to 1, whose next block boundary is the file's end.
+        for trailer in [u64::MAX, u64::MAX - 6, u64::MAX - 8] {
+            file[trailer_at..].copy_from_slice(&trailer.to_le_bytes());
+            let read = decode_snapshot_file(&file, 4096).expect("found through the copy");
+            assert_eq!(read.snapshot, sample());
+            assert_eq!(read.notes.len(), 1, "{:?}", read.notes);
+        }
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! The [`Service`] owns everything after that: JSON parsing, field rules, the domain.
 
 mod conn;
-mod parse;
+// Public only for the fuzz targets in `shards/fuzz` (issue 10); not an API.
+#[doc(hidden)]
+pub mod parse;
 mod response;
 mod shutdown;
 #[cfg(test)]

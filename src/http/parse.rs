@@ -5,7 +5,7 @@ use super::{Method, Request};
 
 /// More header fields than this is treated like an oversized head (431): httparse
 /// needs a fixed slot array, and no client of this API sends anywhere near as many.
-pub(crate) const HEADER_FIELDS_MAX: usize = 100;
+pub const HEADER_FIELDS_MAX: usize = 100;
 
 /// A chunk-size line (size plus extensions) longer than this is malformed. It bounds
 /// the work a client can cause with endless leading zeros or extensions.
@@ -13,7 +13,7 @@ const CHUNK_LINE_BYTES_MAX: usize = 4096;
 
 /// A parsed request head. The body has not been looked at.
 #[derive(Debug)]
-pub(crate) struct Head {
+pub struct Head {
     pub method: Method,
     pub path: String,
     pub query: String,
@@ -25,7 +25,7 @@ pub(crate) struct Head {
 }
 
 #[derive(Debug)]
-pub(crate) enum HeadParse {
+pub enum HeadParse {
     Complete(Head),
     Partial,
     Invalid(&'static str),
@@ -34,7 +34,7 @@ pub(crate) enum HeadParse {
 
 /// Parses the head at the start of `buf`. A head longer than `max_bytes`, or with more
 /// than [`HEADER_FIELDS_MAX`] fields, is `TooLarge` whether or not it is complete.
-pub(crate) fn parse_head(buf: &[u8], max_bytes: usize) -> HeadParse {
+pub fn parse_head(buf: &[u8], max_bytes: usize) -> HeadParse {
     let mut slots = [httparse::EMPTY_HEADER; HEADER_FIELDS_MAX];
     let mut req = httparse::Request::new(&mut slots);
     let len = match req.parse(buf) {
@@ -71,7 +71,7 @@ pub(crate) fn parse_head(buf: &[u8], max_bytes: usize) -> HeadParse {
 /// Reads only the request line, for heads that cannot be parsed whole (too large or
 /// malformed further down): routing decides first, so such a request to an unknown
 /// path still gets 404. Returns the method and the raw path.
-pub(crate) fn parse_request_line(buf: &[u8]) -> Option<(Method, String)> {
+pub fn parse_request_line(buf: &[u8]) -> Option<(Method, String)> {
     // Like httparse, skip the empty lines a client may send before a request.
     let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
     let rest = &buf[start..];
@@ -118,14 +118,14 @@ fn split_target(target: &str) -> Option<(&str, &str)> {
 
 /// How the body of a request is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
+pub enum Framing {
     Empty,
     Length(usize),
     Chunked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum FramingError {
+pub enum FramingError {
     /// 400 `bad_request` with this message.
     Bad(&'static str),
     /// 413 `payload_too_large`.
@@ -247,7 +247,7 @@ fn parse_content_length(value: &[u8]) -> Result<u64, FramingError> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ChunkError {
+pub enum ChunkError {
     /// 400 `bad_request` with this message.
     Bad(&'static str),
     /// 413: the chunks add up to more than the body limit.
@@ -284,7 +284,7 @@ enum ChunkState {
 /// whatever bytes have arrived and keeps its place between calls, so the connection
 /// buffer never has to hold more than one read. Line endings must be CRLF.
 #[derive(Debug)]
-pub(crate) struct ChunkedDecoder {
+pub struct ChunkedDecoder {
     state: ChunkState,
     /// The size of the chunk whose size line is being read.
     chunk_size: usize,
