@@ -38,11 +38,11 @@ use crate::snapshot::{fold_checksum, GroupTransfer};
 
 /// Bytes of applied entries each group keeps in memory, at most (on top of the
 /// `keep` count of [`Replica::compact`]): a follower further behind gets a snapshot.
-pub const RAFT_LOG_BYTES_PER_GROUP: u64 = 2 << 20;
+const RAFT_LOG_BYTES_PER_GROUP: u64 = 2 << 20;
 /// Bytes of applied entries a group keeps, at most, for a follower that is being sent a
 /// snapshot (the entries after the snapshot, which it needs next): past this the
 /// leader compacts anyway and the follower gets a newer snapshot.
-pub const RAFT_LOG_BYTES_FOR_SNAPSHOT_MAX: u64 = 16 << 20;
+const RAFT_LOG_BYTES_FOR_SNAPSHOT_MAX: u64 = 16 << 20;
 
 /// Where a record lives: segment epoch and byte offset inside that segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,14 +166,6 @@ impl Recovered {
             applied_term: 0,
             checksum: 0,
             persisted: BTreeMap::new(),
-        }
-    }
-
-    /// The Raft snapshot the replica restarts from (what its state holds).
-    pub fn snapshot_meta(&self) -> SnapshotMeta {
-        SnapshotMeta {
-            index: self.applied,
-            term: self.applied_term,
         }
     }
 }
