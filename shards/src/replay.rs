@@ -28,6 +28,10 @@ pub struct PlantedBugs {
     /// An entry record at an index the log already holds is ignored instead of
     /// replacing that entry and every later one (§5.3 truncation skipped).
     pub skip_truncation: bool,
+    /// Replay applies the committed entries it holds to the state but reports the
+    /// state's index unchanged, so Raft hands them over again as committed after the
+    /// restart and the replica applies each a second time.
+    pub apply_twice: bool,
 }
 
 /// An entry record seen during replay, with its place and the event it carries.
@@ -183,6 +187,19 @@ impl Replay {
 
     /// Ends replay.
     pub fn finish(mut self) -> Replayed {
+        if self.bugs.apply_twice {
+            // The planted bug: these entries are applied here and again once Raft
+            // commits them, because `applied` below does not move.
+            for e in self
+                .entries
+                .iter()
+                .filter(|e| e.index <= self.hard_state.commit)
+            {
+                if let Payload::Data(command) = &e.payload {
+                    self.state.commit(command);
+                }
+            }
+        }
         let later = self.seen.split_off(&(self.applied + 1));
         let persisted = later.into_iter().map(|(i, s)| (i, s.persisted)).collect();
         let last = self.entries.last().map_or(self.applied, |e| e.index);

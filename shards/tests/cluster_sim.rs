@@ -345,3 +345,14 @@ fn planted_bug_skip_truncation_on_replay_is_caught() {
         "skip_truncation_on_replay",
     );
 }
+
+#[test]
+fn planted_bug_apply_twice_on_replay_is_caught() {
+    planted(
+        Bugs {
+            apply_twice_on_replay: true,
+            ..Bugs::default()
+        },
+        "apply_twice_on_replay",
+    );
+}

@@ -47,6 +47,10 @@ pub struct Bugs {
     /// Replay bug: a restart keeps an entry its log rewrote (the §5.3 truncation
     /// skipped), so the restarted replica holds entries its leader replaced.
     pub skip_truncation_on_replay: bool,
+    /// Replay bug: a restart applies the committed entries of its log to the state
+    /// without moving the applied index, so each is applied again when Raft commits it
+    /// (a leader's entry applied twice).
+    pub apply_twice_on_replay: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1060,6 +1064,7 @@ impl Cluster {
         };
         replay.plant_bugs(replay::PlantedBugs {
             skip_truncation: self.options.bugs.skip_truncation_on_replay,
+            apply_twice: self.options.bugs.apply_twice_on_replay,
         });
         for (rec, crc) in &d.records {
             match &rec.command {
