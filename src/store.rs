@@ -282,6 +282,11 @@ impl EventStore {
             if events.hot.pop_front().is_some() {
                 events.hot_first_seq += 1;
                 self.evicted_events += 1;
+                if events.hot.is_empty() {
+                    // Give the buffer back: most sessions go quiet, and an empty window
+                    // would keep its capacity for as long as the session exists.
+                    events.hot = VecDeque::new();
+                }
             }
         }
     }
@@ -573,6 +578,23 @@ mod tests {
             }
         );
         assert_eq!(store.evicted_events, 3);
+    }
+
+    /// A session whose events all left the hot window holds no buffer for them
+    /// (issue 11: memory per session beyond its hot window).
+    #[test]
+    fn a_session_evicted_from_the_hot_window_keeps_no_buffer() {
+        let mut store = EventStore::new(8);
+        store.insert("a", 1, 1, 0, Some(Arc::from("xxxx")));
+        store.insert("b", 1, 1, 4096, Some(Arc::from("xxxx")));
+        store.insert("b", 2, 1, 8192, Some(Arc::from("xxxx")));
+        let a = store.ids["a"] as usize;
+        assert!(store.sessions[a].hot.is_empty());
+        assert_eq!(store.sessions[a].hot.capacity(), 0);
+        // Its event is read from the log; a new one is hot again.
+        assert_eq!(store.plan_read("a", 0, 10).cold.len(), 1);
+        store.insert("a", 2, 1, 12288, Some(Arc::from("yy")));
+        assert_eq!(store.plan_read("a", 1, 10).hot.len(), 1);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //!   [`GroupState::discard_uncommitted`], then `apply` every entry of the log after the
 //!   commit index, in order, before deciding anything.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 
@@ -57,8 +58,9 @@ impl Default for Limits {
 pub struct SessionView {
     pub id: String,
     pub title: Option<String>,
-    /// Compact JSON object text.
-    pub metadata: String,
+    /// Compact JSON object text. The empty object, which most sessions have, is a
+    /// static string rather than an allocation (issue 11: memory per session).
+    pub metadata: Cow<'static, str>,
     pub last_seq: u64,
     pub archived_seq: u64,
     pub version: u64,
@@ -204,7 +206,10 @@ impl DedupeWindow {
 struct SessionState {
     view: SessionView,
     last_inserted_at_us: i64,
-    dedupe: DedupeWindow,
+    /// Allocated with the session's first idempotency key or producer: most sessions
+    /// never use either, and an empty window would cost them 160 bytes each (issue 11's
+    /// bound of 1 KiB per session).
+    dedupe: Option<Box<DedupeWindow>>,
 }
 
 /// The scalar part of a session as decisions see it (committed + in flight).
@@ -288,7 +293,7 @@ impl GroupState {
         }
         self.sessions
             .get(id)
-            .map(|s| (&s.view.title, s.view.metadata.as_str()))
+            .map(|s| (&s.view.title, &*s.view.metadata))
     }
 
     /// `POST /v1/sessions`; `id` is the requested id or a generated one.
@@ -441,7 +446,7 @@ impl GroupState {
 
     fn key_record(&self, id: &str, key: &str) -> Option<KeyRecord> {
         let in_flight = self.pending.get(id).and_then(|p| p.keys.get(key));
-        let committed = || self.sessions.get(id)?.dedupe.keys.get(key);
+        let committed = || self.sessions.get(id)?.dedupe.as_ref()?.keys.get(key);
         in_flight.or_else(committed).copied()
     }
 
@@ -450,7 +455,10 @@ impl GroupState {
             .pending
             .get(id)
             .and_then(|p| p.producers.get(producer_id));
-        let committed = || self.sessions.get(id)?.dedupe.producers.get(producer_id);
+        let committed = || {
+            let dedupe = self.sessions.get(id)?.dedupe.as_ref()?;
+            dedupe.producers.get(producer_id)
+        };
         in_flight.or_else(committed).copied()
     }
 
@@ -604,7 +612,7 @@ impl GroupState {
                     "commit {command:?}: version must grow by 1"
                 );
                 view.title = patch.title.clone();
-                view.metadata = patch.metadata.clone();
+                view.metadata = stored_metadata(&patch.metadata);
                 view.version = patch.version;
                 view.updated_at_us = patch.at_us;
             }
@@ -645,7 +653,7 @@ impl GroupState {
         let view = SessionView {
             id: id.clone(),
             title: create.title.clone(),
-            metadata: create.metadata.clone(),
+            metadata: stored_metadata(&create.metadata),
             last_seq: 0,
             archived_seq: 0,
             version: 1,
@@ -656,7 +664,7 @@ impl GroupState {
         let session = SessionState {
             view,
             last_inserted_at_us: create.at_us,
-            dedupe: DedupeWindow::default(),
+            dedupe: None,
         };
         self.sessions.insert(id.clone(), session);
     }
@@ -675,9 +683,11 @@ impl GroupState {
         let mut evicted = 0;
         if let Some(key) = &append.idempotency_key {
             let record = KeyRecord { seq, digest };
-            evicted += session
-                .dedupe
-                .record_key(key, record, limits.dedupe_keys_max);
+            evicted += session.dedupe.get_or_insert_with(Box::default).record_key(
+                key,
+                record,
+                limits.dedupe_keys_max,
+            );
         }
         if let (Some(producer_id), Some(producer_seq)) = (&append.producer_id, append.producer_seq)
         {
@@ -688,6 +698,7 @@ impl GroupState {
             };
             evicted += session
                 .dedupe
+                .get_or_insert_with(Box::default)
                 .record_producer(producer_id, record, limits.producers_max);
         }
         self.evictions += evicted;
@@ -851,6 +862,14 @@ fn session_of(command: &Command) -> &str {
     }
 }
 
+/// Metadata text as a session keeps it: the empty object is not allocated.
+fn stored_metadata(text: &str) -> Cow<'static, str> {
+    match text {
+        "{}" => Cow::Borrowed("{}"),
+        text => Cow::Owned(text.to_string()),
+    }
+}
+
 /// Shallow merge of `changes` into the stored metadata object.
 fn merged_metadata(stored: &str, changes: &Map<String, Value>) -> Result<String, FieldError> {
     let mut merged: Map<String, Value> = serde_json::from_str(stored)
@@ -950,7 +969,8 @@ struct ProducerSnapshot {
 impl SessionSnapshot {
     fn of(session: &SessionState) -> SessionSnapshot {
         let view = &session.view;
-        let dedupe = &session.dedupe;
+        let empty = DedupeWindow::default();
+        let dedupe = session.dedupe.as_deref().unwrap_or(&empty);
         let keys = dedupe.key_order.iter().map(|key| {
             let record = dedupe.keys[key];
             KeySnapshot {
@@ -970,7 +990,7 @@ impl SessionSnapshot {
         SessionSnapshot {
             id: view.id.clone(),
             title: view.title.clone(),
-            metadata: view.metadata.clone(),
+            metadata: view.metadata.to_string(),
             last_seq: view.last_seq,
             archived_seq: view.archived_seq,
             version: view.version,
@@ -1044,7 +1064,7 @@ impl SessionSnapshot {
         let view = SessionView {
             id: self.id,
             title: self.title,
-            metadata: self.metadata,
+            metadata: stored_metadata(&self.metadata),
             last_seq: self.last_seq,
             archived_seq: self.archived_seq,
             version: self.version,
@@ -1055,7 +1075,8 @@ impl SessionSnapshot {
         Ok(SessionState {
             view,
             last_inserted_at_us: self.last_inserted_at_us,
-            dedupe,
+            dedupe: (!dedupe.keys.is_empty() || !dedupe.producers.is_empty())
+                .then(|| Box::new(dedupe)),
         })
     }
 }
@@ -1116,9 +1137,28 @@ mod tests {
         }
         state.commit(&previous);
         assert!(state.pending.is_empty());
-        let dedupe = &state.sessions["s"].dedupe;
+        let dedupe = state.sessions["s"].dedupe.as_deref().unwrap();
         assert_eq!((dedupe.keys.len(), dedupe.key_order.len()), (4, 4));
         assert_eq!(dedupe.producers.len(), 4);
+    }
+
+    /// A session that never sends an idempotency key or producer allocates no dedupe
+    /// window (issue 11: memory per session), in the live state and after a snapshot.
+    #[test]
+    fn sessions_without_keys_or_producers_hold_no_dedupe_window() {
+        let mut state = state_with_session(Limits::default());
+        let command = propose(&mut state, r#"{"type":"t","payload":1}"#);
+        state.commit(&command);
+        assert!(state.sessions["s"].dedupe.is_none());
+        let restored =
+            GroupState::decode_snapshot(&state.encode_snapshot(), Limits::default()).unwrap();
+        assert!(restored.sessions["s"].dedupe.is_none());
+        let command = propose(
+            &mut state,
+            r#"{"type":"t","payload":1,"idempotency_key":"k"}"#,
+        );
+        state.commit(&command);
+        assert_eq!(state.sessions["s"].dedupe.as_ref().unwrap().keys.len(), 1);
     }
 
     /// One producer appending forever leaves no pile of stale order items behind.
@@ -1131,7 +1171,7 @@ mod tests {
             let command = propose(&mut state, &body);
             state.commit(&command);
         }
-        let dedupe = &state.sessions["s"].dedupe;
+        let dedupe = state.sessions["s"].dedupe.as_deref().unwrap();
         assert_eq!(dedupe.producers.len(), 1);
         assert!(
             dedupe.producer_order.len() <= 2 + 16,

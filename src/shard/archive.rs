@@ -187,7 +187,7 @@ fn session_row(view: &shards::session::SessionView) -> SessionRow {
     SessionRow {
         id: view.id.clone(),
         title: view.title.clone(),
-        metadata: view.metadata.clone(),
+        metadata: view.metadata.to_string(),
         version: view.version,
         archived: view.archived,
         created_at_us: view.created_at_us,
