@@ -27,10 +27,6 @@ pub(super) const STORAGE_RETRY_PERIOD: Duration = Duration::from_secs(1);
 /// How often a failed shard snapshot is tried again (a snapshot encodes every group's
 /// state: retrying it every second would cost a full disk's node CPU for nothing).
 const SNAPSHOT_RETRY_PERIOD: Duration = Duration::from_secs(5);
-/// How often a shard whose storage is full hands its groups' leadership away again
-/// (a group may come back to it through an election meanwhile).
-const HANDOFF_PERIOD: Duration = Duration::from_secs(10);
-
 impl ShardCore {
     /// The room the log has now for more records (see `shards::storage::Room`).
     pub(super) fn room(&self) -> Room {
@@ -147,54 +143,6 @@ impl ShardCore {
         }
         self.snapshot_retry_at.set(now + SNAPSHOT_RETRY_PERIOD);
         self.start_snapshot();
-    }
-
-    /// A leader whose storage is full cannot take client writes: it hands each group it
-    /// leads to another voter (turn by turn, so a dead voter is not asked forever). Raft
-    /// brings the target up to date first and abandons the transfer after an election
-    /// timeout if it does not answer.
-    fn hand_off_leadership(&self, now: Instant) {
-        if self.handoff_at.get().is_some_and(|at| now < at) {
-            return;
-        }
-        self.handoff_at.set(Some(now + HANDOFF_PERIOD));
-        let turn = self.handoff_turn.get();
-        self.handoff_turn.set(turn.wrapping_add(1));
-        let mut handed = 0usize;
-        for group in self.group_ids() {
-            {
-                let mut groups = self.groups.borrow_mut();
-                let Some(g) = groups.get_mut(&group) else {
-                    continue;
-                };
-                if !g.leading {
-                    continue;
-                }
-                let others: Vec<u64> = g
-                    .raft
-                    .voters()
-                    .iter()
-                    .copied()
-                    .filter(|&v| v != self.node_id)
-                    .collect();
-                if others.is_empty() {
-                    continue;
-                }
-                let to = others[(turn + usize::from(group)) % others.len()];
-                if g.raft.transfer_leader(to).is_ok() {
-                    handed += 1;
-                }
-            }
-            self.process(group);
-        }
-        self.flush_outbox();
-        if handed > 0 {
-            tracing::warn!(
-                shard = self.index,
-                groups = handed,
-                "storage full: handing the leadership of this node's groups to other voters"
-            );
-        }
     }
 
     /// The committer cannot write: the active segment has no room for the next record
