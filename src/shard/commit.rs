@@ -3,8 +3,10 @@
 //! then reports each group's part durable (`shards::replica::Durable`). It also seals
 //! segments and starts shard snapshots between batches.
 
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use glommio::channels::local_channel::LocalReceiver;
 use shards::entry::{Command, LogRecord};
@@ -12,9 +14,10 @@ use shards::replica::Durable;
 use shards::validate::render_event;
 
 use super::driver::Effects;
+use super::leadership::Handoff;
 use super::snapshots::rebase_missing;
 use super::storage::STORAGE_RETRY_PERIOD;
-use super::{command_bytes, ShardCore};
+use super::{command_bytes, ShardCore, PENDING_BYTES_MAX, PENDING_RECORDS_MAX};
 use crate::node::with_timeout;
 use crate::wal::{RecordLocation, Wal};
 
@@ -38,14 +41,99 @@ impl WriteUnit {
     }
 }
 
+/// The write units queued for the committer, in the order they were taken, with their
+/// totals. Every task that steps a group queues here; only the committer takes.
+#[derive(Default)]
+pub(super) struct WriteQueue {
+    units: VecDeque<WriteUnit>,
+    records: usize,
+    bytes: usize,
+}
+
+impl WriteQueue {
+    fn push(&mut self, unit: WriteUnit) {
+        let bytes: usize = unit.records.iter().map(|r| command_bytes(&r.command)).sum();
+        self.records += unit.records.len();
+        self.bytes += bytes;
+        self.units.push_back(unit);
+    }
+
+    /// Everything queued, oldest first; the queue is empty afterwards.
+    fn take(&mut self) -> Vec<WriteUnit> {
+        self.records = 0;
+        self.bytes = 0;
+        self.units.drain(..).collect()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    /// Approximate bytes of the queued records (`command_bytes`).
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// A client write of `bytes` more would pass the queue's bounds (503 overloaded).
+    pub(super) fn refuses(&self, bytes: usize) -> bool {
+        self.records >= PENDING_RECORDS_MAX
+            || (self.bytes > 0 && self.bytes + bytes > PENDING_BYTES_MAX)
+    }
+
+    /// The queue is at one of its bounds (only a log that cannot write lets it grow
+    /// there: a writing committer takes everything queued at each batch).
+    pub(super) fn at_bound(&self) -> bool {
+        self.units.len() >= PENDING_RECORDS_MAX
+            || self.records >= PENDING_RECORDS_MAX
+            || self.bytes >= PENDING_BYTES_MAX
+    }
+}
+
+/// The log as the rest of the shard sees it. The committer, which owns the files,
+/// keeps it up to date; retention moves its oldest segment.
+pub(super) struct LogState {
+    /// Where the next batch will be written; every record not yet durable is after it.
+    pub(super) durable_position: (u64, u64),
+    /// The oldest log segment on disk.
+    pub(super) oldest_segment: u64,
+    /// Index files of sealed segments still being written (readers use these).
+    pub(super) sealing: HashMap<u32, Rc<Vec<u32>>>,
+    /// The committer writes nothing: no room and no next segment.
+    pub(super) blocked: bool,
+}
+
+impl LogState {
+    /// The segment being written.
+    pub(super) fn active_epoch(&self) -> u64 {
+        self.durable_position.0
+    }
+
+    /// Segment `epoch` is sealed, still on disk, and its index file is written.
+    pub(super) fn sealed_and_indexed(&self, epoch: u64) -> bool {
+        epoch >= self.oldest_segment
+            && epoch < self.active_epoch()
+            && !self.sealing.contains_key(&(epoch as u32))
+    }
+}
+
+/// What only the committer task uses, owned by it and passed by `&mut`: the log files
+/// and the clocks of its retries.
+pub(super) struct Committer {
+    pub(super) wal: Wal,
+    /// Log bytes written since the last shard snapshot started.
+    bytes_since_snapshot: u64,
+    /// Failed file creations are tried again from then on (`storage`).
+    pub(super) storage_retry_at: Instant,
+    /// A failed shard snapshot is tried again from then on.
+    pub(super) snapshot_retry_at: Instant,
+    /// Leadership hand-offs while storage is full (`leadership`).
+    pub(super) handoff: Handoff,
+}
+
 impl ShardCore {
     pub(super) fn queue_unit(&self, unit: WriteUnit) {
-        let bytes: usize = unit.records.iter().map(|r| command_bytes(&r.command)).sum();
-        self.units_records
-            .set(self.units_records.get() + unit.records.len());
-        self.units_bytes.set(self.units_bytes.get() + bytes);
-        self.units.borrow_mut().push_back(unit);
-        let _ = self.wake_committer.try_send(());
+        self.queue.borrow_mut().push(unit);
+        let _ = self.wake.committer.try_send(());
     }
 
     /// One batch write (one durable write) for every record queued while the previous
@@ -53,25 +141,30 @@ impl ShardCore {
     /// wakes every `STORAGE_RETRY_PERIOD` without a write: a file creation that failed in
     /// the background (the next segment's pre-write) is tried again even when no write
     /// comes (client writes are refused meanwhile), see `storage`.
-    pub(super) async fn run_committer(self: Rc<Self>, mut wal: Wal, wake: LocalReceiver<()>) {
-        let mut bytes_since_snapshot = 0u64;
+    pub(super) async fn run_committer(self: Rc<Self>, wal: Wal, wake: LocalReceiver<()>) {
+        let now = Instant::now();
+        let mut c = Committer {
+            wal,
+            bytes_since_snapshot: 0,
+            storage_retry_at: now,
+            snapshot_retry_at: now,
+            handoff: Handoff::default(),
+        };
         loop {
             if let Some(None) = with_timeout(STORAGE_RETRY_PERIOD, wake.recv()).await {
                 return;
             }
-            if self.storage_needs_retry(&wal) {
-                self.retry_storage(&mut wal, true).await;
+            if self.storage_needs_retry(&c.wal) {
+                self.retry_storage(&mut c, true).await;
             }
-            self.write_queued(&mut wal, &mut bytes_since_snapshot).await;
+            self.write_queued(&mut c).await;
         }
     }
 
     /// Writes every queued unit, batch after batch, until none is left.
-    async fn write_queued(self: &Rc<Self>, wal: &mut Wal, bytes_since_snapshot: &mut u64) {
+    async fn write_queued(self: &Rc<Self>, c: &mut Committer) {
         loop {
-            let mut units: Vec<WriteUnit> = self.units.borrow_mut().drain(..).collect();
-            self.units_records.set(0);
-            self.units_bytes.set(0);
+            let mut units = self.queue.borrow_mut().take();
             if units.is_empty() {
                 return;
             }
@@ -81,17 +174,17 @@ impl ShardCore {
             }
             let mut done = 0;
             while done < records.len() {
-                let Some(written) = wal.write(&records[done..]).await else {
-                    self.wait_for_segment(wal).await;
+                let Some(written) = c.wal.write(&records[done..]).await else {
+                    self.wait_for_segment(c).await;
                     continue;
                 };
                 self.log_unblocked();
                 if let Some(epoch) = written.sealed {
-                    self.seal(wal, epoch).await;
+                    self.seal(&c.wal, epoch).await;
                 }
-                self.durable_position.set(wal.durable_position());
+                self.log.borrow_mut().durable_position = c.wal.durable_position();
                 self.record_write(&written);
-                *bytes_since_snapshot += written.bytes as u64;
+                c.bytes_since_snapshot += written.bytes as u64;
                 let placed = written.locations.iter().zip(&written.crcs);
                 for (record, (loc, crc)) in records[done..].iter().zip(placed) {
                     self.on_record_durable(record, *loc, *crc);
@@ -105,10 +198,14 @@ impl ShardCore {
             // A snapshot never covers a sealed segment whose index file is not written.
             // Damage found or repaired wants one soon (`damage`): the resume position then
             // passes it, so a restart never replays through it.
-            let due = *bytes_since_snapshot >= self.snapshot_log_bytes || self.snapshot_soon.get();
-            if due && !self.snapshot_running.get() && self.sealing.borrow().is_empty() {
-                *bytes_since_snapshot = 0;
-                self.snapshot_soon.set(false);
+            let by_bytes = c.bytes_since_snapshot >= self.snapshot_log_bytes;
+            let indexes_pending = !self.log.borrow().sealing.is_empty();
+            if self
+                .snapshots
+                .borrow_mut()
+                .start_due(by_bytes, indexes_pending)
+            {
+                c.bytes_since_snapshot = 0;
                 self.start_snapshot();
             }
         }
@@ -184,8 +281,9 @@ impl ShardCore {
             }
             Rc::new(store.apply_seal(plan))
         };
-        self.sealing
+        self.log
             .borrow_mut()
+            .sealing
             .insert(epoch as u32, offsets.clone());
         // Written now, or (no space) kept in `sealing` and written by a later retry.
         self.write_pending_indexes(wal).await;

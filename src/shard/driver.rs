@@ -4,6 +4,7 @@
 //! requests. The driver task takes each executor turn's proposals; the clock task
 //! ticks every group; frames from peers step their groups as they arrive.
 
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -92,10 +93,20 @@ impl Shell<oneshot::Sender<bool>> for Effects<'_> {
     }
 }
 
+/// The markers of a catching-up shard, removed once none of its groups is catching up
+/// any more. Owned by the clock task, which checks after every tick.
+pub(super) struct CatchUpWatch {
+    /// A rebuild is under way and some group of this shard is still catching up.
+    pub(super) rebuild: Option<Arc<crate::rebuild::RebuildTracker>>,
+    /// The log's last batch was damaged (`start::DAMAGED_TAIL_MARKER`): the marker is
+    /// removed once no group of this shard is catching up any more.
+    pub(super) tail_marker: Option<PathBuf>,
+}
+
 impl ShardCore {
     /// Starts the Raft clock and hands out what recovery left committed. A group with
     /// one voter elects itself at once.
-    pub(super) async fn start_raft(self: &Rc<Self>) {
+    pub(super) async fn start_raft(self: &Rc<Self>, watch: CatchUpWatch) {
         self.peers.borrow_mut().me = Rc::downgrade(self);
         let ids = self.group_ids();
         for &group in &ids {
@@ -124,7 +135,7 @@ impl ShardCore {
                 }
             }
         }
-        glommio::spawn_local(self.clone().run_clock()).detach();
+        glommio::spawn_local(self.clone().run_clock(watch)).detach();
     }
 
     /// Hands the proposals of each executor turn to Raft, group by group, and sends
@@ -146,7 +157,7 @@ impl ShardCore {
     }
 
     /// Ticks every group, compacts applied Raft logs, sends what that produced.
-    async fn run_clock(self: Rc<Self>) {
+    async fn run_clock(self: Rc<Self>, mut watch: CatchUpWatch) {
         let tick = self.raft_settings.tick;
         let keep = self.raft_settings.log_entries;
         let ids = self.group_ids();
@@ -171,15 +182,15 @@ impl ShardCore {
             }
             self.feed_archive();
             self.flush_outbox();
-            self.check_caught_up();
+            self.check_caught_up(&mut watch);
         }
     }
 
     /// A rebuild is under way: once no group of this shard is catching up any more
     /// (each persisted what a leader of its term had committed), the shard reports it
     /// once; the last shard removes the marker (`crate::rebuild`).
-    fn check_caught_up(&self) {
-        if self.rebuild.borrow().is_none() && self.tail_marker.borrow().is_none() {
+    fn check_caught_up(&self, watch: &mut CatchUpWatch) {
+        if watch.rebuild.is_none() && watch.tail_marker.is_none() {
             return;
         }
         if self
@@ -190,10 +201,10 @@ impl ShardCore {
         {
             return;
         }
-        if let Some(tracker) = self.rebuild.borrow_mut().take() {
+        if let Some(tracker) = watch.rebuild.take() {
             tracker.shard_caught_up(self.index);
         }
-        if let Some(marker) = self.tail_marker.borrow_mut().take() {
+        if let Some(marker) = watch.tail_marker.take() {
             // Blocking, once: unlink, then make the unlink durable. If it fails the marker
             // stays and the next start catches up once more, which is safe.
             let removed = std::fs::remove_file(&marker)

@@ -10,6 +10,15 @@ use super::ShardCore;
 /// (a group may come back to it through an election meanwhile).
 const HANDOFF_PERIOD: Duration = Duration::from_secs(10);
 
+/// When a shard whose storage is full hands its groups away again, and whose turn it
+/// is among each group's other voters. Owned by the committer task, which runs the
+/// storage retries.
+#[derive(Default)]
+pub(super) struct Handoff {
+    at: Option<Instant>,
+    turn: usize,
+}
+
 impl ShardCore {
     /// Graceful shutdown: hands each group this node leads to another voter, and waits
     /// (bounded) until it leads none.
@@ -46,13 +55,13 @@ impl ShardCore {
     /// leads to another voter (turn by turn, so a dead voter is not asked forever). Raft
     /// brings the target up to date first and abandons the transfer after an election
     /// timeout if it does not answer.
-    pub(super) fn hand_off_leadership(&self, now: Instant) {
-        if self.handoff_at.get().is_some_and(|at| now < at) {
+    pub(super) fn hand_off_leadership(&self, handoff: &mut Handoff, now: Instant) {
+        if handoff.at.is_some_and(|at| now < at) {
             return;
         }
-        self.handoff_at.set(Some(now + HANDOFF_PERIOD));
-        let turn = self.handoff_turn.get();
-        self.handoff_turn.set(turn.wrapping_add(1));
+        handoff.at = Some(now + HANDOFF_PERIOD);
+        let turn = handoff.turn;
+        handoff.turn = turn.wrapping_add(1);
         let mut handed = 0usize;
         for group in self.group_ids() {
             {

@@ -40,11 +40,11 @@ mod status;
 mod storage;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::channel::oneshot;
 use glommio::channels::local_channel::LocalSender;
@@ -144,57 +144,45 @@ pub struct ShardCore {
     groups: RefCell<HashMap<u16, Group>>,
     /// Listing scans running at once (`shards::listing::SCANS_AT_ONCE_MAX`).
     listing_scans: glommio::sync::Semaphore,
-    /// Ready writes waiting for the committer, in the order they were taken.
-    units: RefCell<VecDeque<commit::WriteUnit>>,
-    units_records: Cell<usize>,
-    units_bytes: Cell<usize>,
-    wake_committer: LocalSender<()>,
+    /// Ready writes waiting for the committer.
+    queue: RefCell<commit::WriteQueue>,
     store: RefCell<EventStore>,
     reader: LogReader,
     pub stats: RefCell<ShardStats>,
     /// Tails waiting for the next committed event of a session.
-    tail_waiters: RefCell<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    tails: RefCell<reads::TailWaiters>,
     pub shutting_down: Cell<bool>,
     dir: PathBuf,
-    /// Where the next batch will be written; every record not yet durable is after it.
-    durable_position: Cell<(u64, u64)>,
+    /// Where the log is durable, which segments it holds, pending index files.
+    log: RefCell<commit::LogState>,
+    /// Log bytes between two shard snapshots (`--snapshot-log-bytes`).
     snapshot_log_bytes: u64,
-    snapshot_running: Cell<bool>,
-    /// Index files of sealed segments still being written (readers use these).
-    sealing: RefCell<HashMap<u32, Rc<Vec<u32>>>>,
+    snapshots: RefCell<snapshots::Snapshots>,
     peers: RefCell<peers::Peers>,
     /// Groups with proposals not yet handed to Raft's Ready (see `run_driver`).
     proposed: RefCell<std::collections::BTreeSet<u16>>,
-    wake_driver: LocalSender<()>,
     archive: Option<archive::ArchiveFeed>,
     retention: Retention,
     log_dir: PathBuf,
-    /// The oldest log segment on disk.
-    oldest_segment: Cell<u64>,
-    /// Replay after a restart starts in this segment (the last durable snapshot's).
-    snapshot_resume_epoch: Cell<u64>,
-    /// A rebuild is under way and some group of this shard is still catching up.
-    rebuild: RefCell<Option<Arc<crate::rebuild::RebuildTracker>>>,
-    /// The log's last batch was damaged (`DAMAGED_TAIL_MARKER`): removed once no group
-    /// of this shard is catching up any more.
-    tail_marker: RefCell<Option<PathBuf>>,
     /// The log's files, room and storage-full state (see `storage`).
     space: Rc<LogSpace>,
     /// Bytes of the active segment kept for Raft's records (`shards::storage`).
     reserve_bytes: u64,
-    /// The committer writes nothing: no room and no next segment.
-    log_blocked: Cell<bool>,
-    /// Failed file creations are tried again from then on.
-    storage_retry_at: Cell<Instant>,
-    snapshot_retry_at: Cell<Instant>,
-    /// A shard whose storage is full hands leadership away again from then on.
-    handoff_at: Cell<Option<Instant>>,
-    handoff_turn: Cell<usize>,
-    /// A shard snapshot is wanted at the next batch (damage was found or repaired).
-    snapshot_soon: Cell<bool>,
     /// Damaged data found on this replica, and its repair (see `damage`).
     damage: RefCell<damage::DamageLog>,
-    wake_repairer: LocalSender<()>,
-    wake_scrubber: LocalSender<()>,
+    wake: Wakers,
     scrub_bytes_per_sec: u64,
+}
+
+/// Wakes the shard's tasks that sleep until there is work (each channel holds at most
+/// one wake-up: a task that is awake already takes the new work in its current turn).
+struct Wakers {
+    /// Proposals of this executor turn wait in `ShardCore::proposed`.
+    driver: LocalSender<()>,
+    /// Write units wait in `ShardCore::queue`.
+    committer: LocalSender<()>,
+    /// Damaged events wait for repair.
+    repairer: LocalSender<()>,
+    /// A segment waits for an urgent audit.
+    scrubber: LocalSender<()>,
 }

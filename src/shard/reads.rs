@@ -2,6 +2,7 @@
 //! the log (damaged copies from another replica, see `damage`) or the archive; tails
 //! waiting for a session's next commit; this shard's part of a listing page.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,45 @@ use crate::node::with_timeout;
 use crate::ops::{ApiError, ArchivedFilter, Reply};
 use crate::store::{Cold, ReadPlan};
 use crate::wal::{ReadError, RecordLocation};
+
+/// Tails waiting for the next committed event of a session.
+#[derive(Default)]
+pub(super) struct TailWaiters {
+    by_session: HashMap<String, Vec<oneshot::Sender<()>>>,
+}
+
+impl TailWaiters {
+    fn add(&mut self, id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.by_session.entry(id.to_string()).or_default().push(tx);
+        rx
+    }
+
+    /// Drops the waiters of `id` that stopped waiting (timed out), so idle sessions
+    /// collect no garbage.
+    fn forget_gone(&mut self, id: &str) {
+        if let Some(list) = self.by_session.get_mut(id) {
+            list.retain(|tx| !tx.is_canceled());
+            if list.is_empty() {
+                self.by_session.remove(id);
+            }
+        }
+    }
+
+    /// Wakes every tail waiting on `session`.
+    fn wake(&mut self, session: &str) {
+        if let Some(waiters) = self.by_session.remove(session) {
+            for tx in waiters {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Wakes every tail (shutdown): dropping a waiter's sender wakes it.
+    fn wake_all(&mut self) {
+        self.by_session.clear();
+    }
+}
 
 /// Rendered events of one read, within a byte budget (but at least one event).
 struct Page {
@@ -160,26 +200,14 @@ impl ShardCore {
         if self.shutting_down.get() {
             return;
         }
-        let (tx, rx) = oneshot::channel();
-        self.tail_waiters
-            .borrow_mut()
-            .entry(id.to_string())
-            .or_default()
-            .push(tx);
+        let rx = self.tails.borrow_mut().add(id);
         let _ = with_timeout(wait, rx).await;
-        // A waiter that timed out is dropped here, so idle sessions collect no garbage.
-        let mut waiters = self.tail_waiters.borrow_mut();
-        if let Some(list) = waiters.get_mut(id) {
-            list.retain(|tx| !tx.is_canceled());
-            if list.is_empty() {
-                waiters.remove(id);
-            }
-        }
+        self.tails.borrow_mut().forget_gone(id);
     }
 
     /// Wakes every tail waiting on any session (shutdown).
     pub fn wake_all_tails(&self) {
-        self.tail_waiters.borrow_mut().clear();
+        self.tails.borrow_mut().wake_all();
     }
 
     /// Adds a read plan's events to `page`: cold ones are read back from the log (or,
@@ -215,7 +243,7 @@ impl ShardCore {
                 })
                 .collect()),
             Cold::Sealed { epoch, index } => {
-                let pending = self.sealing.borrow().get(&epoch).cloned();
+                let pending = self.log.borrow().sealing.get(&epoch).cloned();
                 let offsets = match pending {
                     Some(offsets) => {
                         let start = index as usize;
@@ -312,10 +340,6 @@ impl ShardCore {
     }
 
     pub(super) fn wake_tails(&self, session: &str) {
-        if let Some(waiters) = self.tail_waiters.borrow_mut().remove(session) {
-            for tx in waiters {
-                let _ = tx.send(());
-            }
-        }
+        self.tails.borrow_mut().wake(session);
     }
 }

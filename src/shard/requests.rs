@@ -10,7 +10,7 @@ use shards::replica::Refused;
 use shards::session::{AppendDecision, AppendError, CreateError, PatchError};
 use shards::validate::{NewEvent, NewSession, PatchRequest};
 
-use super::{command_bytes, now_us, Group, ShardCore, PENDING_BYTES_MAX, PENDING_RECORDS_MAX};
+use super::{command_bytes, now_us, Group, ShardCore};
 use crate::node::with_timeout;
 use crate::ops::{ApiError, Reply};
 
@@ -49,9 +49,7 @@ impl ShardCore {
             shards::storage::Admission::Full(_) => return Err(ApiError::StorageFull),
             shards::storage::Admission::Wait => return Err(ApiError::Overloaded),
         }
-        if self.units_records.get() >= PENDING_RECORDS_MAX
-            || (self.units_bytes.get() > 0 && self.units_bytes.get() + bytes > PENDING_BYTES_MAX)
-        {
+        if self.queue.borrow().refuses(bytes) {
             return Err(ApiError::Overloaded);
         }
         let proposed = {
@@ -69,7 +67,7 @@ impl ShardCore {
             // Proposals of this turn of the executor leave together (one Ready per group,
             // one AppendEntries per follower, one send per peer).
             if self.proposed.borrow_mut().insert(group) {
-                let _ = self.wake_driver.try_send(());
+                let _ = self.wake.driver.try_send(());
             }
         }
         proposed

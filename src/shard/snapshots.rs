@@ -14,6 +14,53 @@ use shards::storage::FileKind;
 
 use super::ShardCore;
 
+/// The shard snapshot's state, shared by the committer (which starts one between two
+/// batches), the task that writes it, retention (which deletes only what a durable
+/// snapshot covers) and damage (which wants one soon).
+pub(super) struct Snapshots {
+    /// A snapshot is being written.
+    running: bool,
+    /// One is wanted at the next batch (damage was found or repaired).
+    soon: bool,
+    /// Replay after a restart starts in this segment (the last durable snapshot's).
+    resume_epoch: u64,
+}
+
+impl Snapshots {
+    pub(super) fn new(resume_epoch: u64, soon: bool) -> Snapshots {
+        Snapshots {
+            running: false,
+            soon,
+            resume_epoch,
+        }
+    }
+
+    pub(super) fn running(&self) -> bool {
+        self.running
+    }
+
+    pub(super) fn resume_epoch(&self) -> u64 {
+        self.resume_epoch
+    }
+
+    /// Asks for a snapshot at the next batch, so that its resume position passes
+    /// damage just found or repaired and a restart never replays through it.
+    pub(super) fn want_soon(&mut self) {
+        self.soon = true;
+    }
+
+    /// Whether the committer starts a snapshot now: one is due (`by_bytes`, or wanted
+    /// soon), none is running, and no index file is pending (a snapshot never covers a
+    /// sealed segment without its index file). Starting one satisfies the wish.
+    pub(super) fn start_due(&mut self, by_bytes: bool, indexes_pending: bool) -> bool {
+        if !(by_bytes || self.soon) || self.running || indexes_pending {
+            return false;
+        }
+        self.soon = false;
+        true
+    }
+}
+
 /// Bytes of events one snapshot for a follower may carry, at most.
 const SNAPSHOT_TRANSFER_BYTES_MAX: usize = 512 << 20;
 
@@ -111,8 +158,8 @@ impl ShardCore {
     /// Captures the event index, the resume position and the entries not applied yet
     /// (between two batches of the committer) and writes a snapshot in the background.
     pub(super) fn start_snapshot(self: &Rc<Self>) {
-        self.snapshot_running.set(true);
-        let resume = self.durable_position.get();
+        self.snapshots.borrow_mut().running = true;
+        let resume = self.log.borrow().durable_position;
         let sessions = self.store.borrow().capture();
         let entries = self.capture_entries();
         let task = self.clone().write_snapshot(resume, sessions, entries);
@@ -151,7 +198,7 @@ impl ShardCore {
             .await
         {
             Ok(()) => {
-                self.snapshot_resume_epoch.set(resume.0);
+                self.snapshots.borrow_mut().resume_epoch = resume.0;
                 self.space.record(FileKind::Snapshot, Ok(()));
                 tracing::info!(
                     shard = self.index,
@@ -166,7 +213,7 @@ impl ShardCore {
                     .record(FileKind::Snapshot, Err((crate::wal::reason_of(&e), error)));
             }
         }
-        self.snapshot_running.set(false);
+        self.snapshots.borrow_mut().running = false;
     }
 
     /// Every group's entries on disk and not applied yet, with their places: captured

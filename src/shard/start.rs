@@ -3,18 +3,24 @@
 //! (driver, committer, clock, repairer, scrubber, retention) are spawned.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use glommio::channels::local_channel;
 use shards::listing;
-use shards::raft::{Config as RaftConfig, RaftNode};
+use shards::raft::{Config as RaftConfig, HardState, RaftNode};
+use shards::replay::Replayed;
+use shards::snapshot::ShardSnapshot;
 
+use super::commit::{LogState, WriteQueue};
+use super::driver::CatchUpWatch;
+use super::reads::TailWaiters;
+use super::snapshots::Snapshots;
 use super::{
     archive, damage, now_us, peers, recovery, Group, RaftSettings, ShardCore, ShardSettings,
-    PENDING_RECORDS_MAX,
+    Wakers, PENDING_RECORDS_MAX,
 };
 use crate::metrics::ShardStats;
 use crate::wal::{LogSpace, Wal};
@@ -65,6 +71,110 @@ fn raft_config(settings: &RaftSettings) -> RaftConfig {
     }
 }
 
+/// The shard snapshot to start from, and whether it was damaged: damage outside its
+/// checksummed body is ignored; a damaged body is done without when the log still holds
+/// everything from its first segment (replayed whole), else start-up stops.
+async fn load_snapshot(
+    shard: usize,
+    dir: &Path,
+    log_dir: &Path,
+) -> Result<(Option<ShardSnapshot>, bool), String> {
+    Ok(match recovery::load_snapshot(dir).await? {
+        recovery::Loaded::None => (None, false),
+        recovery::Loaded::Snapshot(snapshot, notes) => {
+            let damaged = !notes.is_empty();
+            for note in notes {
+                tracing::warn!(shard, damage = %note, "snapshot file: damage outside its checksummed body; it is used, and rewritten soon");
+            }
+            (Some(*snapshot), damaged)
+        }
+        recovery::Loaded::Damaged(why) => {
+            recovery::replay_without_snapshot(log_dir, &why)?;
+            tracing::warn!(
+                shard,
+                damage = %why,
+                "the shard snapshot is damaged; the log still holds everything from its \
+                 first segment, so state is rebuilt from the whole log and a new snapshot \
+                 is written"
+            );
+            (None, true)
+        }
+    })
+}
+
+/// Segments sealed during replay get their index files (again: an old one, if any, may
+/// be missing or may not match the runs replay just built). One that cannot be written
+/// (full disk) is returned: it stays in memory, where readers find it, and is written
+/// when space returns.
+async fn write_replay_seals(
+    wal: &Wal,
+    space: &LogSpace,
+    seals: Vec<(u64, Vec<u32>)>,
+) -> HashMap<u32, Rc<Vec<u32>>> {
+    let mut sealing = HashMap::new();
+    for (epoch, offsets) in seals {
+        let bytes = shards::snapshot::encode_sidecar(epoch, &offsets, shards::codec::BLOCK_BYTES);
+        if let Err(e) = wal.write_index(epoch, &bytes).await {
+            space.record(shards::storage::FileKind::Index, Err(e));
+            let epoch = u32::try_from(epoch).expect("epoch fits u32");
+            sealing.insert(epoch, Rc::new(offsets));
+        }
+    }
+    sealing
+}
+
+/// This node's replica of each group of the shard it is a voter of, from what replay
+/// recovered; and the hard states a rebuild carried over that the new log must record.
+fn build_groups(
+    settings: &ShardSettings,
+    members: &[u64],
+    mut recovered: HashMap<u16, Replayed>,
+    tail_catch_up: bool,
+) -> (HashMap<u16, Group>, Vec<(u16, HardState)>) {
+    let mut groups = HashMap::new();
+    let mut carried_to_write = Vec::new();
+    for group in
+        (0..shards::GROUPS).filter(|&g| shards::shard_of(g, settings.shards) == settings.index)
+    {
+        let voters = shards::voters_of(group, members);
+        if !voters.contains(&settings.node_id) {
+            continue;
+        }
+        let seed = (settings.node_id << 16 | u64::from(group)) ^ now_us() as u64;
+        let r = recovered
+            .remove(&group)
+            .unwrap_or_else(|| shards::replay::Replay::new(settings.limits).finish());
+        let mut restored = r.raft;
+        if let Some(carried) = settings
+            .catch_up
+            .as_ref()
+            .and_then(|c| c.carried.get(&group))
+        {
+            let before = restored.hard_state;
+            restored.hard_state.merge(carried.term, carried.vote);
+            if restored.hard_state != before {
+                carried_to_write.push((group, restored.hard_state));
+            }
+        }
+        let mut raft = RaftNode::new(
+            raft_config(&settings.raft),
+            settings.node_id,
+            voters,
+            seed,
+            Some(restored),
+        );
+        if let Some(c) = &settings.catch_up {
+            raft = raft.catch_up(c.forget_votes);
+        } else if tail_catch_up {
+            // The dropped batch may have held a vote it cast: the term and vote are
+            // learnt from the other voters before anything else (thesis §3.8).
+            raft = raft.catch_up(true);
+        }
+        groups.insert(group, Group::new(group, raft, r.recovered, settings.limits));
+    }
+    (groups, carried_to_write)
+}
+
 impl ShardCore {
     /// Recovers the shard (snapshot, then the log after it), starts its committer and
     /// its Raft clock. Peers are attached afterwards with [`start_transport`].
@@ -78,27 +188,7 @@ impl ShardCore {
         let log_dir = dir.join("log");
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| format!("create {}: {e}", log_dir.display()))?;
-        let (snapshot, snapshot_damaged) = match recovery::load_snapshot(dir).await? {
-            recovery::Loaded::None => (None, false),
-            recovery::Loaded::Snapshot(snapshot, notes) => {
-                let damaged = !notes.is_empty();
-                for note in notes {
-                    tracing::warn!(shard = settings.index, damage = %note, "snapshot file: damage outside its checksummed body; it is used, and rewritten soon");
-                }
-                (Some(*snapshot), damaged)
-            }
-            recovery::Loaded::Damaged(why) => {
-                recovery::replay_without_snapshot(&log_dir, &why)?;
-                tracing::warn!(
-                    shard = settings.index,
-                    damage = %why,
-                    "the shard snapshot is damaged; the log still holds everything from its \
-                     first segment, so state is rebuilt from the whole log and a new snapshot \
-                     is written"
-                );
-                (None, true)
-            }
-        };
+        let (snapshot, snapshot_damaged) = load_snapshot(settings.index, dir, &log_dir).await?;
         let mut recovery = recovery::Recovery::new(&settings, snapshot)?;
         let resume = recovery.resume;
         let mut replay_error = None;
@@ -128,7 +218,7 @@ impl ShardCore {
         if let Some(e) = replay_error {
             return Err(e);
         }
-        let (mut recovered, mut store, seals, later_repairs) = recovery.finish();
+        let (recovered, mut store, seals, later_repairs) = recovery.finish();
         // Runs of segments retention deleted after the snapshot was taken.
         let oldest_segment = crate::wal::segment_epochs(&log_dir)?
             .first()
@@ -137,20 +227,7 @@ impl ShardCore {
         if oldest_segment > 1 {
             store.drop_through((oldest_segment - 1) as u32);
         }
-        // Segments sealed during replay get their index files (again: an old one, if
-        // any, may be missing or may not match the runs replay just built). One that
-        // cannot be written (full disk) stays in memory, where readers find it, and is
-        // written when space returns.
-        let mut sealing = HashMap::new();
-        for (epoch, offsets) in seals {
-            let bytes =
-                shards::snapshot::encode_sidecar(epoch, &offsets, shards::codec::BLOCK_BYTES);
-            if let Err(e) = wal.write_index(epoch, &bytes).await {
-                space.record(shards::storage::FileKind::Index, Err(e));
-                let epoch = u32::try_from(epoch).expect("epoch fits u32");
-                sealing.insert(epoch, Rc::new(offsets));
-            }
-        }
+        let sealing = write_replay_seals(&wal, &space, seals).await;
         wal.start_next();
         let members = if settings.members.is_empty() {
             vec![settings.node_id]
@@ -158,51 +235,12 @@ impl ShardCore {
             settings.members.clone()
         };
         let tail_catch_up = damaged_tail_catch_up(settings.index, &tail_marker, members.len())?;
-        let mut groups = HashMap::new();
-        let mut carried_to_write = Vec::new();
-        for group in
-            (0..shards::GROUPS).filter(|&g| shards::shard_of(g, settings.shards) == settings.index)
-        {
-            let voters = shards::voters_of(group, &members);
-            if !voters.contains(&settings.node_id) {
-                continue;
-            }
-            let seed = (settings.node_id << 16 | u64::from(group)) ^ now_us() as u64;
-            let r = recovered
-                .remove(&group)
-                .unwrap_or_else(|| shards::replay::Replay::new(settings.limits).finish());
-            let mut restored = r.raft;
-            if let Some(carried) = settings
-                .catch_up
-                .as_ref()
-                .and_then(|c| c.carried.get(&group))
-            {
-                let before = restored.hard_state;
-                restored.hard_state.merge(carried.term, carried.vote);
-                if restored.hard_state != before {
-                    carried_to_write.push((group, restored.hard_state));
-                }
-            }
-            let mut raft = RaftNode::new(
-                raft_config(&settings.raft),
-                settings.node_id,
-                voters,
-                seed,
-                Some(restored),
-            );
-            if let Some(c) = &settings.catch_up {
-                raft = raft.catch_up(c.forget_votes);
-            } else if tail_catch_up {
-                // The dropped batch may have held a vote it cast: the term and vote are
-                // learnt from the other voters before anything else (thesis §3.8).
-                raft = raft.catch_up(true);
-            }
-            groups.insert(group, Group::new(group, raft, r.recovered, settings.limits));
-        }
-        let (wake_committer, wake_rx) = local_channel::new_bounded(1);
-        let (wake_driver, driver_rx) = local_channel::new_bounded(1);
-        let (wake_repairer, repairer_rx) = local_channel::new_bounded(1);
-        let (wake_scrubber, scrubber_rx) = local_channel::new_bounded(1);
+        let (groups, carried_to_write) =
+            build_groups(&settings, &members, recovered, tail_catch_up);
+        let (committer, wake_rx) = local_channel::new_bounded(1);
+        let (driver, driver_rx) = local_channel::new_bounded(1);
+        let (repairer, repairer_rx) = local_channel::new_bounded(1);
+        let (scrubber, scrubber_rx) = local_channel::new_bounded(1);
         let mut damage = damage::DamageLog::default();
         if snapshot_damaged {
             damage.found_snapshot_damage(&dir.join(recovery::SNAPSHOT_FILE));
@@ -217,40 +255,34 @@ impl ShardCore {
             dir: dir.to_path_buf(),
             groups: RefCell::new(groups),
             listing_scans: glommio::sync::Semaphore::new(listing::SCANS_AT_ONCE_MAX as u64),
-            units: RefCell::new(VecDeque::new()),
-            units_records: Cell::new(0),
-            units_bytes: Cell::new(0),
-            wake_committer,
+            queue: RefCell::new(WriteQueue::default()),
             store: RefCell::new(store),
             reader: wal.reader(),
             stats: RefCell::new(ShardStats::default()),
-            tail_waiters: RefCell::new(HashMap::new()),
+            tails: RefCell::new(TailWaiters::default()),
             shutting_down: Cell::new(false),
-            durable_position: Cell::new(wal.durable_position()),
+            log: RefCell::new(LogState {
+                durable_position: wal.durable_position(),
+                oldest_segment,
+                sealing,
+                blocked: false,
+            }),
             snapshot_log_bytes,
-            snapshot_running: Cell::new(false),
-            sealing: RefCell::new(sealing),
+            snapshots: RefCell::new(Snapshots::new(resume.0, snapshot_damaged)),
             peers: RefCell::new(peers::Peers::default()),
             proposed: RefCell::new(std::collections::BTreeSet::new()),
-            wake_driver,
             archive: settings.archive.map(archive::ArchiveFeed::new),
             retention: settings.retention,
             log_dir,
-            oldest_segment: Cell::new(oldest_segment),
-            snapshot_resume_epoch: Cell::new(resume.0),
-            rebuild: RefCell::new(settings.catch_up.map(|c| c.tracker)),
-            tail_marker: RefCell::new(tail_catch_up.then_some(tail_marker)),
             space,
             reserve_bytes: shards::storage::reserve_bytes(segment_bytes),
-            log_blocked: Cell::new(false),
-            storage_retry_at: Cell::new(Instant::now()),
-            snapshot_retry_at: Cell::new(Instant::now()),
-            handoff_at: Cell::new(None),
-            handoff_turn: Cell::new(0),
-            snapshot_soon: Cell::new(snapshot_damaged),
             damage: RefCell::new(damage),
-            wake_repairer,
-            wake_scrubber,
+            wake: Wakers {
+                driver,
+                committer,
+                repairer,
+                scrubber,
+            },
             scrub_bytes_per_sec: settings.scrub_bytes_per_sec,
         });
         // The carried terms and votes are the first records of the new log; they go
@@ -261,7 +293,11 @@ impl ShardCore {
         glommio::spawn_local(core.clone().run_scrubber(scrubber_rx)).detach();
         glommio::spawn_local(core.clone().run_driver(driver_rx)).detach();
         glommio::spawn_local(core.clone().run_committer(wal, wake_rx)).detach();
-        core.start_raft().await;
+        let watch = CatchUpWatch {
+            rebuild: settings.catch_up.map(|c| c.tracker),
+            tail_marker: tail_catch_up.then_some(tail_marker),
+        };
+        core.start_raft(watch).await;
         // Starting Raft applied the committed entries after the snapshot: the events
         // repaired among them are indexed now.
         for (session, seq, loc) in later_repairs {

@@ -100,7 +100,7 @@ impl ShardCore {
             .map(|reason| crate::metrics::StorageFull {
                 shard: self.index,
                 reason,
-                log_blocked: self.log_blocked.get(),
+                log_blocked: self.log.borrow().blocked,
             })
             .into_iter()
             .collect();
@@ -114,7 +114,7 @@ impl ShardCore {
     /// True when nothing is queued or being written, and every group this node leads
     /// has committed all of its entries.
     pub fn idle(&self) -> bool {
-        self.units.borrow().is_empty()
+        self.queue.borrow().is_empty()
             && self
                 .groups
                 .borrow()

@@ -237,7 +237,7 @@ impl ShardCore {
         }
         damage.urgent.push_back(epoch);
         drop(damage);
-        let _ = self.wake_scrubber.try_send(());
+        let _ = self.wake.scrubber.try_send(());
         true
     }
 
@@ -285,8 +285,8 @@ impl ShardCore {
         }
         // Whatever happens next, the next shard snapshot should cover this damage, so
         // that a restart never has to replay through it.
-        self.snapshot_soon.set(true);
-        let _ = self.wake_repairer.try_send(());
+        self.snapshots.borrow_mut().want_soon();
+        let _ = self.wake.repairer.try_send(());
     }
 
     /// While a group's data is damaged here, this replica does not campaign for it and

@@ -50,8 +50,10 @@ impl ShardCore {
         if rate == 0 {
             return None;
         }
-        let oldest = self.oldest_segment.get();
-        let active = self.durable_position.get().0;
+        let (oldest, active) = {
+            let log = self.log.borrow();
+            (log.oldest_segment, log.active_epoch())
+        };
         *cursor = (*cursor).max(oldest);
         if *cursor >= active {
             *cursor = oldest; // a pass is over: the next starts after a pause
@@ -64,10 +66,7 @@ impl ShardCore {
     /// Verifies sealed segment `epoch` (every batch and record crc32, and the index
     /// file against it) at `rate` bytes per second, then reports and repairs.
     async fn audit_segment(&self, epoch: u64, rate: u64) {
-        let sealed = epoch >= self.oldest_segment.get()
-            && epoch < self.durable_position.get().0
-            && !self.sealing.borrow().contains_key(&(epoch as u32));
-        if !sealed {
+        if !self.log.borrow().sealed_and_indexed(epoch) {
             return;
         }
         let Ok(size) = std::fs::metadata(self.reader.segment_path(epoch)).map(|m| m.len()) else {
@@ -137,29 +136,7 @@ impl ShardCore {
             self.damage.borrow_mut().index_damage.remove(&epoch);
         }
         if let (Some(problem), Some(offsets)) = (&outcome.index_problem, &outcome.rebuilt_index) {
-            let bytes =
-                shards::snapshot::encode_sidecar(epoch, offsets, shards::codec::BLOCK_BYTES);
-            let path = self.reader.index_path(epoch);
-            match self.reader.replace_index_file(epoch, &bytes).await {
-                Ok(()) => {
-                    self.damage.borrow_mut().index_damage.remove(&epoch);
-                    tracing::warn!(
-                        shard = self.index,
-                        file = %path.display(),
-                        problem = %problem,
-                        "a segment index file was damaged: rebuilt from its segment"
-                    );
-                    let mut damage = self.damage.borrow_mut();
-                    damage.index_rebuilds += 1;
-                    damage.remember(format!("{} rebuilt: {problem}", path.display()));
-                }
-                Err(e) => tracing::error!(
-                    shard = self.index,
-                    file = %path.display(),
-                    error = %e,
-                    "cannot rewrite a damaged segment index file"
-                ),
-            }
+            self.rebuild_index_file(epoch, problem, offsets).await;
         }
         for d in outcome.damaged_events {
             let place = match d.offset {
@@ -209,7 +186,34 @@ impl ShardCore {
             );
             damage.remember(what);
             drop(damage);
-            self.snapshot_soon.set(true);
+            self.snapshots.borrow_mut().want_soon();
+        }
+    }
+
+    /// Replaces segment `epoch`'s damaged index file (`problem`) with one rebuilt from
+    /// the segment.
+    async fn rebuild_index_file(&self, epoch: u64, problem: &str, offsets: &[u32]) {
+        let bytes = shards::snapshot::encode_sidecar(epoch, offsets, shards::codec::BLOCK_BYTES);
+        let path = self.reader.index_path(epoch);
+        match self.reader.replace_index_file(epoch, &bytes).await {
+            Ok(()) => {
+                self.damage.borrow_mut().index_damage.remove(&epoch);
+                tracing::warn!(
+                    shard = self.index,
+                    file = %path.display(),
+                    problem = %problem,
+                    "a segment index file was damaged: rebuilt from its segment"
+                );
+                let mut damage = self.damage.borrow_mut();
+                damage.index_rebuilds += 1;
+                damage.remember(format!("{} rebuilt: {problem}", path.display()));
+            }
+            Err(e) => tracing::error!(
+                shard = self.index,
+                file = %path.display(),
+                error = %e,
+                "cannot rewrite a damaged segment index file"
+            ),
         }
     }
 }
