@@ -102,6 +102,76 @@ async fn load_snapshot(
     })
 }
 
+/// What start-up recovered from the shard snapshot and the log.
+struct Opened {
+    /// The log, open for writing after its last durable batch.
+    wal: Wal,
+    space: Rc<LogSpace>,
+    /// Where replay began (the snapshot's resume position).
+    resume: (u64, u64),
+    snapshot_damaged: bool,
+    /// The oldest segment on disk (retention deleted the ones before).
+    oldest_segment: u64,
+    replayed: recovery::ReplayOutcome,
+}
+
+/// Loads the shard snapshot and replays the log after its resume position.
+async fn open_log(
+    settings: &ShardSettings,
+    dir: &Path,
+    log_dir: &Path,
+    tail_marker: &Path,
+    segment_bytes: u64,
+    fsync_delay: Option<Duration>,
+) -> Result<Opened, String> {
+    let (snapshot, snapshot_damaged) = load_snapshot(settings.index, dir, log_dir).await?;
+    let mut recovery = recovery::Recovery::new(settings, snapshot)?;
+    let resume = recovery.resume;
+    let mut replay_error = None;
+    let space = LogSpace::new(settings.index, settings.retention.max_disk_bytes);
+    let replay = |item| {
+        if replay_error.is_none() {
+            if let Err(e) = recovery.replay(item) {
+                replay_error = Some(e);
+            }
+        }
+    };
+    let wal = Wal::open(
+        log_dir,
+        segment_bytes,
+        fsync_delay,
+        resume,
+        space.clone(),
+        tail_marker,
+        replay,
+    )
+    .await
+    .map_err(|e| match snapshot_damaged {
+        true => format!("{e} (the shard snapshot was damaged, so the whole log was replayed)"),
+        false => e,
+    })?;
+    if let Some(e) = replay_error {
+        return Err(e);
+    }
+    let (recovered, mut store, seals, later_repairs) = recovery.finish();
+    // Runs of segments retention deleted after the snapshot was taken.
+    let oldest_segment = crate::wal::segment_epochs(log_dir)?
+        .first()
+        .copied()
+        .unwrap_or(1);
+    if oldest_segment > 1 {
+        store.drop_through((oldest_segment - 1) as u32);
+    }
+    Ok(Opened {
+        wal,
+        space,
+        resume,
+        snapshot_damaged,
+        oldest_segment,
+        replayed: (recovered, store, seals, later_repairs),
+    })
+}
+
 /// Segments sealed during replay get their index files (again: an old one, if any, may
 /// be missing or may not match the runs replay just built). One that cannot be written
 /// (full disk) is returned: it stays in memory, where readers find it, and is written
@@ -188,45 +258,23 @@ impl ShardCore {
         let log_dir = dir.join("log");
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| format!("create {}: {e}", log_dir.display()))?;
-        let (snapshot, snapshot_damaged) = load_snapshot(settings.index, dir, &log_dir).await?;
-        let mut recovery = recovery::Recovery::new(&settings, snapshot)?;
-        let resume = recovery.resume;
-        let mut replay_error = None;
-        let space = LogSpace::new(settings.index, settings.retention.max_disk_bytes);
-        let replay = |item| {
-            if replay_error.is_none() {
-                if let Err(e) = recovery.replay(item) {
-                    replay_error = Some(e);
-                }
-            }
-        };
         let tail_marker = dir.join(DAMAGED_TAIL_MARKER);
-        let mut wal = Wal::open(
+        let Opened {
+            mut wal,
+            space,
+            resume,
+            snapshot_damaged,
+            oldest_segment,
+            replayed: (recovered, store, seals, later_repairs),
+        } = open_log(
+            &settings,
+            dir,
             &log_dir,
+            &tail_marker,
             segment_bytes,
             fsync_delay,
-            resume,
-            space.clone(),
-            &tail_marker,
-            replay,
         )
-        .await
-        .map_err(|e| match snapshot_damaged {
-            true => format!("{e} (the shard snapshot was damaged, so the whole log was replayed)"),
-            false => e,
-        })?;
-        if let Some(e) = replay_error {
-            return Err(e);
-        }
-        let (recovered, mut store, seals, later_repairs) = recovery.finish();
-        // Runs of segments retention deleted after the snapshot was taken.
-        let oldest_segment = crate::wal::segment_epochs(&log_dir)?
-            .first()
-            .copied()
-            .unwrap_or(1);
-        if oldest_segment > 1 {
-            store.drop_through((oldest_segment - 1) as u32);
-        }
+        .await?;
         let sealing = write_replay_seals(&wal, &space, seals).await;
         wal.start_next();
         let members = if settings.members.is_empty() {
