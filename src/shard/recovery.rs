@@ -213,7 +213,7 @@ impl Recovery {
                         }
                         index_event(&mut self.store, &h.session, h.seq, h.loc, h.sealed);
                     }
-                    super::replication::rebase_missing(&mut self.store, group.replay.state());
+                    super::snapshots::rebase_missing(&mut self.store, group.replay.state());
                 }
                 other => {
                     return Err(format!(
@@ -327,7 +327,7 @@ mod tests {
 
     const G: u16 = 5;
 
-    fn create(id: &str) -> Command {
+    pub(super) fn create(id: &str) -> Command {
         Command::CreateSession(CreateSession {
             session_id: id.into(),
             title: None,
@@ -336,7 +336,7 @@ mod tests {
         })
     }
 
-    fn append(id: &str, seq: u64, payload: &str) -> Command {
+    pub(super) fn append(id: &str, seq: u64, payload: &str) -> Command {
         Command::Append(AppendEntry {
             session_id: id.into(),
             seq,

@@ -57,9 +57,11 @@ impl ShardCore {
 
     /// Deletes the oldest segment if the rules allow it; returns whether it did.
     fn delete_oldest_segment(&self) -> bool {
-        let oldest = self.oldest_segment.get();
-        let active = self.durable_position.get().0;
-        if oldest >= active.min(self.snapshot_resume_epoch.get()) {
+        let (oldest, active) = {
+            let log = self.log.borrow();
+            (log.oldest_segment, log.active_epoch())
+        };
+        if oldest >= active.min(self.snapshots.borrow().resume_epoch()) {
             return false;
         }
         let over_bytes = self
@@ -81,7 +83,7 @@ impl ShardCore {
         // A snapshot for a follower is reading history back from the log; a segment
         // whose index file is not written yet is read through its offsets in memory.
         if self.groups.borrow().values().any(|g| g.building_snapshot)
-            || self.sealing.borrow().contains_key(&(oldest as u32))
+            || self.log.borrow().sealing.contains_key(&(oldest as u32))
         {
             return false;
         }
@@ -91,7 +93,7 @@ impl ShardCore {
             tracing::error!(shard = self.index, segment = oldest, %error, "retention: cannot delete");
             return false;
         }
-        self.oldest_segment.set(oldest + 1);
+        self.log.borrow_mut().oldest_segment = oldest + 1;
         self.stats.borrow_mut().segments_deleted += 1;
         tracing::info!(
             shard = self.index,

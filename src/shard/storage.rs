@@ -17,9 +17,8 @@ use shards::entry::Command;
 use shards::raft::{Body, Message, Payload};
 use shards::storage::{self, FileKind, Room};
 
-use super::{
-    command_bytes, ShardCore, COMMAND_FIXED_BYTES, PENDING_BYTES_MAX, PENDING_RECORDS_MAX,
-};
+use super::commit::Committer;
+use super::{command_bytes, ShardCore, COMMAND_FIXED_BYTES};
 use crate::wal::Wal;
 
 /// How often a failed file creation is tried again.
@@ -27,14 +26,11 @@ pub(super) const STORAGE_RETRY_PERIOD: Duration = Duration::from_secs(1);
 /// How often a failed shard snapshot is tried again (a snapshot encodes every group's
 /// state: retrying it every second would cost a full disk's node CPU for nothing).
 const SNAPSHOT_RETRY_PERIOD: Duration = Duration::from_secs(5);
-/// How often a shard whose storage is full hands its groups' leadership away again
-/// (a group may come back to it through an election meanwhile).
-const HANDOFF_PERIOD: Duration = Duration::from_secs(10);
 
 impl ShardCore {
     /// The room the log has now for more records (see `shards::storage::Room`).
     pub(super) fn room(&self) -> Room {
-        let queued = self.units_bytes.get() as u64;
+        let queued = self.queue.borrow().bytes() as u64;
         Room {
             next_segment: self.space.next_segment(),
             free_bytes: self.space.active_free().saturating_sub(queued),
@@ -51,10 +47,7 @@ impl ShardCore {
         // Only a log that cannot write lets the queue grow: a writing committer takes
         // everything queued at each batch (a snapshot being installed alone may queue
         // more records than the client bound, and must not be refused for it).
-        let queue_full = self.log_blocked.get()
-            && (self.units.borrow().len() >= PENDING_RECORDS_MAX
-                || self.units_records.get() >= PENDING_RECORDS_MAX
-                || self.units_bytes.get() >= PENDING_BYTES_MAX);
+        let queue_full = self.log.borrow().blocked && self.queue.borrow().at_bound();
         match &mut msg.body {
             Body::Append { entries, .. } if !entries.is_empty() => {
                 if queue_full {
@@ -79,26 +72,26 @@ impl ShardCore {
 
     /// Something failed to be created and is to be tried again.
     pub(super) fn storage_needs_retry(&self, wal: &Wal) -> bool {
-        wal.needs_retry() || self.space.full().is_some() || !self.sealing.borrow().is_empty()
+        wal.needs_retry() || self.space.full().is_some() || !self.log.borrow().sealing.is_empty()
     }
 
     /// Tries again, at most once per [`STORAGE_RETRY_PERIOD`], what could not be
     /// created; hands leadership away while storage stays full. Runs in the committer
     /// (which owns the log), between batches; `between_batches` is false while a batch
     /// waits for a segment (no snapshot may be captured then).
-    pub(super) async fn retry_storage(self: &Rc<Self>, wal: &mut Wal, between_batches: bool) {
+    pub(super) async fn retry_storage(self: &Rc<Self>, c: &mut Committer, between_batches: bool) {
         let now = Instant::now();
-        if now < self.storage_retry_at.get() {
+        if now < c.storage_retry_at {
             return;
         }
-        self.storage_retry_at.set(now + STORAGE_RETRY_PERIOD);
-        wal.retry().await;
-        self.write_pending_indexes(wal).await;
+        c.storage_retry_at = now + STORAGE_RETRY_PERIOD;
+        c.wal.retry().await;
+        self.write_pending_indexes(&c.wal).await;
         if between_batches && self.space.failing(FileKind::Snapshot).is_some() {
-            self.retry_snapshot(now);
+            self.retry_snapshot(&mut c.snapshot_retry_at, now);
         }
         if self.space.full().is_some() {
-            self.hand_off_leadership(now);
+            self.hand_off_leadership(&mut c.handoff, now);
         }
     }
 
@@ -106,8 +99,9 @@ impl ShardCore {
     /// (readers use their offsets in memory meanwhile), oldest first.
     pub(super) async fn write_pending_indexes(&self, wal: &Wal) {
         let mut pending: Vec<(u32, Rc<Vec<u32>>)> = self
-            .sealing
+            .log
             .borrow()
+            .sealing
             .iter()
             .map(|(&epoch, offsets)| (epoch, offsets.clone()))
             .collect();
@@ -124,7 +118,7 @@ impl ShardCore {
             );
             match wal.write_index(u64::from(epoch), &bytes).await {
                 Ok(()) => {
-                    self.sealing.borrow_mut().remove(&epoch);
+                    self.log.borrow_mut().sealing.remove(&epoch);
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -138,70 +132,22 @@ impl ShardCore {
 
     /// Starts a shard snapshot again after one failed (not while an index file is
     /// pending: a snapshot must never cover a sealed segment without its index file).
-    fn retry_snapshot(self: &Rc<Self>, now: Instant) {
-        if self.snapshot_running.get()
-            || !self.sealing.borrow().is_empty()
-            || now < self.snapshot_retry_at.get()
+    fn retry_snapshot(self: &Rc<Self>, retry_at: &mut Instant, now: Instant) {
+        if self.snapshots.borrow().running()
+            || !self.log.borrow().sealing.is_empty()
+            || now < *retry_at
         {
             return;
         }
-        self.snapshot_retry_at.set(now + SNAPSHOT_RETRY_PERIOD);
+        *retry_at = now + SNAPSHOT_RETRY_PERIOD;
         self.start_snapshot();
-    }
-
-    /// A leader whose storage is full cannot take client writes: it hands each group it
-    /// leads to another voter (turn by turn, so a dead voter is not asked forever). Raft
-    /// brings the target up to date first and abandons the transfer after an election
-    /// timeout if it does not answer.
-    fn hand_off_leadership(&self, now: Instant) {
-        if self.handoff_at.get().is_some_and(|at| now < at) {
-            return;
-        }
-        self.handoff_at.set(Some(now + HANDOFF_PERIOD));
-        let turn = self.handoff_turn.get();
-        self.handoff_turn.set(turn.wrapping_add(1));
-        let mut handed = 0usize;
-        for group in self.group_ids() {
-            {
-                let mut groups = self.groups.borrow_mut();
-                let Some(g) = groups.get_mut(&group) else {
-                    continue;
-                };
-                if !g.leading {
-                    continue;
-                }
-                let others: Vec<u64> = g
-                    .raft
-                    .voters()
-                    .iter()
-                    .copied()
-                    .filter(|&v| v != self.node_id)
-                    .collect();
-                if others.is_empty() {
-                    continue;
-                }
-                let to = others[(turn + usize::from(group)) % others.len()];
-                if g.raft.transfer_leader(to).is_ok() {
-                    handed += 1;
-                }
-            }
-            self.process(group);
-        }
-        self.flush_outbox();
-        if handed > 0 {
-            tracing::warn!(
-                shard = self.index,
-                groups = handed,
-                "storage full: handing the leadership of this node's groups to other voters"
-            );
-        }
     }
 
     /// The committer cannot write: the active segment has no room for the next record
     /// and no next segment could be created. It waits (every queued record stays
     /// queued, within the queue's bounds) and tries again.
-    pub(super) async fn wait_for_segment(self: &Rc<Self>, wal: &mut Wal) {
-        if !self.log_blocked.replace(true) {
+    pub(super) async fn wait_for_segment(self: &Rc<Self>, c: &mut Committer) {
+        if !std::mem::replace(&mut self.log.borrow_mut().blocked, true) {
             tracing::error!(
                 shard = self.index,
                 "log full: no room in the active segment and no next segment; Raft's records \
@@ -209,12 +155,12 @@ impl ShardCore {
             );
         }
         glommio::timer::sleep(STORAGE_RETRY_PERIOD).await;
-        self.retry_storage(wal, false).await;
+        self.retry_storage(c, false).await;
     }
 
     /// A batch was written: the log is not blocked.
     pub(super) fn log_unblocked(&self) {
-        if self.log_blocked.replace(false) {
+        if std::mem::replace(&mut self.log.borrow_mut().blocked, false) {
             tracing::info!(shard = self.index, "log writable again");
         }
     }
