@@ -245,7 +245,18 @@ fn rebuilding_a_replica_under_load_converges_and_loses_no_acknowledged_append() 
         cluster.create_session(1, id);
     }
     let load = Load::start(&cluster, &sessions);
-    thread::sleep(Duration::from_secs(2));
+    // Enough appends that every session's group holds well over the 256 entries the
+    // leaders keep (so at least one catches node 3 up with a snapshot, asserted below),
+    // however slowly a loaded machine acknowledges them.
+    let loading = Instant::now();
+    while loading.elapsed() < Duration::from_secs(2) || load.acked() < 6 * 400 {
+        assert!(
+            loading.elapsed() < Duration::from_secs(90),
+            "only {} appends acknowledged in 90 s",
+            load.acked()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 
     // 1. --rebuild: node 3 keeps its terms and votes, drops its log, catches up.
     cluster.kill9(3);
