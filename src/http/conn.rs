@@ -10,7 +10,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
-use super::parse::{
+use shards::http::parse::{
     parse_head, parse_request_line, ChunkError, ChunkedDecoder, Framing, FramingError, Head,
     HeadParse,
 };
