@@ -513,6 +513,10 @@ fn may_end_head(buf: &[u8], from: usize) -> bool {
     tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
+/// Every method the API answers on some path (API.md: HEAD is answered on every GET
+/// route, v1.1), so a preflight never refuses what the server would serve.
+const PREFLIGHT_ALLOW_METHODS: &str = "GET, HEAD, POST, PATCH, OPTIONS";
+
 fn preflight(head: &Head) -> Response {
     let requested = head
         .header("access-control-request-headers")
@@ -521,7 +525,7 @@ fn preflight(head: &Head) -> Response {
         .filter(|v| !v.is_empty())
         .unwrap_or("content-type");
     Response::empty(204)
-        .with_header("Access-Control-Allow-Methods", "GET, POST, PATCH, OPTIONS")
+        .with_header("Access-Control-Allow-Methods", PREFLIGHT_ALLOW_METHODS)
         .with_header("Access-Control-Allow-Headers", requested)
         .with_header("Access-Control-Expose-Headers", "Retry-After")
         .with_header("Access-Control-Max-Age", "86400")
