@@ -861,7 +861,10 @@ mod tests {
         assert_eq!(parse_u64("-1"), None);
         assert_eq!(parse_u64("+1"), None);
         let query = Query::parse("");
-        assert_eq!((cursor_param(&query), limit_param(&query)), (Ok(0), Ok(100)));
+        assert_eq!(
+            (cursor_param(&query), limit_param(&query)),
+            (Ok(0), Ok(100))
+        );
     }
 
     fn code(error: ApiError) -> &'static str {

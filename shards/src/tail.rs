@@ -107,10 +107,7 @@ mod tests {
     fn any_client_message_is_heard_and_an_error_or_the_end_means_gone() {
         assert_eq!(client_item(FromClient::Message, 0, 10), ClientItem::Heard);
         assert_eq!(client_item(FromClient::Message, 10, 10), ClientItem::Heard);
-        assert_eq!(
-            client_item(FromClient::Left, 0, 10),
-            ClientItem::Gone(None)
-        );
+        assert_eq!(client_item(FromClient::Left, 0, 10), ClientItem::Gone(None));
         for violation in [
             Violation::Protocol,
             Violation::MessageTooLarge,
@@ -130,7 +127,10 @@ mod tests {
             ClientItem::Gone(Some(Violation::NotReading))
         );
         // Leaving is leaving, whatever is queued.
-        assert_eq!(client_item(FromClient::Left, 11, 10), ClientItem::Gone(None));
+        assert_eq!(
+            client_item(FromClient::Left, 11, 10),
+            ClientItem::Gone(None)
+        );
     }
 
     #[test]

@@ -10,12 +10,12 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
+use super::response::{encode, encode_head, sends_body, Wire};
+use super::{HttpConfig, Method, Outcome, Response, RouteMatch, Service, Shutdown, UpgradeFn};
 use shards::http::parse::{
     parse_head, parse_request_line, ChunkError, ChunkedDecoder, Framing, FramingError, Head,
     HeadParse,
 };
-use super::response::{encode, encode_head, sends_body, Wire};
-use super::{HttpConfig, Method, Outcome, Response, RouteMatch, Service, Shutdown, UpgradeFn};
 
 /// One socket read. The connection buffer holds at most one head (`max_header_bytes`)
 /// plus one read.

@@ -114,9 +114,18 @@ fn http_request() -> Vec<(&'static str, Vec<u8>)> {
 /// recipes (mode 1).
 fn query_string() -> Vec<(String, Vec<u8>)> {
     let raw: [(&str, &[u8]); 3] = [
-        ("listing", b"limit=2&archived=all&metadata.user=42&cursor=s-1"),
-        ("escapes", b"metadata.k=a%20b+c&metadata.%C3%A9=%e2%82%AC&&x=%2B"),
-        ("malformed", b"cursor=%zz&limit=%4&metadata.k=%ff&batch_size=%"),
+        (
+            "listing",
+            b"limit=2&archived=all&metadata.user=42&cursor=s-1",
+        ),
+        (
+            "escapes",
+            b"metadata.k=a%20b+c&metadata.%C3%A9=%e2%82%AC&&x=%2B",
+        ),
+        (
+            "malformed",
+            b"cursor=%zz&limit=%4&metadata.k=%ff&batch_size=%",
+        ),
     ];
     let mut seeds: Vec<_> = raw
         .into_iter()
