@@ -33,7 +33,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(http_request json_body tail_frames log_segment snapshot_file peer_frame forward_codec)
+  targets=(http_request query_string json_body tail_frames log_segment snapshot_file peer_frame
+    forward_codec)
 fi
 
 export RUSTC_BOOTSTRAP=1

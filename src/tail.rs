@@ -24,13 +24,12 @@ use futures::future::{select, Either};
 use futures::task::{Context, Poll};
 use futures::{AsyncRead, AsyncWrite, SinkExt, StreamExt};
 use glommio::net::TcpStream;
+use shards::tail::{client_item, liveness, ClientItem, FromClient, Liveness, Violation};
 
 use crate::http::{Outcome, Request, Response, Shutdown};
 use crate::node::{with_timeout, Node};
 use crate::ops::{ApiError, Op, Reply};
 
-pub const PING_INTERVAL: Duration = Duration::from_secs(30);
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// How long one read waits for a commit before the loop checks pings and silence.
 const READ_WAIT: Duration = Duration::from_secs(5);
 /// A tail whose next events are only in an unreachable archive retries this often.
@@ -246,17 +245,10 @@ async fn run(
             // Reading also answers pings and completes the close handshake.
             loop {
                 let item = incoming.next().await;
-                match client_item(item.as_ref()) {
-                    // Pongs queue up for a client that pings and does not read.
-                    ClientItem::Heard if unsent.get() > unsent_max => {
-                        violation.set(Some("the client does not read what it asked for"));
-                        break;
-                    }
+                match client_item(from_client(item.as_ref()), unsent.get(), unsent_max) {
                     ClientItem::Heard => last_heard.set(Instant::now()),
-                    ClientItem::Gone => {
-                        if let Some(Err(e)) = &item {
-                            violation.set(violation_of(e));
-                        }
+                    ClientItem::Gone(gone) => {
+                        violation.set(gone.map(Violation::reason));
                         break;
                     }
                 }
@@ -305,61 +297,16 @@ async fn run(
 
 type Sink = async_tungstenite::WebSocketSender<Metered>;
 
-/// The close reason for a read error the client caused (all answered 1008, API.md), or
-/// None when the client just went away.
-fn violation_of(error: &WsError) -> Option<&'static str> {
-    match error {
-        WsError::Protocol(_) => Some("protocol violation"),
-        WsError::Capacity(_) => Some("message too large"),
-        WsError::Utf8(_) => Some("invalid UTF-8 in a text message"),
-        _ => None,
-    }
-}
-
-/// What the tail's reader does with one item of the client's side of the socket (None
-/// is the end of the stream). Pure, so a fuzz target can drive it with any sequence of
-/// frames (`shards/fuzz`, target `tail_frames`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientItem {
-    /// Any message, data or control (tungstenite has already answered a ping and
-    /// replied to a close): the client is alive, read on.
-    Heard,
-    /// An error (a message over the size limit, a protocol violation, a reset) or the
-    /// end of the stream: the client is gone, stop reading.
-    Gone,
-}
-
-/// The decision of [`ClientItem`] for one item. Frames the client sends are read and
-/// ignored (websocket.md); only their arrival counts.
-pub fn client_item(
-    item: Option<&Result<Message, async_tungstenite::tungstenite::Error>>,
-) -> ClientItem {
+/// What one item of the client's side of the socket is to the tail's decisions
+/// (`shards::tail`); None is the end of the stream. Read errors the client caused are
+/// violations (all answered 1008, API.md); any other error means it just went away.
+fn from_client(item: Option<&Result<Message, WsError>>) -> FromClient {
     match item {
-        Some(Ok(_)) => ClientItem::Heard,
-        Some(Err(_)) | None => ClientItem::Gone,
-    }
-}
-
-/// What the tail loop does about the client's liveness before its next read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Liveness {
-    /// Silent for more than [`SILENCE_LIMIT`]: close with 1001 "idle".
-    Idle,
-    /// [`PING_INTERVAL`] since the last ping: send one.
-    Ping,
-    Fine,
-}
-
-/// The liveness decision from the time since the client was last heard (any frame,
-/// including the automatic pong) and since the last ping was sent. Silence is checked
-/// first: an idle client is closed, not pinged once more.
-pub fn liveness(since_heard: Duration, since_ping: Duration) -> Liveness {
-    if since_heard > SILENCE_LIMIT {
-        Liveness::Idle
-    } else if since_ping >= PING_INTERVAL {
-        Liveness::Ping
-    } else {
-        Liveness::Fine
+        Some(Ok(_)) => FromClient::Message,
+        Some(Err(WsError::Protocol(_))) => FromClient::Violation(Violation::Protocol),
+        Some(Err(WsError::Capacity(_))) => FromClient::Violation(Violation::MessageTooLarge),
+        Some(Err(WsError::Utf8(_))) => FromClient::Violation(Violation::InvalidUtf8),
+        Some(Err(_)) | None => FromClient::Left,
     }
 }
 
@@ -514,10 +461,10 @@ async fn send_events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+    use async_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 
     #[test]
-    fn any_client_message_is_heard_and_an_error_or_the_end_means_gone() {
+    fn any_client_message_is_heard_and_errors_the_client_caused_are_violations() {
         let close = CloseFrame {
             code: CloseCode::Normal,
             reason: "bye".into(),
@@ -530,30 +477,29 @@ mod tests {
             Message::Close(Some(close)),
             Message::Close(None),
         ] {
-            assert_eq!(client_item(Some(&Ok(message))), ClientItem::Heard);
+            assert_eq!(from_client(Some(&Ok(message))), FromClient::Message);
         }
         let too_long = WsError::Capacity(CapacityError::MessageTooLong {
             size: CLIENT_MESSAGE_BYTES_MAX + 1,
             max_size: CLIENT_MESSAGE_BYTES_MAX,
         });
-        for error in [too_long, WsError::ConnectionClosed, WsError::AlreadyClosed] {
-            assert_eq!(client_item(Some(&Err(error))), ClientItem::Gone);
+        let unmasked = WsError::Protocol(ProtocolError::UnmaskedFrameFromClient);
+        assert_eq!(
+            from_client(Some(&Err(too_long))),
+            FromClient::Violation(Violation::MessageTooLarge)
+        );
+        assert_eq!(
+            from_client(Some(&Err(unmasked))),
+            FromClient::Violation(Violation::Protocol)
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for error in [
+            WsError::ConnectionClosed,
+            WsError::AlreadyClosed,
+            WsError::Io(reset),
+        ] {
+            assert_eq!(from_client(Some(&Err(error))), FromClient::Left);
         }
-        assert_eq!(client_item(None), ClientItem::Gone);
-    }
-
-    #[test]
-    fn a_client_silent_past_the_limit_is_closed_not_pinged() {
-        let just = Duration::from_millis(1);
-        assert_eq!(
-            liveness(SILENCE_LIMIT, PING_INTERVAL - just),
-            Liveness::Fine
-        );
-        assert_eq!(liveness(SILENCE_LIMIT, PING_INTERVAL), Liveness::Ping);
-        assert_eq!(
-            liveness(SILENCE_LIMIT + just, PING_INTERVAL),
-            Liveness::Idle
-        );
-        assert_eq!(liveness(Duration::ZERO, Duration::ZERO), Liveness::Fine);
+        assert_eq!(from_client(None), FromClient::Left);
     }
 }

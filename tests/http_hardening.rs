@@ -1,7 +1,8 @@
 //! API.md "Hardening rules (v1.1)", HTTP and listing parts, against the real binary:
 //! bounded listing pages and unsent answers, a bounded listing scan that appends on the
 //! same shard outlive, the whole-body deadline, malformed percent-escapes, duplicate
-//! member names, `Content-Encoding`, HEAD and `Allow`.
+//! member names, `Content-Encoding`, HEAD and `Allow`, and CORS preflights that allow
+//! every method the server answers.
 //!
 //! Every test talks to its own server over loopback; every loop is bounded in count or
 //! time.
@@ -411,4 +412,50 @@ fn content_encoding_is_415_and_head_answers_like_get() {
         assert_error(&resp, 405, "method_not_allowed");
         assert_eq!(resp.header("allow"), Some(expected), "{method} {path}");
     }
+}
+
+/// API.md: a preflight answers with `Access-Control-Allow-Methods`, and HEAD is answered
+/// (v1.1): a preflight must allow every method some route answers, HEAD included, and a
+/// HEAD the preflight allows is then served.
+#[test]
+fn a_preflight_allows_every_method_the_server_answers_head_included() {
+    let server = Server::start(Opts::new("harden-preflight-head"));
+    server.create_session("s");
+    for (path, requested) in [
+        ("/v1/sessions/s", "HEAD"),
+        ("/v1/sessions", "HEAD"),
+        ("/v1/sessions/s/events", "HEAD"),
+        ("/v1/sessions/s/append", "POST"),
+        ("/v1/sessions/s", "PATCH"),
+    ] {
+        let preflight = server.request(
+            "OPTIONS",
+            path,
+            &[
+                ("Origin", "https://app.example"),
+                ("Access-Control-Request-Method", requested),
+            ],
+            b"",
+        );
+        assert_eq!(preflight.status, 204, "{path}");
+        let allowed: BTreeSet<String> = preflight
+            .header("access-control-allow-methods")
+            .expect("Access-Control-Allow-Methods")
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .collect();
+        // Every method the path's `Allow` lists (from a 405) is allowed cross-origin.
+        let refused = server.request("DELETE", path, &[], b"");
+        assert_error(&refused, 405, "method_not_allowed");
+        for method in refused.header("allow").expect("Allow").split(',') {
+            assert!(
+                allowed.contains(method.trim()),
+                "{path}: {method} is answered but the preflight allows only {allowed:?}"
+            );
+        }
+        assert!(allowed.contains(requested), "{path}: {allowed:?}");
+    }
+    let (head, rest) = head_request(&server, "/v1/sessions/s");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(rest, "");
 }

@@ -22,6 +22,10 @@
 //! - [`raft`]: the sans-IO Raft core.
 //! - [`replica`]: one replica of one group: what it persists, acknowledges, applies
 //!   and answers (the server and the simulation drive this same type).
+//! - [`http`]: what the HTTP server decides from a client's bytes: request heads, body
+//!   framing, chunked decoding, query strings and their percent-escapes.
+//! - [`tail`]: what a WebSocket tail decides about its client: alive, gone or in
+//!   violation, ping or idle.
 //! - [`storage`]: whether the log may take more writes (full disk, disk budget, the
 //!   reserve kept for Raft's own records).
 //!
@@ -31,6 +35,7 @@
 pub mod codec;
 pub mod entry;
 pub mod forwarding;
+pub mod http;
 pub mod json;
 pub mod listing;
 pub mod peer;
@@ -41,6 +46,7 @@ pub mod scrub;
 pub mod session;
 pub mod snapshot;
 pub mod storage;
+pub mod tail;
 pub mod time;
 pub mod validate;
 pub mod wire;

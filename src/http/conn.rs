@@ -10,12 +10,12 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
-use super::parse::{
+use super::response::{encode, encode_head, sends_body, Wire};
+use super::{HttpConfig, Method, Outcome, Response, RouteMatch, Service, Shutdown, UpgradeFn};
+use shards::http::parse::{
     parse_head, parse_request_line, ChunkError, ChunkedDecoder, Framing, FramingError, Head,
     HeadParse,
 };
-use super::response::{encode, encode_head, sends_body, Wire};
-use super::{HttpConfig, Method, Outcome, Response, RouteMatch, Service, Shutdown, UpgradeFn};
 
 /// One socket read. The connection buffer holds at most one head (`max_header_bytes`)
 /// plus one read.
@@ -513,6 +513,10 @@ fn may_end_head(buf: &[u8], from: usize) -> bool {
     tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
+/// Every method the API answers on some path (API.md: HEAD is answered on every GET
+/// route, v1.1), so a preflight never refuses what the server would serve.
+const PREFLIGHT_ALLOW_METHODS: &str = "GET, HEAD, POST, PATCH, OPTIONS";
+
 fn preflight(head: &Head) -> Response {
     let requested = head
         .header("access-control-request-headers")
@@ -521,7 +525,7 @@ fn preflight(head: &Head) -> Response {
         .filter(|v| !v.is_empty())
         .unwrap_or("content-type");
     Response::empty(204)
-        .with_header("Access-Control-Allow-Methods", "GET, POST, PATCH, OPTIONS")
+        .with_header("Access-Control-Allow-Methods", PREFLIGHT_ALLOW_METHODS)
         .with_header("Access-Control-Allow-Headers", requested)
         .with_header("Access-Control-Expose-Headers", "Retry-After")
         .with_header("Access-Control-Max-Age", "86400")

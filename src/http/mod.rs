@@ -3,7 +3,9 @@
 //! One connection is one local task on one glommio executor: no `Send`, no locks.
 //! The module is split so that the decisions stay testable without sockets:
 //!
-//! - `parse`: request heads, body framing, chunked decoding. Pure functions over bytes.
+//! - `shards::http::parse`: request heads, body framing, chunked decoding. Pure
+//!   functions over bytes, in the core crate with the query-string decoding
+//!   (`shards::http::query`).
 //! - `response`: the [`Response`] type and its encoding onto the wire.
 //! - `shutdown`: the [`Shutdown`] signal shared by every connection of a shard.
 //! - `conn`: [`serve_connection`], the shell that moves bytes, applies the timeouts and
@@ -15,9 +17,6 @@
 //! The [`Service`] owns everything after that: JSON parsing, field rules, the domain.
 
 mod conn;
-// Public only for the fuzz targets in `shards/fuzz` (issue 10); not an API.
-#[doc(hidden)]
-pub mod parse;
 mod response;
 mod shutdown;
 #[cfg(test)]
@@ -39,73 +38,8 @@ pub fn encode_last(response: &Response) -> Vec<u8> {
     response::encode(response, wire)
 }
 pub use response::Response;
+pub use shards::http::{Method, Request};
 pub use shutdown::Shutdown;
-
-/// A request method. Methods are case-sensitive tokens (RFC 9110 §9.1), so `get` is
-/// `Other("get")`, not `Get`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Method {
-    Get,
-    Post,
-    Patch,
-    Put,
-    Delete,
-    Head,
-    Options,
-    Other(String),
-}
-
-impl Method {
-    pub fn from_token(token: &str) -> Method {
-        match token {
-            "GET" => Method::Get,
-            "POST" => Method::Post,
-            "PATCH" => Method::Patch,
-            "PUT" => Method::Put,
-            "DELETE" => Method::Delete,
-            "HEAD" => Method::Head,
-            "OPTIONS" => Method::Options,
-            other => Method::Other(other.to_owned()),
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            Method::Get => "GET",
-            Method::Post => "POST",
-            Method::Patch => "PATCH",
-            Method::Put => "PUT",
-            Method::Delete => "DELETE",
-            Method::Head => "HEAD",
-            Method::Options => "OPTIONS",
-            Method::Other(token) => token,
-        }
-    }
-}
-
-/// A request whose framing, size and media type have already been checked.
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub method: Method,
-    /// The raw path of the request target, still percent-encoded, without the query.
-    pub path: String,
-    /// The raw query string, without the leading `?` (empty when there is none).
-    pub query: String,
-    /// Header names are lowercased; values are the raw bytes, in received order.
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// The decoded body (chunked framing removed), at most `max_body_bytes`.
-    pub body: Vec<u8>,
-}
-
-impl Request {
-    /// The first header called `name` (ASCII case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
-    }
-}
 
 /// The answer of [`Service::route`]: routing happens before the body is read, so that
 /// 404 and 405 win over every framing error as `API.md` demands.

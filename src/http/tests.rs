@@ -866,7 +866,7 @@ fn cors_preflight_on_known_path_is_204() {
         assert_eq!(r.header("access-control-allow-origin"), Some("*"));
         assert_eq!(
             r.header("access-control-allow-methods"),
-            Some("GET, POST, PATCH, OPTIONS")
+            Some("GET, HEAD, POST, PATCH, OPTIONS")
         );
         assert_eq!(
             r.header("access-control-allow-headers"),

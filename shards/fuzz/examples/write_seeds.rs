@@ -45,6 +45,9 @@ fn main() {
     for (name, bytes) in peer_frame() {
         write("peer_frame", name, &bytes);
     }
+    for (name, bytes) in query_string() {
+        write("query_string", &name, &bytes);
+    }
     for (name, bytes) in forward_codec() {
         write("forward_codec", name, &bytes);
     }
@@ -105,6 +108,33 @@ fn http_request() -> Vec<(&'static str, Vec<u8>)> {
             (name, input)
         })
         .collect()
+}
+
+/// Raw query strings (mode 0) as clients send them, well-formed and not, and pair
+/// recipes (mode 1).
+fn query_string() -> Vec<(String, Vec<u8>)> {
+    let raw: [(&str, &[u8]); 3] = [
+        (
+            "listing",
+            b"limit=2&archived=all&metadata.user=42&cursor=s-1",
+        ),
+        (
+            "escapes",
+            b"metadata.k=a%20b+c&metadata.%C3%A9=%e2%82%AC&&x=%2B",
+        ),
+        (
+            "malformed",
+            b"cursor=%zz&limit=%4&metadata.k=%ff&batch_size=%",
+        ),
+    ];
+    let mut seeds: Vec<_> = raw
+        .into_iter()
+        .map(|(name, query)| (format!("raw-{name}"), with_mode(0, query)))
+        .collect();
+    for (i, bytes) in noise(2, 96).iter().enumerate() {
+        seeds.push((format!("recipe-{i}"), with_mode(1, bytes)));
+    }
+    seeds
 }
 
 fn json_body() -> Vec<(&'static str, &'static [u8])> {

@@ -1,4 +1,4 @@
-//! The HTTP/1.1 request parser (`src/http/parse.rs`) on raw bytes, as a client sends
+//! The HTTP/1.1 request parser (`shards::http::parse`) on raw bytes, as a client sends
 //! them: the request line alone (routing of unparseable heads), the whole head, the
 //! body framing it implies, and the chunked decoder fed in pieces of every size.
 //!
@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use starcite::http::parse::{
+use shards::http::parse::{
     parse_head, parse_request_line, ChunkError, ChunkedDecoder, Framing, HeadParse,
     HEADER_FIELDS_MAX,
 };

@@ -1,5 +1,6 @@
 //! Request heads, body framing and chunked decoding: pure functions over bytes, so
-//! every framing rule is testable without a socket.
+//! every framing rule is testable without a socket (and fuzzed: `shards/fuzz`, target
+//! `http_request`).
 
 use super::{Method, Request};
 
