@@ -124,7 +124,7 @@ pub struct Coverage {
     pub forwards: u64,
     /// Forwarded requests given up (deadline, new leader, connection replaced).
     pub forwards_abandoned: u64,
-    /// Appends acknowledged to a client through a forwarding node.
+    /// Append acknowledgements a forwarding node passed on to its client.
     pub forwarded_acks: u64,
     /// Replies to forwarded requests that answered no waiting request (late, on an
     /// old connection, or meant for the node's previous process) and were dropped.
