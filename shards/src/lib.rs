@@ -17,6 +17,9 @@
 //! - [`wire`]: node-to-node frames and handshake (the transport of issue 3).
 //! - [`peer`]: what travels inside those frames: Raft messages, coalesced heartbeats,
 //!   forwarded requests.
+//! - [`ops`]: the operations a shard performs for requests, their replies, and
+//!   [`ops::ApiError`], the one error type a client is told about.
+//! - [`forward`]: forwarded requests and replies as bytes (the `ops` types' rkyv form).
 //! - [`forwarding`]: which reply completes which forwarded request (request ids across
 //!   process restarts and connections).
 //! - [`raft`]: the sans-IO Raft core.
@@ -34,10 +37,12 @@
 
 pub mod codec;
 pub mod entry;
+pub mod forward;
 pub mod forwarding;
 pub mod http;
 pub mod json;
 pub mod listing;
+pub mod ops;
 pub mod peer;
 pub mod raft;
 pub mod replay;

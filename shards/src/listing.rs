@@ -156,7 +156,7 @@ impl Scan {
 
 /// One shard's part of a page: rendered sessions in id order and the id up to which
 /// they are complete (see [`Found`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Part {
     pub sessions: Vec<(String, String)>,
     pub complete_through: Option<String>,

@@ -7,9 +7,12 @@
 //! counts as absent (except a PATCH `title`, where null means "set the title to null"),
 //! and an empty body (zero bytes or only JSON whitespace) counts as `{}`.
 
+use rkyv::with::Map as MapWith;
+use rkyv::{Archive, Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
 use crate::entry::{AppendEntry, Digest};
+use crate::forward::{FieldCode, JsonObjectText};
 use crate::json;
 
 pub const INVALID_JSON: &str = "invalid_json";
@@ -29,8 +32,9 @@ pub const METADATA_BYTES_MAX: usize = 65_536;
 
 /// A client error: the API error `code`, the offending `field` (None when no single
 /// field is to blame) and a human message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub struct FieldError {
+    #[rkyv(with = FieldCode)]
     pub code: &'static str,
     pub field: Option<String>,
     pub message: String,
@@ -59,7 +63,7 @@ impl std::error::Error for FieldError {}
 
 /// A validated append body. JSON values are held as the compact text that is stored
 /// and served.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct NewEvent {
     pub event_type: String,
     /// Compact JSON text of any value except null.
@@ -89,11 +93,12 @@ pub struct NewSession {
 }
 
 /// A validated PATCH body.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub struct PatchRequest {
     /// None: keep the title; Some(None): set it to null; Some(Some(t)): set it to t.
     pub title: Option<Option<String>>,
     /// The top-level keys to merge (null values remove the key).
+    #[rkyv(with = MapWith<JsonObjectText>)]
     pub metadata: Option<Map<String, Value>>,
     pub expected_version: Option<u64>,
 }

@@ -16,7 +16,8 @@ pub const FRAME_PAYLOAD_BYTES_MAX: usize = 32 << 20;
 /// 3: the handshake carries the process and data dir incarnations; forwarded requests
 /// and replies carry a [`crate::peer::RequestId`] and the reply the request's crc;
 /// heartbeats carry the leader's commit, rejections whether the member is catching up.
-pub const WIRE_VERSION: u32 = 3;
+/// 4: forwarded ops and replies are the rkyv form of `crate::ops` itself (`crate::forward`).
+pub const WIRE_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {

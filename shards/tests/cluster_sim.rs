@@ -89,7 +89,7 @@ fn run_seeds(first: u64, count: u64, options: &Options, stop_at_failure: bool) -
 
 fn print_coverage(label: &str, seeds: u64, c: &Coverage, secs: f64) {
     println!(
-        "{label}: {seeds} seeds in {secs:.1}s; coverage: elections {} leader_losses {} truncations {} snapshot_installs {} compactions {} crashes {} torn_tails {} partitions {} figure8 {} dedupe_hits {} retries {} acks {} expected_seq_conflicts {} commits {} messages {} rebuilds {} snapshots_corrupted {} fail_stops {}",
+        "{label}: {seeds} seeds in {secs:.1}s; coverage: elections {} leader_losses {} truncations {} snapshot_installs {} compactions {} crashes {} torn_tails {} partitions {} figure8 {} dedupe_hits {} retries {} acks {} expected_seq_conflicts {} commits {} messages {} rebuilds {} snapshots_corrupted {} fail_stops {} crash_loops {} forwards {} forwards_abandoned {} forwarded_acks {} stale_replies_dropped {} stale_earlier_process {}",
         c.elections,
         c.leader_losses,
         c.truncations,
@@ -108,6 +108,12 @@ fn print_coverage(label: &str, seeds: u64, c: &Coverage, secs: f64) {
         c.rebuilds,
         c.snapshots_corrupted,
         c.fail_stops,
+        c.crash_loops,
+        c.forwards,
+        c.forwards_abandoned,
+        c.forwarded_acks,
+        c.stale_replies_dropped,
+        c.stale_earlier_process,
     );
 }
 
@@ -138,6 +144,13 @@ fn coverage_floor(c: &Coverage) -> Vec<(&'static str, u64, u64)> {
         // 1,000 seeds (2026-12-03): 183 and 55 per 100.
         ("snapshots_corrupted", c.snapshots_corrupted, 90),
         ("fail_stops", c.fail_stops, 25),
+        // 1,000 seeds (2026-12-03): 124 crash loops, 9,319 forwards, 4,916 forwarded acks,
+        // 329 stale replies dropped, 24 of them meant for an earlier process, per 100.
+        ("crash_loops", c.crash_loops, 60),
+        ("forwards", c.forwards, 4500),
+        ("forwarded_acks", c.forwarded_acks, 2400),
+        ("stale_replies_dropped", c.stale_replies_dropped, 160),
+        ("stale_earlier_process", c.stale_earlier_process, 8),
     ]
 }
 
@@ -332,6 +345,17 @@ fn planted_bug_ack_bad_snapshot_is_caught() {
             ..Bugs::default()
         },
         "ack_bad_snapshot",
+    );
+}
+
+#[test]
+fn planted_bug_another_requests_reply_is_caught() {
+    planted(
+        Bugs {
+            another_requests_reply: true,
+            ..Bugs::default()
+        },
+        "another_requests_reply",
     );
 }
 

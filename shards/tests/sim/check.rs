@@ -187,11 +187,13 @@ impl Checker {
     pub fn on_ack(&mut self, ack: Ack) -> Result<(), String> {
         let h = self.groups.entry(ack.group).or_default();
         h.acks_by_tick.push(ack.tick);
-        // An ack is sent only after commit: it must already be in the history.
+        // An ack is sent only after commit: it must already be in the history, with the
+        // content and idempotency key of the request it answers (a reply that reached
+        // another request's client names another event).
         let s = h.sessions.get(&ack.session);
         let event = s.and_then(|s| s.events.get((ack.seq as usize).wrapping_sub(1)));
         match event {
-            Some((digest, _)) if *digest == ack.digest => {}
+            Some((digest, key)) if *digest == ack.digest && *key == ack.key => {}
             other => {
                 return Err(format!(
                     "acknowledged append (session {}, key {:?}, seq {}) is not committed with that content: {:?}",

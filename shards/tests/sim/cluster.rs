@@ -8,11 +8,23 @@
 //! snapshot, and turns released waiters into client replies. Leaders decide client
 //! requests with `GroupState::decide_*` and `Replica::propose`, and answer a client
 //! only when the replica releases its waiter (an acknowledgement = committed).
+//!
+//! A node that does not lead a client's group forwards the request to the node it
+//! believes leads, as the server's shard does: the op is encoded with the server's codec
+//! (`shards::forward`), sent in a `PeerFrame::Request` over the fake network (one
+//! connection per node pair and shard, replaced when a frame is lost or either end
+//! restarts), and its reply completes the waiting request only as
+//! `shards::forwarding::Forwards` decides (same process incarnation, node, connection
+//! and body crc); anything else is dropped as stale.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use shards::codec::record_crc;
 use shards::entry::{Command, LogRecord, MetaRecord};
+use shards::forward::{decode_op, decode_reply, encode_op, encode_reply};
+use shards::forwarding::{self, Forwards, ReplyMatch};
+use shards::ops::{ApiError, Op};
+use shards::peer::{self, PeerFrame, RequestId};
 use shards::raft::{
     Body, Config, Entry, HardState, Message, NodeId, Payload, PlantedBugs, RaftNode, Restored,
     Role, SnapshotMeta,
@@ -21,7 +33,7 @@ use shards::replay::{self, Replay, Replayed};
 use shards::replica::{self, Durable, Persisted, RecordLocation, Recovered, Shell, Stop, Write};
 use shards::session::{AppendDecision, AppendError, CreateError, GroupState, Limits};
 use shards::snapshot::{GroupSnapshot, GroupTransfer, SnapshotEntry};
-use shards::validate::{self, NewEvent, NewSession};
+use shards::validate::{self, NewSession};
 
 use super::check::{Ack, Checker};
 use super::schedule::Schedule;
@@ -51,6 +63,9 @@ pub struct Bugs {
     /// without moving the applied index, so each is applied again when Raft commits it
     /// (a leader's entry applied twice).
     pub apply_twice_on_replay: bool,
+    /// Forwarding bug: a reply completes the waiting forwarded request with the same
+    /// counter, whatever process incarnation, connection or body it answers.
+    pub another_requests_reply: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +118,20 @@ pub struct Coverage {
     pub snapshots_corrupted: u64,
     /// Replicas that stopped (fail-stop) on a snapshot that does not decode.
     pub fail_stops: u64,
+    /// Crash loops started (a node dying again within a few ticks of each start).
+    pub crash_loops: u64,
+    /// Client requests a non-leader sent on to the node it believes leads.
+    pub forwards: u64,
+    /// Forwarded requests given up (deadline, new leader, connection replaced).
+    pub forwards_abandoned: u64,
+    /// Append acknowledgements a forwarding node passed on to its client.
+    pub forwarded_acks: u64,
+    /// Replies to forwarded requests that answered no waiting request (late, on an
+    /// old connection, or meant for the node's previous process) and were dropped.
+    pub stale_replies_dropped: u64,
+    /// Of those, replies meant for an earlier process of the node (it restarted with
+    /// the request in flight).
+    pub stale_earlier_process: u64,
 }
 
 impl Coverage {
@@ -125,6 +154,12 @@ impl Coverage {
         self.rebuilds += o.rebuilds;
         self.snapshots_corrupted += o.snapshots_corrupted;
         self.fail_stops += o.fail_stops;
+        self.crash_loops += o.crash_loops;
+        self.forwards += o.forwards;
+        self.forwards_abandoned += o.forwards_abandoned;
+        self.forwarded_acks += o.forwarded_acks;
+        self.stale_replies_dropped += o.stale_replies_dropped;
+        self.stale_earlier_process += o.stale_earlier_process;
     }
 }
 
@@ -154,6 +189,9 @@ pub struct Params {
     pub compact_after: u64,
     pub client_timeout_ticks: u64,
     pub request_percent: u64,
+    /// Non-leaders forward client requests to the leader they know (the server's way);
+    /// otherwise they answer `NotLeader` with the hint.
+    pub forwarding: bool,
     pub raft: Config,
 }
 
@@ -180,13 +218,68 @@ struct ShardDisk {
     last_done_at: u64,
 }
 
-/// A client request waiting for its entry (or, when decided against in-flight entries,
-/// the log's last entry) to commit: `reply` is sent if it does.
-#[derive(Debug, Clone)]
+/// The server's reply type; the per-node statistics payload is not simulated.
+pub(super) type Reply = shards::ops::Reply<()>;
+
+/// Where an answer goes: straight to a client, or back to the node that forwarded the
+/// request (in a `PeerFrame::Response` echoing its id and body crc).
+#[derive(Debug, Clone, Copy)]
+enum ReplyTo {
+    Client { client: usize, request: u64 },
+    Peer(Via),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Via {
+    to: NodeId,
+    shard: usize,
+    id: RequestId,
+    request_crc: u32,
+}
+
+/// A request waiting for its entry (or, when decided against in-flight entries, the
+/// log's last entry) to commit: `reply` is sent if it does.
+#[derive(Debug)]
 pub(super) struct Waiter {
+    to: ReplyTo,
+    reply: Reply,
+}
+
+/// The client a forwarded request answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ForwardWaiter {
     client: usize,
     request: u64,
-    reply: Reply,
+}
+
+/// A forwarded request as the forwarding shard watches it (the server's `forward`
+/// loop): given up at its deadline, when this replica sees another leader, or when the
+/// connection it left on is replaced.
+struct Outstanding {
+    id: RequestId,
+    to: NodeId,
+    conn: u64,
+    group: u16,
+    deadline: u64,
+    waiter: ForwardWaiter,
+}
+
+/// One shard's forwarded requests: the server's `Forwards` and what the shell watches.
+struct Forwarder {
+    incarnation: u64,
+    forwards: Forwards<ForwardWaiter>,
+    outstanding: Vec<Outstanding>,
+}
+
+/// A peer frame on the fake network, on connection `conn` of (`from`, `to`, `shard`).
+struct PeerFlight {
+    at: u64,
+    seq: u64,
+    from: NodeId,
+    to: NodeId,
+    shard: usize,
+    conn: u64,
+    bytes: Vec<u8>,
 }
 
 /// What a replica asked for during one step, handled in order once it returns (the
@@ -258,6 +351,8 @@ pub(super) struct Node {
     pub up: bool,
     pub replicas: BTreeMap<u16, Replica>,
     disks: Vec<ShardDisk>,
+    /// Per shard; replaced (a new process incarnation) at every restart.
+    forwarders: Vec<Forwarder>,
     restarts: u64,
     /// The durable `rebuilding` marker of `starcite serve --rebuild`: while set, every
     /// replica restarts catching up (`Some(true)`: term and vote lost too). Removed
@@ -277,24 +372,6 @@ struct Request {
     kind: RequestKind,
     sent_tick: u64,
     resend: bool,
-}
-
-#[derive(Debug, Clone)]
-pub(super) enum Reply {
-    Acked {
-        seq: u64,
-        deduped: bool,
-    },
-    Created,
-    NotLeader(Option<NodeId>),
-    Conflict {
-        current_seq: u64,
-    },
-    NotFound,
-    Unavailable,
-    /// The outcome is unknown (the entry was replaced, leadership was lost): like a
-    /// timeout to the client.
-    Unknown,
 }
 
 struct Client {
@@ -338,6 +415,11 @@ pub(super) struct Cluster {
     pub voters: BTreeMap<u16, Vec<NodeId>>,
     flights: Vec<Flight>,
     client_flights: Vec<(u64, u64, ClientFlight)>,
+    peer_flights: Vec<PeerFlight>,
+    /// The open connection of each (lower node, higher node, shard); a new id when one
+    /// is replaced.
+    conns: BTreeMap<(NodeId, NodeId, usize), u64>,
+    next_conn: u64,
     flight_seq: u64,
     pub cut: BTreeSet<(NodeId, NodeId)>,
     pub loss_percent: u64,
@@ -382,6 +464,16 @@ fn entry_of(rec: &LogRecord) -> Entry<Command> {
             Command::Noop => Payload::Noop,
             command => Payload::Data(command.clone()),
         },
+    }
+}
+
+/// A leader's acknowledgement of an append at `seq` (the simulation checks only `seq`).
+fn appended(seq: u64, deduped: bool) -> Reply {
+    Reply::Appended {
+        seq,
+        last_seq: seq,
+        deduped,
+        archived_seq: 0,
     }
 }
 
@@ -433,6 +525,7 @@ impl Cluster {
             compact_after: rng.range(4, 48),
             client_timeout_ticks: rng.range(15, 40),
             request_percent: rng.range(20, 80),
+            forwarding: rng.chance(80),
             raft,
         };
         let ids: Vec<NodeId> = (1..=nodes as u64).collect();
@@ -459,6 +552,9 @@ impl Cluster {
             voters,
             flights: Vec::new(),
             client_flights: Vec::new(),
+            peer_flights: Vec::new(),
+            conns: BTreeMap::new(),
+            next_conn: 0,
             flight_seq: 0,
             cut: BTreeSet::new(),
             clients: Vec::new(),
@@ -496,11 +592,13 @@ impl Cluster {
             let disks = (0..cluster.params.shards)
                 .map(|_| ShardDisk::default())
                 .collect();
+            let forwarders = cluster.new_forwarders(id, 0);
             cluster.nodes.push(Node {
                 id,
                 up: true,
                 replicas,
                 disks,
+                forwarders,
                 restarts: 0,
                 rebuilding: None,
             });
@@ -559,6 +657,25 @@ impl Cluster {
             forgotten_dedupe: bugs.forgotten_dedupe,
         });
         core
+    }
+
+    /// The forwarding state of a new process of node `id`: its incarnation is new (never
+    /// 0), its request counters start again.
+    fn new_forwarders(&self, id: NodeId, restarts: u64) -> Vec<Forwarder> {
+        let incarnation = mix(self.seed ^ 0x1AC0_u64, id << 32 | restarts) | 1;
+        (0..self.params.shards)
+            .map(|_| {
+                let mut forwards = Forwards::new(incarnation);
+                forwards.plant_bugs(forwarding::PlantedBugs {
+                    match_by_counter_only: self.options.bugs.another_requests_reply,
+                });
+                Forwarder {
+                    incarnation,
+                    forwards,
+                    outstanding: Vec::new(),
+                }
+            })
+            .collect()
     }
 
     /// The node's rebuild marker (none while the cluster is being built).
@@ -860,6 +977,7 @@ impl Cluster {
                 self.rep(id, g).core.tick();
                 self.process(id, g)?;
             }
+            self.watch_forwards(id);
             self.maybe_compact(id)?;
         }
         for _ in 0..self.params.rounds_per_tick {
@@ -906,6 +1024,24 @@ impl Cluster {
                 .add(f.group as u64 ^ (f.msg.from << 16) ^ (to << 24));
             self.rep(to, f.group).raft.step(f.msg);
             self.process(to, f.group)?;
+        }
+        let mut due_peers: Vec<PeerFlight> = Vec::new();
+        let mut rest = Vec::with_capacity(self.peer_flights.len());
+        for f in self.peer_flights.drain(..) {
+            if f.at <= now {
+                due_peers.push(f);
+            } else {
+                rest.push(f);
+            }
+        }
+        self.peer_flights = rest;
+        due_peers.sort_by_key(|f| (f.at, f.seq));
+        for f in due_peers {
+            if !self.node(f.to).up || self.cut.contains(&(f.from, f.to)) {
+                continue;
+            }
+            self.trace.add(0x9EE4 ^ f.seq);
+            self.on_peer_frame(f)?;
         }
         let mut due_clients = Vec::new();
         let mut rest = Vec::new();
@@ -987,6 +1123,50 @@ impl Cluster {
         self.client_flights.push((at, self.flight_seq, flight));
     }
 
+    /// The open connection between `a` and `b` for `shard`, if any.
+    fn connection(&self, a: NodeId, b: NodeId, shard: usize) -> Option<u64> {
+        self.conns.get(&(a.min(b), a.max(b), shard)).copied()
+    }
+
+    /// The open connection between `a` and `b` for `shard`, opened if there is none.
+    fn connect(&mut self, a: NodeId, b: NodeId, shard: usize) -> u64 {
+        let key = (a.min(b), a.max(b), shard);
+        if let Some(&conn) = self.conns.get(&key) {
+            return conn;
+        }
+        self.next_conn += 1;
+        self.conns.insert(key, self.next_conn);
+        self.next_conn
+    }
+
+    /// Sends a peer frame on the current connection of (`from`, `to`, `shard`). A TCP
+    /// connection does not lose a frame and carry on: a lost frame (loss, a cut link)
+    /// breaks the connection, and the next frame opens a new one. Frames are never
+    /// duplicated (TCP does not), but delayed and reordered like Raft messages.
+    fn send_peer(&mut self, from: NodeId, to: NodeId, shard: usize, frame: &PeerFrame) {
+        if !self.node(to).up {
+            return; // nothing listens: no connection
+        }
+        let conn = self.connect(from, to, shard);
+        if self.cut.contains(&(from, to)) || self.rng.chance(self.loss_percent / 2) {
+            self.conns.remove(&(from.min(to), from.max(to), shard));
+            self.note(|| format!("connection {conn} of {from} and {to} breaks"));
+            return;
+        }
+        let bytes = peer::encode(frame);
+        let at = self.round + 1 + self.rng.below(self.params.delay_rounds_max);
+        self.flight_seq += 1;
+        self.peer_flights.push(PeerFlight {
+            at,
+            seq: self.flight_seq,
+            from,
+            to,
+            shard,
+            conn,
+            bytes,
+        });
+    }
+
     pub fn isolate(&mut self, id: NodeId) {
         for other in 1..=self.params.nodes as u64 {
             if other != id {
@@ -1029,6 +1209,10 @@ impl Cluster {
         // The process is gone: its replicas (and the requests they held) with it.
         self.node_mut(id).up = false;
         self.flights.retain(|f| f.msg.to != id);
+        // Its connections die with it; frames it sent may still be read by their
+        // receivers (they were in the kernel's buffers), frames to it are lost.
+        self.peer_flights.retain(|f| f.to != id);
+        self.conns.retain(|&(a, b, _), _| a != id && b != id);
     }
 
     /// Start the node again from its disk.
@@ -1051,7 +1235,11 @@ impl Cluster {
             r.shadow_snap = snap;
             r.shadow = shadow;
         }
-        self.node_mut(id).up = true;
+        // A new process: a new incarnation, its forwarded requests counted from 1 again.
+        let forwarders = self.new_forwarders(id, restarts);
+        let node = self.node_mut(id);
+        node.forwarders = forwarders;
+        node.up = true;
     }
 
     /// What a restart of node `id` rebuilds of group `g` from its disk.
@@ -1222,12 +1410,12 @@ impl Cluster {
             Effect::Write(write) => self.queue_write(id, g, write)?,
             Effect::Applied(e) => self.commit_entry(id, g, e)?,
             Effect::Release(w, committed) => {
-                let reply = if committed { w.reply } else { Reply::Unknown };
-                self.send_client(ClientFlight::Reply {
-                    client: w.client,
-                    request: w.request,
-                    reply,
-                });
+                let reply = if committed {
+                    w.reply
+                } else {
+                    Reply::Error(ApiError::CommitUnknown)
+                };
+                self.answer(id, w.to, reply)?;
             }
         }
         Ok(())
@@ -1523,94 +1711,307 @@ impl Cluster {
         });
     }
 
-    /// A node answers a client as the server's shard does (`src/shard/mod.rs`: create,
-    /// append): decide against the leader's state, then propose and wait for the entry,
-    /// or wait for the log's last entry (a reply decided against in-flight entries).
+    /// A node takes a client's request as the server's shard does (`src/shard/mod.rs`
+    /// `route`): the leader serves it, a follower that knows the leader forwards it
+    /// there (when the seed forwards), any other node answers `NotLeader`.
     fn handle_request(&mut self, id: NodeId, c: usize, request: Request) -> Result<(), String> {
         if !self.node(id).up {
             return Ok(());
         }
         let g = self.clients[c].group;
         let session = self.clients[c].session.clone();
+        let to = ReplyTo::Client {
+            client: c,
+            request: request.id,
+        };
+        let op = match &request.kind {
+            RequestKind::Create => Op::Create {
+                id: session,
+                title: None,
+                metadata: "{}".to_string(),
+            },
+            RequestKind::Append { body, .. } => Op::Append {
+                id: session,
+                event: validate::validate_append(body.as_bytes()).expect("valid body"),
+            },
+        };
+        let forwarding = self.params.forwarding;
+        let r = self.rep(id, g);
+        if !r.leading && forwarding {
+            if let Some(leader) = r.raft.leader().filter(|&l| l != id) {
+                let waiter = ForwardWaiter {
+                    client: c,
+                    request: request.id,
+                };
+                return self.forward(id, g, leader, &op, waiter);
+            }
+        }
+        self.serve(id, g, to, op)
+    }
+
+    /// A node serves an op (a client's, or one forwarded to it) as the server's shard
+    /// does (`src/shard/mod.rs`: create, append): decide against the leader's state, then
+    /// propose and wait for the entry, or wait for the log's last entry (a reply decided
+    /// against in-flight entries). A node that does not lead answers `NotLeader`.
+    fn serve(&mut self, id: NodeId, g: u16, to: ReplyTo, op: Op) -> Result<(), String> {
         let now_us = (self.tick * 1000 + self.round) as i64;
         let r = self.rep(id, g);
         if !r.leading {
-            let hint = r.raft.leader();
-            self.send_client(ClientFlight::Reply {
-                client: c,
-                request: request.id,
-                reply: Reply::NotLeader(hint),
-            });
-            return Ok(());
+            let leader = r.raft.leader();
+            return self.answer(id, to, Reply::Error(ApiError::NotLeader { leader }));
         }
         // What to propose (with its reply once committed), or the reply to settle.
-        let decided: Result<(Option<Command>, Reply), String> = match &request.kind {
-            RequestKind::Create => {
+        let (command, reply): (Option<Command>, Reply) = match op {
+            Op::Create { id: session, .. } => {
                 let new = NewSession {
                     id: Some(session.clone()),
                     title: None,
                     metadata: "{}".to_string(),
                 };
-                match r.state.decide_create(&new, session.clone(), now_us) {
-                    Ok(cmd) => Ok((Some(cmd), Reply::Created)),
-                    Err(CreateError::SessionExists) => Ok((None, Reply::Created)),
+                let created = Reply::Session(String::new());
+                match r.state.decide_create(&new, session, now_us) {
+                    Ok(cmd) => (Some(cmd), created),
+                    Err(CreateError::SessionExists) => (None, created),
                 }
             }
-            RequestKind::Append { body, .. } => {
-                let event: NewEvent =
-                    validate::validate_append(body.as_bytes()).expect("valid body");
+            Op::Append { id: session, event } => {
                 match r.state.decide_append(&session, &event, now_us) {
                     Ok(AppendDecision::Append(cmd)) => {
                         let Command::Append(a) = &cmd else {
                             unreachable!("append decision")
                         };
                         let seq = a.seq;
-                        Ok((Some(cmd), Reply::Acked { seq, deduped: false }))
+                        (Some(cmd), appended(seq, false))
                     }
                     Ok(AppendDecision::Deduped { seq }) => {
                         self.cov.dedupe_hits += 1;
-                        Ok((None, Reply::Acked { seq, deduped: true }))
+                        (None, appended(seq, true))
                     }
-                    Err(AppendError::SessionNotFound) => Ok((None, Reply::NotFound)),
-                    Err(AppendError::ExpectedSeqConflict { current_seq, .. }) => {
-                        Ok((None, Reply::Conflict { current_seq }))
+                    Err(
+                        e @ (AppendError::SessionNotFound
+                        | AppendError::ExpectedSeqConflict { .. }),
+                    ) => (None, Reply::Error(e.into())),
+                    Err(e) => {
+                        return Err(format!(
+                            "node {id} group {g}: {to:?} refused: {e:?} (the same content is always retried with the same key)"
+                        ))
                     }
-                    Err(e) => Err(format!(
-                        "node {id} group {g}: request {} of client {c} refused: {e:?} (the same content is always retried with the same key)",
-                        request.id
-                    )),
                 }
             }
+            other => return Err(format!("node {id}: the simulation sends no {other:?}")),
         };
-        let (command, reply) = decided?;
         let r = self.rep(id, g);
         let wait_for = match command {
             Some(command) => r.core.propose(command).ok(),
             None => Some(r.core.settle_point()),
         };
-        let waiter = Waiter {
-            client: c,
-            request: request.id,
-            reply,
-        };
         let now = match wait_for {
-            None => Some(Reply::Unavailable),
+            None => Some(Reply::Error(ApiError::Unavailable)),
             Some((index, term)) => match r.core.outcome(index, term) {
-                Some(true) => Some(waiter.reply),
-                Some(false) => Some(Reply::Unknown),
+                Some(true) => Some(reply),
+                Some(false) => Some(Reply::Error(ApiError::CommitUnknown)),
                 None => {
-                    r.core.wait(index, term, waiter);
+                    r.core.wait(index, term, Waiter { to, reply });
                     None
                 }
             },
         };
         self.process(id, g)?;
-        if let Some(reply) = now {
-            self.send_client(ClientFlight::Reply {
-                client: c,
-                request: request.id,
+        match now {
+            Some(reply) => self.answer(id, to, reply),
+            None => Ok(()),
+        }
+    }
+
+    /// Node `id` sends `reply` where it goes: to the client, or back to the forwarding
+    /// node in the server's bytes.
+    fn answer(&mut self, id: NodeId, to: ReplyTo, reply: Reply) -> Result<(), String> {
+        match to {
+            ReplyTo::Client { client, request } => self.send_client(ClientFlight::Reply {
+                client,
+                request,
                 reply,
-            });
+            }),
+            ReplyTo::Peer(via) => {
+                let body = encode_reply(&reply)
+                    .map_err(|e| format!("node {id}: reply {reply:?} does not encode: {e}"))?;
+                let frame = PeerFrame::Response {
+                    id: via.id,
+                    request_crc: via.request_crc,
+                    body,
+                };
+                self.send_peer(id, via.to, via.shard, &frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `id`, not leading group `g`, forwards `op` to `leader` as the server's
+    /// `forward` does: registered with `Forwards` on the current connection, then sent.
+    fn forward(
+        &mut self,
+        id: NodeId,
+        g: u16,
+        leader: NodeId,
+        op: &Op,
+        waiter: ForwardWaiter,
+    ) -> Result<(), String> {
+        if !self.node(leader).up {
+            // No connection: not sent, so the client may safely send again.
+            let to = ReplyTo::Client {
+                client: waiter.client,
+                request: waiter.request,
+            };
+            return self.answer(id, to, Reply::Error(ApiError::Unavailable));
+        }
+        let body = encode_op(op).map_err(|e| format!("node {id}: {op:?} does not encode: {e}"))?;
+        let shard = shard_of(g, self.params.shards);
+        let conn = self.connect(id, leader, shard);
+        let deadline = self.tick + self.params.client_timeout_ticks;
+        let forwarder = &mut self.node_mut(id).forwarders[shard];
+        let request = forwarder.forwards.start(leader, conn, &body, waiter);
+        forwarder.outstanding.push(Outstanding {
+            id: request,
+            to: leader,
+            conn,
+            group: g,
+            deadline,
+            waiter,
+        });
+        self.cov.forwards += 1;
+        self.trace.add(0xF0 ^ request.seq ^ (leader << 48));
+        self.note(|| {
+            format!(
+                "node {id} forwards {request} (client {}) to {leader} on connection {conn}",
+                waiter.client
+            )
+        });
+        self.send_peer(id, leader, shard, &PeerFrame::Request { id: request, body });
+        Ok(())
+    }
+
+    /// The server's `forward` loop, once a tick: a forwarded request is given up at its
+    /// deadline, when this replica sees another leader, or when its connection was
+    /// replaced. The client is told the outcome is unknown (it may have been applied).
+    fn watch_forwards(&mut self, id: NodeId) {
+        for shard in 0..self.params.shards {
+            let outstanding = std::mem::take(&mut self.node_mut(id).forwarders[shard].outstanding);
+            let mut keep = Vec::with_capacity(outstanding.len());
+            for o in outstanding {
+                let leader = self
+                    .node(id)
+                    .replicas
+                    .get(&o.group)
+                    .and_then(|r| r.raft.leader());
+                let moved = leader.is_some_and(|l| l != o.to);
+                let replaced = self.connection(id, o.to, shard) != Some(o.conn);
+                if self.tick < o.deadline && !moved && !replaced {
+                    keep.push(o);
+                    continue;
+                }
+                self.node_mut(id).forwarders[shard].forwards.cancel(o.id);
+                self.cov.forwards_abandoned += 1;
+                self.note(|| {
+                    format!(
+                        "node {id} gives up forwarded {} (moved {moved}, replaced {replaced})",
+                        o.id
+                    )
+                });
+                self.send_client(ClientFlight::Reply {
+                    client: o.waiter.client,
+                    request: o.waiter.request,
+                    reply: Reply::Error(ApiError::CommitUnknown),
+                });
+            }
+            self.node_mut(id).forwarders[shard].outstanding = keep;
+        }
+    }
+
+    /// A peer frame arrives (the server's `run_incoming`): a forwarded request to serve,
+    /// or the reply to one.
+    fn on_peer_frame(&mut self, f: PeerFlight) -> Result<(), String> {
+        let frame = peer::decode(&f.bytes).map_err(|e| {
+            format!(
+                "node {}: peer frame from {} does not decode: {e}",
+                f.to, f.from
+            )
+        })?;
+        match frame {
+            PeerFrame::Request { id, body } => {
+                let via = Via {
+                    to: f.from,
+                    shard: f.shard,
+                    id,
+                    request_crc: crc32fast::hash(&body),
+                };
+                let op =
+                    decode_op(&body).map_err(|e| format!("node {}: forwarded op: {e}", f.to))?;
+                let session = match &op {
+                    Op::Create { id, .. } | Op::Append { id, .. } => id.clone(),
+                    other => return Err(format!("node {}: forwarded {other:?}", f.to)),
+                };
+                let g = self
+                    .clients
+                    .iter()
+                    .find(|c| c.session == session)
+                    .map(|c| c.group)
+                    .ok_or_else(|| format!("forwarded op for unknown session {session}"))?;
+                self.serve(f.to, g, ReplyTo::Peer(via), op)
+            }
+            PeerFrame::Response {
+                id,
+                request_crc,
+                body,
+            } => self.complete_forward(&f, id, request_crc, &body),
+            _ => Err(format!(
+                "node {}: unexpected peer frame from {}",
+                f.to, f.from
+            )),
+        }
+    }
+
+    /// A reply to a forwarded request: it completes the request it answers, or is
+    /// dropped (`shards::forwarding`); one that names a waiting request with another body
+    /// stops the run, as it stops the server.
+    fn complete_forward(
+        &mut self,
+        f: &PeerFlight,
+        id: RequestId,
+        request_crc: u32,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let me = f.to;
+        let forwarder = &mut self.node_mut(me).forwarders[f.shard];
+        let earlier_process = id.incarnation != forwarder.incarnation;
+        match forwarder.forwards.reply(f.from, f.conn, id, request_crc) {
+            ReplyMatch::Complete(waiter) => {
+                forwarder.outstanding.retain(|o| o.id.seq != id.seq);
+                let reply: Reply = decode_reply(body)
+                    .map_err(|e| format!("node {me}: forwarded reply: {e}"))?;
+                if matches!(reply, Reply::Appended { .. }) {
+                    self.cov.forwarded_acks += 1;
+                }
+                self.note(|| format!("node {me}: {id} answered by {}: {reply:?}", f.from));
+                self.send_client(ClientFlight::Reply {
+                    client: waiter.client,
+                    request: waiter.request,
+                    reply,
+                });
+            }
+            ReplyMatch::Stale => {
+                self.cov.stale_replies_dropped += 1;
+                self.cov.stale_earlier_process += u64::from(earlier_process);
+                self.note(|| format!("node {me} drops a stale reply to {id} from {} on connection {}", f.from, f.conn));
+            }
+            ReplyMatch::Mismatch {
+                sent_crc,
+                answered_crc,
+            } => {
+                return Err(format!(
+                    "node {me}: node {} answered forwarded request {id} for a body with crc {answered_crc:#010x}, but the request sent with that id has crc {sent_crc:#010x}: two requests share an id",
+                    f.from
+                ))
+            }
         }
         Ok(())
     }
@@ -1627,7 +2028,7 @@ impl Cluster {
         }
         self.trace.add(0xAC ^ request);
         match reply {
-            Reply::Acked { seq, deduped } => {
+            Reply::Appended { seq, deduped, .. } => {
                 let RequestKind::Append { body, key } = pending.kind.clone() else {
                     return Err(format!("client {c}: append ack for a create"));
                 };
@@ -1648,23 +2049,23 @@ impl Cluster {
                     after_heal: healing,
                 })?;
             }
-            Reply::Created => {
+            Reply::Session(_) => {
                 if !matches!(pending.kind, RequestKind::Create) {
                     return Err(format!("client {c}: create ack for an append"));
                 }
                 client.created = true;
                 client.pending = None;
             }
-            Reply::NotFound => {
+            Reply::Error(ApiError::SessionNotFound) => {
                 client.created = false;
                 client.pending = None;
             }
-            Reply::Conflict { current_seq } => {
+            Reply::Error(ApiError::ExpectedSeqConflict { current_seq, .. }) => {
                 client.known_seq = current_seq;
                 client.pending = None;
                 self.cov.expected_seq_conflicts += 1;
             }
-            Reply::NotLeader(hint) => {
+            Reply::Error(ApiError::NotLeader { leader: hint }) => {
                 let g = client.group;
                 let target = match hint {
                     Some(h) => h,
@@ -1676,18 +2077,19 @@ impl Cluster {
                     p.resend = true;
                 }
             }
-            Reply::Unavailable => {
+            Reply::Error(ApiError::Unavailable) => {
                 if let Some(p) = client.pending.as_mut() {
                     p.resend = true;
                 }
             }
-            Reply::Unknown => {
+            Reply::Error(ApiError::CommitUnknown) => {
                 // As a timeout: the next client step retries (another node, or gives up
                 // an append without a key).
                 if let Some(p) = client.pending.as_mut() {
                     p.sent_tick = 0;
                 }
             }
+            other => return Err(format!("client {c}: unexpected reply {other:?}")),
         }
         Ok(())
     }

@@ -1,9 +1,12 @@
 //! Deterministic cluster simulation (issue 3, "Deterministic simulation"): N nodes × C
 //! shards × a few Raft groups in one thread, from one seed, driving the production
-//! `shards::raft::RaftNode` and `shards::session::GroupState`.
+//! `shards::replica::Replica` (Raft and the session state machine), `shards::replay`,
+//! and the forward codec and request identity (`shards::forward`,
+//! `shards::forwarding`).
 //!
 //! - `cluster.rs`: the nodes, their shell (what `src/` does with a `Ready`), the simulated
-//!   network and disk, the clients.
+//!   network (Raft messages, and peer frames on connections that break and are
+//!   replaced) and disk, the clients, forwarding.
 //! - `check.rs`: the checker (Raft safety after every step, history at the end).
 //! - `schedule.rs`: the random fault schedule, including Figure-8 style patterns.
 //!

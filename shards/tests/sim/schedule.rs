@@ -1,4 +1,6 @@
-//! The random fault schedule: crashes and restarts, symmetric and asymmetric
+//! The random fault schedule: crashes and restarts, crash loops (a process that dies
+//! again within a few ticks of every start, with requests it forwarded still in
+//! flight), symmetric and asymmetric
 //! partitions, changes of the loss rate, and Figure-8 style patterns (Raft paper §5.4.2:
 //! a leader is cut off with entries only it holds, another leader comes and goes, the
 //! first returns and replicates its old-term entries to a majority before anything of
@@ -16,6 +18,12 @@ enum Pending {
     },
     Heal {
         at: u64,
+    },
+    /// A crash loop: crash `node` again (if it is up), `left` more times after this.
+    Crash {
+        at: u64,
+        node: NodeId,
+        left: u64,
     },
     /// Figure 8, second half: crash whoever leads `group` now, let the old leader back.
     Figure8Crash {
@@ -52,6 +60,7 @@ pub struct Schedule {
     partition: u64,
     figure8: u64,
     rebuild: u64,
+    crash_loop: u64,
 }
 
 impl Schedule {
@@ -61,6 +70,7 @@ impl Schedule {
         let partition = rng.range(5, 25);
         let figure8 = rng.range(5, 30);
         let rebuild = rng.range(1, 6);
+        let crash_loop = rng.range(3, 12);
         Schedule {
             rng,
             script: Script::Idle,
@@ -69,6 +79,7 @@ impl Schedule {
             partition,
             figure8,
             rebuild,
+            crash_loop,
         }
     }
 
@@ -79,6 +90,7 @@ impl Schedule {
                 self.pending.drain(..).partition(|p| match p {
                     Pending::Restart { at, .. }
                     | Pending::Heal { at }
+                    | Pending::Crash { at, .. }
                     | Pending::Figure8Crash { at, .. } => *at <= now,
                 });
             self.pending = rest;
@@ -87,6 +99,11 @@ impl Schedule {
         for p in due {
             match p {
                 Pending::Restart { node, .. } => c.restart(node),
+                Pending::Crash { node, left, .. } => {
+                    if c.is_up(node) {
+                        self.bounce(c, node, left);
+                    }
+                }
                 Pending::Heal { .. } => {
                     c.note(|| "heal partitions".to_string());
                     c.cut.clear();
@@ -117,6 +134,14 @@ impl Schedule {
                 c.crash(id);
                 let at = now + self.rng.range(1, 40);
                 self.pending.push(Pending::Restart { at, node: id });
+            }
+        }
+        if self.rng.chance_mille(self.crash_loop) {
+            let id = 1 + self.rng.below(n);
+            if c.is_up(id) {
+                c.cov.crash_loops += 1;
+                let left = self.rng.range(2, 5);
+                self.bounce(c, id, left);
             }
         }
         if self.rng.chance_mille(self.partition) {
@@ -199,6 +224,28 @@ impl Schedule {
             if c.is_up(id) {
                 c.wipe(id, lose_hard_state);
             }
+        }
+    }
+
+    /// One turn of a crash loop: the node dies now and its supervisor starts it again
+    /// the next tick; `left` more times, it dies again within a few ticks of that
+    /// start (its forwarded requests then number from 1 again while replies to its
+    /// previous process's may still arrive).
+    fn bounce(&mut self, c: &mut Cluster, id: NodeId, left: u64) {
+        let now = c.tick;
+        c.crash(id);
+        let start = now + 1;
+        self.pending.push(Pending::Restart {
+            at: start,
+            node: id,
+        });
+        if left > 0 {
+            let at = start + self.rng.range(1, 4);
+            self.pending.push(Pending::Crash {
+                at,
+                node: id,
+                left: left - 1,
+            });
         }
     }
 
