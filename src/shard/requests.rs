@@ -7,31 +7,12 @@ use std::time::{Duration, Instant};
 use futures::channel::oneshot;
 use shards::entry::Command;
 use shards::replica::Refused;
-use shards::session::{AppendDecision, AppendError, CreateError, PatchError};
+use shards::session::AppendDecision;
 use shards::validate::{NewEvent, NewSession, PatchRequest};
 
 use super::{command_bytes, now_us, Group, ShardCore};
 use crate::node::with_timeout;
 use crate::ops::{ApiError, Reply};
-
-fn append_error(e: AppendError) -> ApiError {
-    match e {
-        AppendError::SessionNotFound => ApiError::SessionNotFound,
-        AppendError::IdempotencyConflict { seq } => ApiError::IdempotencyConflict { seq },
-        AppendError::ProducerSeqConflict {
-            expected_producer_seq,
-        } => ApiError::ProducerSeqConflict {
-            expected_producer_seq,
-        },
-        AppendError::ExpectedSeqConflict {
-            expected_seq,
-            current_seq,
-        } => ApiError::ExpectedSeqConflict {
-            expected_seq,
-            current_seq,
-        },
-    }
-}
 
 impl ShardCore {
     /// Proposes `command` (decided against the leader's state) and applies it to that
@@ -162,9 +143,7 @@ impl ShardCore {
         };
         let result = match decided {
             Ok(command) => self.propose_and_wait(group, command).await,
-            Err(CreateError::SessionExists) => {
-                self.settle(group).await.and(Err(ApiError::SessionExists))
-            }
+            Err(e) => self.settle(group).await.and(Err(ApiError::from(e))),
         };
         match result {
             Ok(()) => self.render_view(group, &id),
@@ -218,16 +197,7 @@ impl ShardCore {
         };
         let result = match decided {
             Ok(command) => self.propose_and_wait(group, command).await,
-            Err(e) => {
-                let error = match e {
-                    PatchError::NotFound => ApiError::SessionNotFound,
-                    PatchError::VersionConflict { current } => ApiError::VersionConflict {
-                        current_version: current,
-                    },
-                    PatchError::Invalid(field) => ApiError::Invalid(field),
-                };
-                self.settle(group).await.and(Err(error))
-            }
+            Err(e) => self.settle(group).await.and(Err(ApiError::from(e))),
         };
         match result {
             Ok(()) => self.render_view(group, id),
@@ -246,7 +216,7 @@ impl ShardCore {
         let result = match decided {
             Ok(Some(command)) => self.propose_and_wait(group, command).await,
             Ok(None) => self.settle(group).await,
-            Err(_) => self.settle(group).await.and(Err(ApiError::SessionNotFound)),
+            Err(e) => self.settle(group).await.and(Err(ApiError::from(e))),
         };
         match result {
             Ok(()) => self.render_view(group, id),
@@ -282,7 +252,7 @@ impl ShardCore {
             Err(e) => {
                 let settled = self.settle(group).await;
                 self.stats.borrow_mut().conflicts += 1;
-                return Reply::Error(settled.err().unwrap_or_else(|| append_error(e)));
+                return Reply::Error(settled.err().unwrap_or_else(|| ApiError::from(e)));
             }
         };
         match self
