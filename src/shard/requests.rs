@@ -141,14 +141,7 @@ impl ShardCore {
             Ok(d) => d,
             Err(e) => return Reply::Error(e),
         };
-        let result = match decided {
-            Ok(command) => self.propose_and_wait(group, command).await,
-            Err(e) => self.settle(group).await.and(Err(ApiError::from(e))),
-        };
-        match result {
-            Ok(()) => self.render_view(group, &id),
-            Err(e) => Reply::Error(e),
-        }
+        self.commit_decision(group, &id, decided.map(Some)).await
     }
 
     pub(super) async fn get(&self, id: &str) -> Reply {
@@ -195,14 +188,7 @@ impl ShardCore {
             Ok(d) => d,
             Err(e) => return Reply::Error(e),
         };
-        let result = match decided {
-            Ok(command) => self.propose_and_wait(group, command).await,
-            Err(e) => self.settle(group).await.and(Err(ApiError::from(e))),
-        };
-        match result {
-            Ok(()) => self.render_view(group, id),
-            Err(e) => Reply::Error(e),
-        }
+        self.commit_decision(group, id, decided.map(Some)).await
     }
 
     pub(super) async fn set_archived(&self, id: &str, archived: bool) -> Reply {
@@ -213,10 +199,22 @@ impl ShardCore {
             Ok(d) => d,
             Err(e) => return Reply::Error(e),
         };
+        self.commit_decision(group, id, decided).await
+    }
+
+    /// Answers a decided change to a session with the session as committed: the entry
+    /// is proposed and waited for; with nothing to propose, or a refusal, the answer
+    /// waits until everything it was decided against is committed (`settle`).
+    async fn commit_decision<E: Into<ApiError>>(
+        &self,
+        group: u16,
+        id: &str,
+        decided: Result<Option<Command>, E>,
+    ) -> Reply {
         let result = match decided {
             Ok(Some(command)) => self.propose_and_wait(group, command).await,
             Ok(None) => self.settle(group).await,
-            Err(e) => self.settle(group).await.and(Err(ApiError::from(e))),
+            Err(e) => self.settle(group).await.and(Err(e.into())),
         };
         match result {
             Ok(()) => self.render_view(group, id),
