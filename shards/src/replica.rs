@@ -34,7 +34,7 @@ use crate::raft::{
     Entry, HardState, Message, NodeId, Payload, ProposeError, RaftNode, Ready, Role, SnapshotMeta,
 };
 use crate::session::{GroupState, Limits};
-use crate::snapshot::{fold_checksum, GroupTransfer};
+use crate::snapshot::{fold_checksum, GroupTransfer, SnapshotEntry};
 
 /// Bytes of applied entries each group keeps in memory, at most (on top of the
 /// `keep` count of [`Replica::compact`]): a follower further behind gets a snapshot.
@@ -515,6 +515,30 @@ impl<W> Replica<W> {
             }
         }
         Ok(())
+    }
+
+    /// The entries on disk and not applied yet, with their places, as a shard snapshot
+    /// carries them (replay starts from them: `Replay::from_snapshot`). An entry Raft
+    /// no longer holds in that term was replaced and is left out.
+    pub fn unapplied_entries(&self) -> Vec<SnapshotEntry> {
+        self.persisted
+            .iter()
+            .filter_map(|(&index, p)| {
+                let entry = self.raft.entry(index).filter(|e| e.term == p.term)?;
+                Some(SnapshotEntry {
+                    index,
+                    term: p.term,
+                    command: match &entry.payload {
+                        Payload::Noop => Command::Noop,
+                        Payload::Data(c) => c.clone(),
+                    },
+                    epoch: p.loc.epoch,
+                    offset: p.loc.offset,
+                    crc: p.crc,
+                    sealed: p.sealed.unwrap_or(u32::MAX),
+                })
+            })
+            .collect()
     }
 
     /// An entry record of this group is durable at `loc`: its place is remembered until

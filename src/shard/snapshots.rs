@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Instant;
 
-use shards::entry::Command;
-use shards::raft::{Payload, SnapshotMeta};
+use shards::raft::SnapshotMeta;
 use shards::session::GroupState;
 use shards::snapshot::GroupTransfer;
 use shards::storage::FileKind;
@@ -223,25 +222,7 @@ impl ShardCore {
         let groups = self.groups.borrow();
         let mut out = HashMap::new();
         for (&group, g) in groups.iter() {
-            let entries: Vec<_> = g
-                .persisted
-                .iter()
-                .filter_map(|(&index, p)| {
-                    let entry = g.raft.entry(index).filter(|e| e.term == p.term)?;
-                    Some(shards::snapshot::SnapshotEntry {
-                        index,
-                        term: p.term,
-                        command: match &entry.payload {
-                            Payload::Noop => Command::Noop,
-                            Payload::Data(c) => c.clone(),
-                        },
-                        epoch: p.loc.epoch,
-                        offset: p.loc.offset,
-                        crc: p.crc,
-                        sealed: p.sealed.unwrap_or(u32::MAX),
-                    })
-                })
-                .collect();
+            let entries = g.unapplied_entries();
             if !entries.is_empty() {
                 out.insert(group, entries);
             }

@@ -1588,25 +1588,7 @@ impl Cluster {
             // As the server's shard snapshot: the committed state, the hard state, and the
             // entries on disk not applied yet with their places; the log before it goes.
             let hard = r.raft.hard_state();
-            let entries = r
-                .persisted
-                .iter()
-                .filter_map(|(&index, p)| {
-                    let entry = r.raft.entry(index).filter(|e| e.term == p.term)?;
-                    Some(SnapshotEntry {
-                        index,
-                        term: p.term,
-                        command: match &entry.payload {
-                            Payload::Noop => Command::Noop,
-                            Payload::Data(c) => c.clone(),
-                        },
-                        epoch: p.loc.epoch,
-                        offset: p.loc.offset,
-                        crc: p.crc,
-                        sealed: u32::MAX,
-                    })
-                })
-                .collect();
+            let entries = r.unapplied_entries();
             let snapshot = GroupSnapshot {
                 group: g,
                 committed_index: applied,
