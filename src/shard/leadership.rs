@@ -20,6 +20,16 @@ pub(super) struct Handoff {
 }
 
 impl ShardCore {
+    /// The groups this replica leads now (a copy: callers await between groups).
+    pub(super) fn leading_groups(&self) -> Vec<u16> {
+        let groups = self.groups.borrow();
+        groups
+            .iter()
+            .filter(|(_, g)| g.leading)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Graceful shutdown: hands each group this node leads to another voter, and waits
     /// (bounded) until it leads none.
     pub async fn transfer_leadership(&self, limit: Duration) {

@@ -52,14 +52,7 @@ impl ShardCore {
                 filters,
             } => {
                 self.catch_up_with_leaders().await;
-                let leading: Vec<u16> = self
-                    .groups
-                    .borrow()
-                    .iter()
-                    .filter(|(_, g)| g.leading)
-                    .map(|(&id, _)| id)
-                    .collect();
-                for group in leading {
+                for group in self.leading_groups() {
                     let _ = self.read_barrier(group).await;
                 }
                 self.list(after, limit, archived, &filters).await

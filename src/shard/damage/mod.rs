@@ -361,14 +361,7 @@ impl ShardCore {
     /// group it leads goes to the node named there).
     fn enforce_leadership(&self) {
         let lead_to = TEST_LEAD_TO.load(Ordering::Relaxed);
-        let leading: Vec<u16> = self
-            .groups
-            .borrow()
-            .iter()
-            .filter(|(_, g)| g.leading)
-            .map(|(&id, _)| id)
-            .collect();
-        for group in leading {
+        for group in self.leading_groups() {
             if self.damage.borrow().is_damaged(group) {
                 self.give_up_leadership(group, None);
             } else if lead_to != 0 && lead_to != self.node_id {
